@@ -1,0 +1,274 @@
+"""The ``pvae`` command line: ``pvae train``, ``pvae evaluate``.
+
+A run lives in one folder (``DESIGN.md``, "Runs on disk"): ``config.json``, ``checkpoint.pt``,
+``history.csv``, ``figures/``, and after evaluation ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pvae import data, plots
+from pvae.inference import (
+    CheckpointError,
+    History,
+    elbo_terms,
+    fit,
+    iw_log_likelihood,
+    load_checkpoint,
+    resolve_device,
+)
+from pvae.inference.estimators import ESTIMATORS
+from pvae.models import LIKELIHOODS, MODELS
+from pvae.nn import ACTIVATIONS
+
+__all__ = ["build_model", "load_run", "main"]
+
+#: config keys that define the model's architecture (must match between config and checkpoint)
+MODEL_KEYS = ("model", "x_dim", "latent_dim", "hidden_dims", "likelihood", "likelihood_scale",
+              "activation")
+
+
+def build_model(config: dict):
+    """Rebuild a model from a run's ``config.json`` dictionary.
+
+    :raises ValueError: unknown model name.
+    """
+    name = config["model"]
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](config["x_dim"], config["latent_dim"], tuple(config["hidden_dims"]),
+                        likelihood=config["likelihood"],
+                        likelihood_scale=config["likelihood_scale"],
+                        activation=config["activation"])
+
+
+def load_run(run_dir, device="auto"):
+    """Load a trained run: ``(model, config, checkpoint_state)``.
+
+    :raises FileNotFoundError: no ``config.json`` or ``checkpoint.pt`` in ``run_dir``.
+    :raises CheckpointError: the checkpoint is corrupt or was written for another config.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a folder written by "
+                                "`pvae train --out ...`?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from e
+    device = resolve_device(device)
+    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
+    saved = state.get("config", {})
+    mismatch = {k: (saved.get(k), config.get(k)) for k in MODEL_KEYS if saved.get(k) != config.get(k)}
+    if mismatch:
+        raise CheckpointError(f"{run_dir / 'checkpoint.pt'} was written for another config than "
+                              f"{config_path} (checkpoint vs config: {mismatch}); retrain or "
+                              "restore the matching config.json")
+    model = build_model(config).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not fit the model in {config_path}: {e}") from e
+    model.eval()
+    return model, config, state
+
+
+def _load_data(config):
+    try:
+        return data.load(config["dataset"], data_dir=config.get("data_dir"),
+                         binarize=config.get("binarize"), seed=config["seed"],
+                         download=config.get("download", False))
+    except data.DataNotFoundError as e:
+        sys.exit(f"pvae: {e}")
+
+
+def cmd_train(args) -> None:
+    binarize = None if args.binarize == "none" else args.binarize
+    config = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
+        "binarize": binarize, "model": args.model, "latent_dim": args.latent_dim,
+        "hidden_dims": args.hidden_dims, "likelihood": args.likelihood,
+        "likelihood_scale": args.likelihood_scale, "activation": args.activation,
+        "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "estimator": args.estimator, "num_particles": args.num_particles,
+        "analytic_kl": args.analytic_kl, "seed": args.seed, "num_train": args.num_train,
+        "num_val": args.num_val,
+    }
+    ds = _load_data(config)
+    config["x_dim"] = ds.x_dim
+    config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
+    out = Path(args.out)
+    config_path = out / "config.json"
+    if config_path.is_file() and not args.resume:
+        sys.exit(f"pvae: {out} already holds a run; pass --resume to continue it or choose "
+                 "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume and config_path.is_file():
+        old = json.loads(config_path.read_text())
+        diff = {k: (old.get(k), config.get(k)) for k in config
+                if k != "num_epochs" and old.get(k) != config.get(k)}
+        if diff:
+            sys.exit(f"pvae: --resume with other settings than {config_path}: {diff}")
+    config_path.write_text(json.dumps(config, indent=2))
+
+    torch.manual_seed(args.seed)
+    model = build_model(config)
+    x_train = ds.x_train[: args.num_train] if args.num_train else ds.x_train
+    x_val = ds.x_test[: args.num_val] if args.num_val else None
+    fit_binarize = "dynamic" if binarize == "dynamic" else None
+    model_config = {k: config[k] for k in MODEL_KEYS}
+    history = fit(model, x_train, x_val=x_val, num_epochs=args.num_epochs,
+                  batch_size=args.batch_size, lr=args.lr, estimator=args.estimator,
+                  num_particles=args.num_particles, analytic_kl=args.analytic_kl,
+                  device=args.device, seed=args.seed, binarize=fit_binarize,
+                  checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
+                  config=model_config)
+    history.to_csv(out / "history.csv")
+    plots.training_curve(history, out / "figures" / "training_curve.png")
+    last = history[-1] if len(history) else {}
+    print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
+          f"train ELBO {last.get('train_elbo', float('nan')):.2f}, "
+          f"val ELBO {last.get('val_elbo', float('nan')):.2f} nats/image, "
+          f"{last.get('images_per_s', float('nan')):.0f} images/s -> {out}")
+
+
+def _table(rows) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_evaluate(args) -> None:
+    run = Path(args.run)
+    try:
+        model, config, state = load_run(run, args.device)
+    except (FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"pvae: {e}")
+    ds = _load_data(config)
+    x_test = ds.x_test[: args.num_test] if args.num_test else ds.x_test
+    terms = elbo_terms(model, x_test, num_samples=args.num_elbo_samples)
+    summary = terms.summary()
+    metrics = {"run": str(run), "dataset": config["dataset"], "num_test": len(x_test),
+               "epochs": state["epoch"], "units": "nats per image",
+               "test_elbo": summary["elbo"], "test_elbo_stderr": summary["elbo_stderr"],
+               "reconstruction": summary["reconstruction"],
+               "reconstruction_stderr": summary["reconstruction_stderr"],
+               "kl": summary["kl"], "kl_stderr": summary["kl_stderr"],
+               "analytic_kl": summary["analytic_kl"],
+               "active_units": summary["active_units"], "latent_dim": summary["latent_dim"],
+               "kl_per_dim": summary.get("kl_per_dim")}
+    rows = [("test images", len(x_test)),
+            ("ELBO", f"{metrics['test_elbo']:.2f} ± {metrics['test_elbo_stderr']:.2f}"),
+            ("reconstruction E_q[log p(x|z)]",
+             f"{metrics['reconstruction']:.2f} ± {metrics['reconstruction_stderr']:.2f}"),
+            ("KL(q(z|x) || p(z))", f"{metrics['kl']:.2f} ± {metrics['kl_stderr']:.2f}"),
+            ("active units", f"{metrics['active_units']} of {metrics['latent_dim']}")]
+    if args.num_samples > 0:
+        x_iw = x_test[: args.iw_num_test] if args.iw_num_test else x_test
+        iw = iw_log_likelihood(model, x_iw, num_samples=args.num_samples, progress=True)
+        elbo_same = terms.elbo[: len(x_iw)]
+        gap = (iw.per_datapoint.double() - elbo_same.double())
+        metrics.update({
+            "iw_log_likelihood": iw.mean, "iw_log_likelihood_stderr": iw.stderr,
+            "iw_num_samples": args.num_samples, "iw_num_test": len(x_iw),
+            "iw_median_ess": iw.ess.median().item(),
+            "iw_minus_elbo": gap.mean().item(),
+            "iw_minus_elbo_stderr": gap.std().item() / max(len(gap), 2) ** 0.5,
+        })
+        rows += [(f"IW log p(x), K={args.num_samples} ({len(x_iw)} images)",
+                  f"{iw.mean:.2f} ± {iw.stderr:.2f}"),
+                 ("IW − ELBO gap (same images)",
+                  f"{metrics['iw_minus_elbo']:.2f} ± {metrics['iw_minus_elbo_stderr']:.2f}"),
+                 ("median ESS", f"{metrics['iw_median_ess']:.1f} of {args.num_samples}")]
+    print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs "
+          "(nats per image):")
+    print(_table(rows))
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    figures = run / "figures"
+    image_shape = tuple(config["image_shape"]) if config.get("image_shape") else None
+    if image_shape:
+        x_show = x_test[:10].to(model.device, model.dtype)
+        plots.image_grid([x_show, model.reconstruct(x_show)], image_shape,
+                         row_labels=["input", "reconstruction"],
+                         path=figures / "reconstructions.png")
+        g = torch.Generator(device=model.device).manual_seed(config["seed"])
+        samples = model.sample(80, generator=g)
+        plots.image_grid(list(samples.reshape(8, 10, -1)), image_shape,
+                         path=figures / "samples.png", title="samples from the prior (E[x|z])")
+        if config["latent_dim"] == 2:
+            plots.latent_manifold(model.decode, image_shape, path=figures / "latent_manifold.png",
+                                  device=model.device, dtype=model.dtype)
+    if metrics["kl_per_dim"] is not None:
+        plots.kl_per_dim(metrics["kl_per_dim"], path=figures / "kl_per_dim.png")
+    history_path = run / "history.csv"
+    if history_path.is_file() and not (figures / "training_curve.png").is_file():
+        plots.training_curve(History(state["history"]), figures / "training_curve.png")
+    print(f"wrote {run / 'metrics.json'} and {figures}/")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pvae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a dataset and write a run folder")
+    t.add_argument("--dataset", default="fashion-mnist", choices=sorted(data.DATASETS))
+    t.add_argument("--data-dir", default=None, help="folder with the IDX files")
+    t.add_argument("--download", action="store_true",
+                   help="download the dataset's official files if they are found nowhere")
+    t.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
+    t.add_argument("--model", default="vae", choices=sorted(MODELS))
+    t.add_argument("--latent-dim", type=int, default=50)
+    t.add_argument("--hidden-dims", type=int, nargs="+", default=[400])
+    t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
+    t.add_argument("--likelihood-scale", default="learned",
+                   help="'learned' or a fixed float (gaussian/laplace)")
+    t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
+    t.add_argument("--num-epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--estimator", default="reparam", choices=sorted(ESTIMATORS))
+    t.add_argument("--num-particles", type=int, default=1)
+    t.add_argument("--analytic-kl", action="store_true")
+    t.add_argument("--num-train", type=int, default=0, help="use the first N images (0 = all)")
+    t.add_argument("--num-val", type=int, default=1000,
+                   help="validation ELBO on the first N test images each epoch (0 = none)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run: metrics.json and figures")
+    e.add_argument("run", help="run folder written by pvae train")
+    e.add_argument("--num-samples", type=int, default=5000,
+                   help="K for the IW log-likelihood (0 = skip it)")
+    e.add_argument("--iw-num-test", type=int, default=1000,
+                   help="test images for the IW estimate (0 = all)")
+    e.add_argument("--num-test", type=int, default=0, help="test images for the ELBO (0 = all)")
+    e.add_argument("--num-elbo-samples", type=int, default=1)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    if getattr(args, "likelihood_scale", "learned") != "learned":
+        try:
+            args.likelihood_scale = float(args.likelihood_scale)
+        except ValueError:
+            sys.exit(f"pvae: --likelihood-scale must be 'learned' or a number, got "
+                     f"{args.likelihood_scale!r}")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

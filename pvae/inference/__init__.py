@@ -1,0 +1,29 @@
+"""Training and evaluation for any model meeting the model contract of ``DESIGN.md``."""
+
+from pvae.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pvae.inference.estimators import ESTIMATORS, make_elbo
+from pvae.inference.evaluate import (
+    ElboTerms,
+    IWResult,
+    elbo_terms,
+    iw_log_likelihood,
+    log_weights,
+)
+from pvae.inference.svi import History, TrainingDivergedError, fit, resolve_device
+
+__all__ = [
+    "ESTIMATORS",
+    "CheckpointError",
+    "ElboTerms",
+    "History",
+    "IWResult",
+    "TrainingDivergedError",
+    "elbo_terms",
+    "fit",
+    "iw_log_likelihood",
+    "load_checkpoint",
+    "log_weights",
+    "make_elbo",
+    "resolve_device",
+    "save_checkpoint",
+]

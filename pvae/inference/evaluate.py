@@ -1,0 +1,402 @@
+r"""Per-datapoint evaluation of any model meeting the contract: the importance-weighted
+log-likelihood and the ELBO's terms, computed with Pyro's effect handlers.
+
+For every datapoint n and particle k the guide is traced and the model replayed against it;
+each site's **unscaled** log-probability is summed over its event dims and over every plate
+except ``"data"``, giving
+
+    log w_nk = log p(x_n | z_nk) + log p(z_nk) - log q(z_nk | x_n),   z_nk ~ q(z | x_n).
+
+Particles are vectorized with an outer plate to the left of the model's own plates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+from torch.distributions import Independent, kl_divergence
+from tqdm.auto import tqdm
+
+from pvae.inference.svi import resolve_device
+
+__all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
+
+_PARTICLE_PLATE = "_pvae_particles"
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces
+
+
+def _max_plate_nesting(model, x, c) -> int:
+    with poutine.block():
+        guide_tr = poutine.trace(model.guide).get_trace(*_args(x, c))
+        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(
+            *_args(x, c))
+    dims = [-f.dim for tr in (guide_tr, model_tr) for s in tr.nodes.values()
+            if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
+    return max(dims, default=0)
+
+
+def _args(x, c):
+    return (x,) if c is None else (x, c)
+
+
+def _traces(model, x, c, num_particles: int, max_plate_nesting: int):
+    """Guide trace and replayed model trace with ``num_particles`` vectorized particles."""
+    with poutine.block(), pyro.plate(_PARTICLE_PLATE, num_particles,
+                                     dim=-(max_plate_nesting + 1)):
+        guide_tr = poutine.trace(model.guide).get_trace(*_args(x, c))
+        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(
+            *_args(x, c))
+    return guide_tr, model_tr
+
+
+def _sites(trace, observed: bool):
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if site["infer"].get("_deterministic"):
+            continue
+        if site["infer"].get("is_auxiliary"):
+            continue
+        if bool(site["is_observed"]) == observed:
+            yield name, site
+
+
+def _reduce(name, site, lp, num_particles, num_data, max_plate_nesting) -> torch.Tensor:
+    """Sum ``lp`` (the site's batch-shaped log-density or KL) over every dim but the particle
+    and ``"data"`` dims; returns ``(num_particles, num_data)``."""
+    data = [f for f in site["cond_indep_stack"] if f.name == "data"]
+    if not data:
+        raise ValueError(f"sample site {name!r} is outside pyro.plate('data', ...); per-datapoint "
+                         "estimates need every sample site of the model and guide inside the "
+                         "'data' plate (global latent variables have no per-datapoint weight)")
+    rank = max_plate_nesting + 1
+    if lp.dim() > rank:
+        raise ValueError(f"site {name!r} has batch shape {tuple(lp.shape)} with more dims than "
+                         "its plates; declare the extra dims as event dims with .to_event(...)")
+    lp = lp.reshape((1,) * (rank - lp.dim()) + lp.shape)
+    data_dim = data[0].dim
+    other = [d for d in range(-rank + 1, 0) if d != data_dim]
+    if other:
+        lp = lp.sum(other, keepdim=True)
+    return lp.reshape(lp.shape[-rank], lp.shape[data_dim]).expand(num_particles, num_data)
+
+
+def _log_prob(site) -> torch.Tensor:
+    lp = site["fn"].log_prob(site["value"])
+    return scale_and_mask(lp, 1.0, site["mask"])  # masks apply, poutine.scale does not
+
+
+@dataclass
+class _Weights:
+    log_likelihood: torch.Tensor  # log p(x | z), (K, N)
+    log_prior: torch.Tensor  # log p(z), (K, N)
+    log_guide: torch.Tensor  # log q(z | x), (K, N)
+    guide_trace: object
+    model_trace: object
+
+    @property
+    def log_weight(self):
+        return self.log_likelihood + self.log_prior - self.log_guide
+
+
+def _weights(model, x, c, num_particles, max_plate_nesting) -> _Weights:
+    guide_tr, model_tr = _traces(model, x, c, num_particles, max_plate_nesting)
+    shape = (num_particles, x.shape[0])
+    parts = {"obs": x.new_zeros(shape), "prior": x.new_zeros(shape), "guide": x.new_zeros(shape)}
+    for key, tr, observed in (("obs", model_tr, True), ("prior", model_tr, False),
+                              ("guide", guide_tr, False)):
+        for name, site in _sites(tr, observed):
+            parts[key] = parts[key] + _reduce(name, site, _log_prob(site), *shape,
+                                              max_plate_nesting)
+    if not any(True for _ in _sites(model_tr, True)):
+        raise ValueError("the model has no observed site; condition the data with "
+                         "pyro.sample('x', ..., obs=x)")
+    return _Weights(parts["obs"], parts["prior"], parts["guide"], guide_tr, model_tr)
+
+
+def _prepare(model, x, c, device):
+    if not (hasattr(model, "model") and hasattr(model, "guide")):
+        raise TypeError("expected an object with model(x, c=None) and guide(x, c=None) methods "
+                        f"(the model contract), got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
+    x_dim = getattr(model, "x_dim", None)
+    if x_dim is not None and (x.dim() != 2 or x.shape[-1] != x_dim):
+        raise ValueError(f"x must have shape (N, {x_dim}) for this model, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf values; drop or impute them before evaluating")
+    if isinstance(model, nn.Module):
+        p = next(model.parameters(), None)
+        device = p.device if (device == "auto" and p is not None) else resolve_device(device)
+        dtype = p.dtype if p is not None else x.dtype
+        model.eval()
+    else:
+        device, dtype = resolve_device(device), x.dtype
+    x = x.to(device=device, dtype=dtype)
+    if c is not None:
+        if len(c) != len(x):
+            raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
+        c = c.to(device=device, dtype=dtype if c.is_floating_point() else c.dtype)
+    return x, c
+
+
+def _batches(x, c, batch_size):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], None if c is None else c[i:i + batch_size]
+
+
+def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
+    """Log importance weights ``log p(x_n, z_nk) - log q(z_nk | x_n)``, shape
+    ``(num_samples, N)``, in nats, with gradients (for custom objectives).
+
+    :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
+    """
+    x, c = _prepare(model, x, c, "auto")
+    nesting = _max_plate_nesting(model, x[:1], None if c is None else c[:1])
+    return _weights(model, x, c, num_samples, nesting).log_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance-weighted log-likelihood
+
+
+@dataclass
+class IWResult:
+    """Importance-weighted estimate of log p(x) (or log p(x | c)).
+
+    :ivar torch.Tensor per_datapoint: ``(N,)``, nats.
+    :ivar float mean: mean over datapoints, nats per datapoint.
+    :ivar float stderr: standard error of ``mean`` over datapoints.
+    :ivar torch.Tensor ess: ``(N,)`` effective sample size of the normalized weights,
+        ``(sum w)^2 / sum w^2``, between 1 and ``num_samples``.
+    :ivar int num_samples: K.
+    """
+
+    per_datapoint: torch.Tensor
+    mean: float
+    stderr: float
+    ess: torch.Tensor
+    num_samples: int
+
+    def __repr__(self):
+        return (f"IWResult(mean={self.mean:.4f} ± {self.stderr:.4f} nats, K={self.num_samples}, "
+                f"N={len(self.per_datapoint)}, median ESS={self.ess.median().item():.1f})")
+
+
+def _mean_stderr(v: torch.Tensor) -> tuple[float, float]:
+    v = v.double()
+    se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return v.mean().item(), se
+
+
+@torch.no_grad()
+def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: int | None = None,
+                      chunk_size: int | None = None, device="auto", progress: bool = False
+                      ) -> IWResult:
+    r"""Importance-weighted estimate of log p(x), per datapoint (Burda, Grosse & Salakhutdinov
+    2015, "Importance Weighted Autoencoders", eq. 8, the bound :math:`\mathcal{L}_K`):
+
+    .. math:: \log p(x) \approx \log \frac{1}{K} \sum_{k=1}^K
+              \frac{p(x, z_k)}{q(z_k \mid x)}, \quad z_k \sim q(z \mid x).
+
+    A lower bound in expectation that increases with K and tends to log p(x). Works for any
+    model meeting the contract: several latent sites, nested plates inside ``"data"``,
+    discrete latents, and conditional models (then it estimates log p(x | c)). Log-probs are
+    unscaled: ``poutine.scale`` (beta, subsampling) does not enter the log-mean-exp.
+
+    :param model: an object with ``model(x, c=None)`` and ``guide(x, c=None)``.
+    :param torch.Tensor x: ``(N, D)`` data.
+    :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``.
+    :param int num_samples: K >= 1 (5000 for reported test log-likelihoods).
+    :param batch_size: datapoints per pass (default: all, up to 500).
+    :param chunk_size: particles per pass (default: so that ``batch * chunk`` is about 25,000);
+        memory is bounded by ``batch_size * chunk_size``, not by K: chunks are combined with a
+        streaming log-sum-exp in float64.
+    :param device: ``"auto"`` uses the model's device.
+    :param bool progress: tqdm bar over datapoint batches.
+    :returns: :class:`IWResult` (nats per datapoint).
+    :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``, data of the
+        wrong width or with NaNs, or a sample site outside the ``"data"`` plate.
+    """
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"Expected num_samples (K) >= 1, got {num_samples!r}")
+    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if v is not None and not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"Expected {name} >= 1 or None, got {v!r}")
+    x, c = _prepare(model, x, c, device)
+    batch_size = batch_size or min(len(x), 500)
+    chunk_size = min(num_samples, chunk_size or max(1, 25_000 // batch_size))
+    nesting = _max_plate_nesting(model, x[:1], None if c is None else c[:1])
+    out, ess = [], []
+    batches = _batches(x, c, batch_size)
+    for xb, cb in tqdm(batches, total=math.ceil(len(x) / batch_size), disable=not progress,
+                       desc="IW log-likelihood", unit="batch"):
+        lse = xb.new_full((len(xb),), -math.inf, dtype=torch.float64)
+        lse2 = lse.clone()
+        for start in range(0, num_samples, chunk_size):
+            k = min(chunk_size, num_samples - start)
+            logw = _weights(model, xb, cb, k, nesting).log_weight.double()
+            lse = torch.logaddexp(lse, torch.logsumexp(logw, 0))
+            lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * logw, 0))
+        out.append(lse - math.log(num_samples))
+        ess.append(torch.exp(2 * lse - lse2))
+    per_datapoint = torch.cat(out)
+    if not torch.isfinite(per_datapoint).all():
+        raise FloatingPointError("the IW estimate is not finite for some datapoints: a log "
+                                 "weight was NaN or -inf (data outside the likelihood's support?)")
+    mean, stderr = _mean_stderr(per_datapoint)
+    return IWResult(per_datapoint.to(x.dtype), mean, stderr, torch.cat(ess), num_samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# ELBO terms and posterior-collapse diagnostics
+
+
+@dataclass
+class ElboTerms:
+    """The ELBO and its terms, per datapoint, in nats.
+
+    ``elbo = reconstruction - kl``.
+
+    :ivar torch.Tensor elbo: ``(N,)``.
+    :ivar torch.Tensor reconstruction: ``(N,)``, E_q[log p(x | z)].
+    :ivar torch.Tensor kl: ``(N,)``, KL(q(z | x) || p(z)) (summed over latent sites).
+    :ivar kl_per_dim: ``(latent_dim,)`` mean KL per latent dimension (latent sites
+        concatenated), or ``None`` where a site's distributions do not factorize.
+    :ivar torch.Tensor posterior_mean_variance: ``(latent_dim,)``, Cov_x(E_q[z_j]).
+    :ivar int active_units: number of dims with ``Cov_x(E_q[z_j]) > threshold`` (Burda et al.
+        2015, §5.2).
+    :ivar bool analytic_kl: whether the KL was computed in closed form.
+    """
+
+    elbo: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor | None
+    posterior_mean_variance: torch.Tensor
+    active_units: int
+    analytic_kl: bool
+
+    def summary(self) -> dict:
+        """Means and standard errors (nats per datapoint) as plain floats."""
+        out = {}
+        for name in ("elbo", "reconstruction", "kl"):
+            out[name], out[f"{name}_stderr"] = _mean_stderr(getattr(self, name))
+        out["active_units"] = self.active_units
+        out["latent_dim"] = len(self.posterior_mean_variance)
+        out["analytic_kl"] = self.analytic_kl
+        if self.kl_per_dim is not None:
+            out["kl_per_dim"] = [round(v, 6) for v in self.kl_per_dim.tolist()]
+        return out
+
+
+def _kl(q, p):
+    """KL(q || p) with both distributions expanded to their common batch shape first (some of
+    torch's closed forms index with masks and do not broadcast)."""
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    return kl_divergence(q.expand(shape), p.expand(shape))
+
+
+def _unwrap(fn):
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def _features(site, t, nesting) -> torch.Tensor:
+    """Rearrange a site-shaped tensor (batch dims, then ``event_dims`` of the site) to
+    ``(K or 1, N, features)``: the particle dim, the ``"data"`` dim, everything else flat."""
+    event_dims = len(site["fn"].event_shape)
+    rank = nesting + 1
+    t = t.reshape((1,) * (rank + event_dims - t.dim()) + t.shape)
+    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == "data")
+    t = t.movedim(rank + data_dim, 1)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def _kl_per_dim(q_site, p_site, nesting):
+    """Per-dimension KL of a factorized site, ``(K or 1, N, features)``, or ``None``."""
+    q, p = _unwrap(q_site["fn"]), _unwrap(p_site["fn"])
+    if q.event_shape or p.event_shape:
+        return None
+    try:
+        kl = _kl(q, p)
+    except NotImplementedError:
+        kl = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
+    return _features(q_site, kl.expand(q_site["value"].shape), nesting)
+
+
+def _posterior_mean(q_site, nesting):
+    """E_q[z | x] per datapoint, ``(N, features)``."""
+    try:
+        mean = q_site["fn"].mean.expand(q_site["value"].shape)
+    except NotImplementedError:
+        mean = q_site["value"]
+    return _features(q_site, mean, nesting).mean(0)
+
+
+@torch.no_grad()
+def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int = 500,
+               active_threshold: float = 0.01, device="auto") -> ElboTerms:
+    """ELBO, reconstruction term and KL per datapoint, KL per latent dimension and active units.
+
+    The KL is analytic when Pyro/torch know KL(q || p) for every latent site (e.g. both
+    Normal), Monte Carlo (``log q - log p`` at the sampled z) otherwise; hierarchical sites use
+    the analytic KL conditioned on the sampled parents. Active units: latent dims whose
+    posterior mean varies across the data, ``Cov_x(E_q[z_j]) > active_threshold`` (Burda et al.
+    2015, §5.2); E_q[z] is the guide distribution's mean, or the particle average.
+
+    :param torch.Tensor x: ``(N, D)``.
+    :param int num_samples: particles per datapoint for the Monte Carlo terms.
+    :returns: :class:`ElboTerms`.
+    :raises ValueError: ``num_samples < 1`` or bad ``x`` (see :func:`iw_log_likelihood`).
+    """
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"Expected num_samples >= 1, got {num_samples!r}")
+    x, c = _prepare(model, x, c, device)
+    nesting = _max_plate_nesting(model, x[:1], None if c is None else c[:1])
+    elbo, recon, kl, per_dim, means = [], [], [], [], []
+    analytic = True
+    for xb, cb in _batches(x, c, batch_size):
+        w = _weights(model, xb, cb, num_samples, nesting)
+        shape = (num_samples, len(xb))
+        kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
+        for name, q_site in _sites(w.guide_trace, False):
+            p_site = w.model_trace.nodes[name]
+            try:
+                site_kl = _kl(q_site["fn"], p_site["fn"])
+            except NotImplementedError:
+                analytic = False
+                site_kl = _log_prob(q_site) - _log_prob(p_site)
+            kl_b = kl_b + _reduce(name, q_site, site_kl, *shape, nesting)
+            d = _kl_per_dim(q_site, p_site, nesting) if per_dim is not None else None
+            if d is None:
+                per_dim = None
+            else:
+                dims_b.append(d.mean(0).sum(0))
+            means_b.append(_posterior_mean(q_site, nesting))
+        if not analytic:
+            kl_b = w.log_guide - w.log_prior
+        recon.append(w.log_likelihood.mean(0))
+        kl.append(kl_b.mean(0))
+        elbo.append(recon[-1] - kl[-1])
+        if per_dim is not None:
+            per_dim.append(torch.cat(dims_b) if dims_b else x.new_zeros(0))
+        means.append(torch.cat(means_b, -1) if means_b else x.new_zeros(len(xb), 0))
+    means = torch.cat(means)
+    variance = means.var(0) if len(means) > 1 else torch.zeros_like(means[0])
+    kl_per_dim = torch.stack(per_dim).sum(0) / len(x) if per_dim else None
+    return ElboTerms(torch.cat(elbo), torch.cat(recon), torch.cat(kl), kl_per_dim, variance,
+                     int((variance > active_threshold).sum()), analytic)

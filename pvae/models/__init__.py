@@ -1,0 +1,10 @@
+"""Built-in latent-variable models, each a ``torch.nn.Module`` with Pyro ``model``/``guide``."""
+
+from pvae.models.base import LatentVariableModel
+from pvae.models.likelihoods import LIKELIHOODS, make_likelihood
+from pvae.models.vae import VAE
+
+#: Models by the name used on the command line (``--model``).
+MODELS = {"vae": VAE}
+
+__all__ = ["LIKELIHOODS", "MODELS", "LatentVariableModel", "VAE", "make_likelihood"]

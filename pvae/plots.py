@@ -1,0 +1,102 @@
+"""Matplotlib figures: training curves, image grids, the 2-D latent manifold, KL per dimension.
+
+Every function returns the :class:`matplotlib.figure.Figure` and, given ``path``, saves it as
+PNG and closes it. The non-interactive Agg backend is used unless one was chosen already.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["image_grid", "kl_per_dim", "latent_manifold", "training_curve"]
+
+
+def _finish(fig, path):
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return fig
+
+
+def training_curve(history, path=None):
+    """Train and validation ELBO (nats per datapoint) against epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = history.column("epoch")
+    ax.plot(epochs, history.column("train_elbo"), "o-", label="train ELBO")
+    val = history.column("val_elbo")
+    if any(v == v for v in val):  # any non-NaN
+        ax.plot(epochs, val, "s-", label="validation ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats per datapoint)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def image_grid(rows: list, image_shape, *, row_labels=None, path=None, title=None):
+    """A grid of images: ``rows`` is a list of ``(num_cols, D)`` tensors (one per row)."""
+    rows = [torch.as_tensor(r).detach().cpu().float() for r in rows]
+    num_rows, num_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(num_rows, num_cols, figsize=(num_cols * 0.9, num_rows * 0.9 + 0.3),
+                             squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(num_cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(r):
+                ax.imshow(r[j].reshape(image_shape).numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.axis("off")
+        if row_labels:
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def latent_manifold(decode, image_shape, *, num_per_side: int = 15, path=None, device=None,
+                    dtype=None):
+    """Decoded images on a grid of z in the 2-D latent space, placed at the standard normal's
+    quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4)."""
+    from torch.distributions import Normal
+
+    q = torch.linspace(0.05, 0.95, num_per_side, dtype=torch.float64)
+    grid = Normal(0.0, 1.0).icdf(q)
+    z = torch.cartesian_prod(grid.flip(0), grid)[:, [1, 0]].to(device=device, dtype=dtype)
+    images = decode(z).detach().cpu().float().reshape(num_per_side, num_per_side, *image_shape)
+    h, w = image_shape
+    canvas = images.permute(0, 2, 1, 3).reshape(num_per_side * h, num_per_side * w).numpy()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, extent=(0.05, 0.95, 0.05, 0.95))
+    ax.set_xlabel("Φ(z₁)")
+    ax.set_ylabel("Φ(z₂)")
+    ax.set_title("latent manifold")
+    return _finish(fig, path)
+
+
+def kl_per_dim(kl, path=None, threshold: float = 0.01):
+    """Bar chart of KL(q || p) per latent dimension (nats), sorted, with collapsed dimensions
+    (KL below ``threshold``) in grey."""
+    kl = np.asarray(kl, dtype=float)
+    order = np.argsort(-kl)
+    fig, ax = plt.subplots(figsize=(max(4, len(kl) * 0.15), 3.2))
+    colors = ["tab:blue" if v >= threshold else "tab:gray" for v in kl[order]]
+    ax.bar(np.arange(len(kl)), kl[order], color=colors)
+    ax.set_xlabel("latent dimension (sorted)")
+    ax.set_ylabel("KL (nats per datapoint)")
+    ax.set_title(f"KL per dimension: {int((kl >= threshold).sum())} of {len(kl)} "
+                 f"above {threshold:g} nats")
+    ax.set_xticks(np.arange(len(kl))[:: max(1, math.ceil(len(kl) / 20))])
+    ax.set_xticklabels(order[:: max(1, math.ceil(len(kl) / 20))], fontsize=7)
+    return _finish(fig, path)

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from pvae.cli import load_run, main
+from pvae.inference import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    main(["train", "--dataset", "digits", "--latent-dim", "2", "--hidden-dims", "32",
+          "--num-epochs", "3", "--out", str(out), "--no-progress", "--num-val", "100"])
+    main(["evaluate", str(out), "--num-samples", "50", "--iw-num-test", "100"])
+    return out
+
+
+def test_train_writes_run_folder(digits_run):
+    for name in ("config.json", "checkpoint.pt", "history.csv", "figures/training_curve.png"):
+        assert (digits_run / name).is_file(), name
+    assert len((digits_run / "history.csv").read_text().splitlines()) == 4
+
+
+def test_evaluate_writes_metrics_and_figures(digits_run):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert metrics["num_test"] == 359
+    assert metrics["test_elbo"] == pytest.approx(metrics["reconstruction"] - metrics["kl"],
+                                                 abs=1e-3)
+    assert -64 * 0.7 < metrics["test_elbo"] < 0  # 64 binary pixels: better than chance
+    assert metrics["iw_log_likelihood"] > metrics["test_elbo"] - 1
+    assert metrics["iw_minus_elbo"] > 0
+    for name in ("reconstructions", "samples", "latent_manifold", "kl_per_dim"):
+        assert (digits_run / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_checkpoint_from_other_config_is_refused(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(digits_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["latent_dim"] = 3
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="another config"):
+        load_run(run)
+
+
+def test_corrupt_checkpoint_is_refused(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(digits_run, run)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_run(run)
+
+
+def test_resume_continues(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(digits_run, run)
+    main(["train", "--dataset", "digits", "--latent-dim", "2", "--hidden-dims", "32",
+          "--num-epochs", "4", "--out", str(run), "--no-progress", "--num-val", "100",
+          "--resume"])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 4
+
+
+def test_existing_run_not_overwritten(digits_run):
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["train", "--dataset", "digits", "--out", str(digits_run), "--num-epochs", "1"])

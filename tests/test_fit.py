@@ -1,0 +1,144 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pvae.inference import (
+    CheckpointError,
+    TrainingDivergedError,
+    elbo_terms,
+    fit,
+    iw_log_likelihood,
+)
+from pvae.models import VAE
+
+
+class UserFactorAnalysis:
+    """A user-written model: not a pvae class, parameters via pyro.param / pyro.module."""
+
+    def __init__(self, x_dim=6, latent_dim=2):
+        self.x_dim, self.latent_dim = x_dim, latent_dim
+        self.encoder = nn.Linear(x_dim, 2 * latent_dim)
+
+    def model(self, x):
+        W = pyro.param("user_W", lambda: 0.1 * torch.randn(self.latent_dim, self.x_dim))
+        noise = pyro.param("user_noise", lambda: torch.ones(self.x_dim),
+                           constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0)
+                            .to_event(1))
+            pyro.sample("x", dist.Normal(z @ W, noise).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("user_encoder", self.encoder)
+        loc, raw = self.encoder(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def fa_data(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(2, 6, generator=g)
+    return torch.randn(n, 2, generator=g) @ W + 0.3 * torch.randn(n, 6, generator=g)
+
+
+def test_user_model_trains_and_evaluates():
+    user, x = UserFactorAnalysis(), fa_data()
+    history = fit(user, x, num_epochs=40, batch_size=128, lr=3e-2, progress=False)
+    elbos = history.column("train_elbo")
+    assert elbos[-1] > elbos[0] + 2.0
+    iw = iw_log_likelihood(user, x[:100], num_samples=500)
+    # the exact marginal of the fitted linear-Gaussian model bounds the IW estimate
+    W, noise = pyro.param("user_W").detach(), pyro.param("user_noise").detach()
+    exact = dist.MultivariateNormal(torch.zeros(6), W.T @ W + torch.diag(noise**2)).log_prob(x[:100])
+    diff = iw.per_datapoint - exact
+    assert diff.mean().abs() < 3 * diff.std() / 10 + 0.05
+    assert elbo_terms(user, x[:100]).elbo.mean() < iw.mean
+
+
+def test_dataset_input_streams():
+    x = torch.bernoulli(torch.rand(100, 12))
+    model = VAE(12, 2, (8,))
+    history = fit(model, TensorDataset(x), num_epochs=2, batch_size=32, progress=False)
+    assert len(history) == 2 and math.isfinite(history[-1]["train_elbo"])
+    assert history[-1]["images_per_s"] > 0
+
+
+def test_seeded_determinism():
+    x = torch.rand(200, 12)
+
+    def run():
+        model = VAE(12, 2, (8,))
+        return fit(model, x, x_val=torch.bernoulli(x[:50]), num_epochs=3, batch_size=32,
+                   binarize="dynamic", seed=5, progress=False)
+
+    torch.manual_seed(1)
+    a = run()
+    torch.manual_seed(1)
+    b = run()
+    for key in ("train_elbo", "val_elbo"):
+        assert a.column(key) == b.column(key)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x = torch.rand(200, 12)
+
+    def model():
+        torch.manual_seed(3)
+        return VAE(12, 2, (8,))
+
+    kwargs = dict(batch_size=32, binarize="dynamic", seed=2, progress=False)
+    full = fit(model(), x, num_epochs=4, **kwargs)
+    part = model()
+    fit(part, x, num_epochs=2, checkpoint_dir=tmp_path, **kwargs)
+    resumed_model = model()
+    resumed = fit(resumed_model, x, num_epochs=4, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert resumed.column("train_elbo") == full.column("train_elbo")
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    x = torch.bernoulli(torch.rand(64, 12))
+    fit(VAE(12, 2, (8,)), x, num_epochs=1, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        fit(VAE(12, 2, (8,)), x, num_epochs=2, lr=0.5, checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+
+
+class Exploding(VAE):
+    """Its model call returns NaN on the first step of epoch 2."""
+
+    calls = 0
+
+    def model(self, x, c=None):
+        type(self).calls += 1
+        if type(self).calls == 1 + 2 + 1:  # probe + epoch 1 (2 steps) + step 1 of epoch 2
+            x = x * float("nan")
+        super().model(x, c)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    x = torch.bernoulli(torch.rand(64, 12))
+    model = Exploding(12, 2, (8,))
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 1.*end of epoch 1"):
+        fit(model, x, num_epochs=3, batch_size=32, checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_data_are_refused():
+    model = VAE(12, 2, (8,))
+    with pytest.raises(ValueError, match="NaN"):
+        fit(model, torch.full((4, 12), float("nan")), num_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="binarize"):
+        fit(model, torch.rand(4, 12), num_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"shape \(batch, 12\)"):
+        fit(model, torch.ones(4, 3), num_epochs=1, progress=False)
+    with pytest.raises(TypeError, match="model contract"):
+        fit(object(), torch.ones(4, 3), num_epochs=1)

@@ -21,7 +21,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch import nn
-from torch.distributions import Independent, kl_divergence
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from tqdm.auto import tqdm
 
 from pvae.inference.svi import resolve_device
@@ -36,12 +36,21 @@ _PARTICLE_PLATE = "_pvae_particles"
 
 
 def _max_plate_nesting(model, x, c) -> int:
+    """Trace once without particles: check that every sample site lies in the ``"data"`` plate
+    and return the deepest plate nesting."""
     with poutine.block():
         guide_tr = poutine.trace(model.guide).get_trace(*_args(x, c))
         model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(
             *_args(x, c))
-    dims = [-f.dim for tr in (guide_tr, model_tr) for s in tr.nodes.values()
-            if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
+    for tr in (guide_tr, model_tr):
+        for name, site in _sites(tr, None):
+            if not any(f.name == "data" for f in site["cond_indep_stack"]):
+                raise ValueError(
+                    f"sample site {name!r} is outside pyro.plate('data', ...); per-datapoint "
+                    "estimates need every sample site of the model and guide inside the 'data' "
+                    "plate (global latent variables have no per-datapoint weight)")
+    dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in _sites(tr, None)
+            for f in s["cond_indep_stack"] if f.vectorized]
     return max(dims, default=0)
 
 
@@ -59,7 +68,8 @@ def _traces(model, x, c, num_particles: int, max_plate_nesting: int):
     return guide_tr, model_tr
 
 
-def _sites(trace, observed: bool):
+def _sites(trace, observed: bool | None):
+    """Sample sites that carry a density: observed ones, latent ones, or both (``None``)."""
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -67,7 +77,7 @@ def _sites(trace, observed: bool):
             continue
         if site["infer"].get("is_auxiliary"):
             continue
-        if bool(site["is_observed"]) == observed:
+        if observed is None or bool(site["is_observed"]) == observed:
             yield name, site
 
 
@@ -302,11 +312,29 @@ class ElboTerms:
         return out
 
 
+def _as_mvn(fn):
+    """``Normal(loc, scale).to_event(1)`` as the equivalent ``MultivariateNormal``."""
+    base = fn.base_dist if isinstance(fn, Independent) else None
+    if isinstance(base, Normal) and fn.reinterpreted_batch_ndims == 1:
+        return MultivariateNormal(base.loc, scale_tril=torch.diag_embed(base.scale))
+    return fn
+
+
 def _kl(q, p):
-    """KL(q || p) with both distributions expanded to their common batch shape first (some of
-    torch's closed forms index with masks and do not broadcast)."""
+    """KL(q || p) in closed form, with both distributions expanded to their common batch shape
+    (some of torch's formulas index with masks and do not broadcast), and diagonal Normals
+    promoted to ``MultivariateNormal`` when paired with one.
+
+    :raises NotImplementedError: no closed form is known for the pair.
+    """
     shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    return kl_divergence(q.expand(shape), p.expand(shape))
+    q, p = q.expand(shape), p.expand(shape)
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        if isinstance(q, MultivariateNormal) or isinstance(p, MultivariateNormal):
+            return kl_divergence(_as_mvn(q), _as_mvn(p))
+        raise
 
 
 def _unwrap(fn):
@@ -344,6 +372,8 @@ def _posterior_mean(q_site, nesting):
         mean = q_site["fn"].mean.expand(q_site["value"].shape)
     except NotImplementedError:
         mean = q_site["value"]
+    if not torch.isfinite(mean).all():  # e.g. Categorical has no mean: average the particles
+        mean = q_site["value"].to(mean.dtype)
     return _features(q_site, mean, nesting).mean(0)
 
 

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["image_grid", "kl_per_dim", "latent_manifold", "training_curve"]
+__all__ = ["image_grid", "kl_per_dim", "latent_manifold", "posterior_ellipses",
+           "posterior_forest", "training_curve"]
 
 
 def _finish(fig, path):
@@ -99,4 +100,49 @@ def kl_per_dim(kl, path=None, threshold: float = 0.01):
                  f"above {threshold:g} nats")
     ax.set_xticks(np.arange(len(kl))[:: max(1, math.ceil(len(kl) / 20))])
     ax.set_xticklabels(order[:: max(1, math.ceil(len(kl) / 20))], fontsize=7)
+    return _finish(fig, path)
+
+
+def _ellipse(ax, mean, cov, **kwargs):
+    """The 2-standard-deviation ellipse of a 2-D Gaussian."""
+    evals, evecs = np.linalg.eigh(cov)
+    t = np.linspace(0, 2 * np.pi, 100)
+    circle = np.stack([np.cos(t), np.sin(t)])
+    pts = mean[:, None] + 2 * evecs @ (np.sqrt(np.maximum(evals, 0))[:, None] * circle)
+    ax.plot(pts[0], pts[1], **kwargs)
+
+
+def posterior_ellipses(q_mean, q_cov, p_mean, p_cov, dims=(0, 1), path=None):
+    """2-sd ellipses of q(z | x) (dashed) and the exact p(z | x) (solid) in two latent
+    dimensions, for a few datapoints. Means ``(n, q)``, covariances ``(n, q, q)`` or ``(q, q)``."""
+    i, j = dims
+    q_mean, p_mean = np.asarray(q_mean), np.asarray(p_mean)
+    n = len(q_mean)
+    q_cov = np.broadcast_to(np.asarray(q_cov), (n, *np.asarray(q_cov).shape[-2:]))
+    p_cov = np.broadcast_to(np.asarray(p_cov), (n, *np.asarray(p_cov).shape[-2:]))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k in range(n):
+        color = f"C{k % 10}"
+        sel = np.ix_([i, j], [i, j])
+        _ellipse(ax, p_mean[k, [i, j]], p_cov[k][sel], color=color, lw=2,
+                 label="exact p(z|x)" if k == 0 else None)
+        _ellipse(ax, q_mean[k, [i, j]], q_cov[k][sel], color=color, lw=1.5, ls="--",
+                 label="guide q(z|x)" if k == 0 else None)
+    ax.set_xlabel(f"z{i}")
+    ax.set_ylabel(f"z{j}")
+    ax.set_title("posterior 2-sd ellipses, one colour per datapoint")
+    ax.legend()
+    ax.set_aspect("equal", adjustable="datalim")
+    return _finish(fig, path)
+
+
+def posterior_forest(idata: dict, path=None):
+    """ArviZ forest plot comparing posterior draws, e.g. ``{"guide": ..., "exact": ...}`` from
+    :func:`pvae.inference.to_inference_data`."""
+    import arviz as az
+
+    axes = az.plot_forest(list(idata.values()), model_names=list(idata), var_names=["z"],
+                          combined=True, hdi_prob=0.94, figsize=(6, 8))
+    fig = np.asarray(axes).ravel()[0].figure
+    fig.suptitle("94% HDI of z per datapoint and dimension")
     return _finish(fig, path)

@@ -2,11 +2,12 @@
 Debian package dataset-fashion-mnist)."""
 
 import pytest
-from conftest import fashion_available
 
 from pvae import data
 from pvae.inference import elbo_terms, fit
 from pvae.models import VAE
+
+from conftest import fashion_available
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pvae.inference import elbo_terms, fit, iw_log_likelihood
-from pvae.models import VAE
+from pvae.models import PPCA, VAE
 
 X_DIM = 12
 
@@ -29,6 +29,8 @@ CONTRACT = [
     (VAE, dict(latent_dim=2, hidden_dims=(16,), likelihood="gaussian"), unit),
     (VAE, dict(latent_dim=2, hidden_dims=(16,), likelihood="gaussian", likelihood_scale=0.1), unit),
     (VAE, dict(latent_dim=2, hidden_dims=(), likelihood="laplace"), unit),
+    (PPCA, dict(latent_dim=2, guide="full"), unit),
+    (PPCA, dict(latent_dim=3, guide="diagonal"), unit),
 ]
 IDS = [f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CONTRACT)]
 

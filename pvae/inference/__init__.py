@@ -9,6 +9,12 @@ from pvae.inference.evaluate import (
     iw_log_likelihood,
     log_weights,
 )
+from pvae.inference.posterior import (
+    PosteriorComparison,
+    compare_posteriors,
+    principal_angles,
+    to_inference_data,
+)
 from pvae.inference.svi import History, TrainingDivergedError, fit, resolve_device
 
 __all__ = [
@@ -17,7 +23,11 @@ __all__ = [
     "ElboTerms",
     "History",
     "IWResult",
+    "PosteriorComparison",
     "TrainingDivergedError",
+    "compare_posteriors",
+    "principal_angles",
+    "to_inference_data",
     "elbo_terms",
     "fit",
     "iw_log_likelihood",

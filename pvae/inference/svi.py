@@ -162,7 +162,8 @@ def _mean_loss(loss_fn, x, c, batch_size=1000) -> float:
 
 
 def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
-        batch_size: int = 256, lr: float = 1e-3, estimator: str = "reparam",
+        batch_size: int = 256, lr: float = 1e-3, lr_decay: float = 1.0,
+        estimator: str = "reparam",
         analytic_kl: bool = False, num_particles: int = 1, device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
         progress: bool = True, config: dict | None = None) -> History:
@@ -181,6 +182,9 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models.
     :param x_val: validation data ``(N_val, D)`` for the per-epoch validation ELBO.
     :param int num_epochs: total number of epochs (a resumed run continues up to it).
+    :param float lr: Adam's learning rate.
+    :param float lr_decay: multiply the learning rate by this after every epoch
+        (``torch.optim.lr_scheduler.ExponentialLR``); 1 keeps it constant.
     :param str estimator: gradient estimator, see :data:`pvae.inference.ESTIMATORS`.
     :param bool analytic_kl: closed-form KL(q || p) where available.
     :param int num_particles: samples of z per datapoint and step.
@@ -232,7 +236,9 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         x_val, c_val = _as_tensor_data(x_val, c_val, device, dtype)
         _check_data(model, x_val, None)
 
-    fit_config = {"batch_size": batch_size, "lr": lr, "estimator": estimator,
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"Expected 0 < lr_decay <= 1, got {lr_decay!r}")
+    fit_config = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "estimator": estimator,
                   "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
                   "binarize": binarize, **(config or {})}
     elbo = make_elbo(estimator, num_particles=num_particles, analytic_kl=analytic_kl)
@@ -250,6 +256,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         probe = (torch.bernoulli(probe[0]), probe[1])
     params = _parameters(model, loss_fn, *probe)
     optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
 
     history, start_epoch = History(), 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -264,6 +271,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                                   "same settings")
         _load_model_state(model, state)
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         history = History(state["history"])
         start_epoch = state["epoch"]
@@ -299,6 +307,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                 if step % 25 == 0:
                     bar.set_postfix_str(f"epoch {epoch + 1} elbo {-losses[-1].item() / len(xb):.2f}")
         seconds = time.perf_counter() - t0
+        scheduler.step()
         total = torch.stack(losses).double().sum().item() if losses else float("nan")
         row = {"epoch": epoch + 1, "train_elbo": -total / max(seen, 1),
                "val_elbo": float("nan"), "seconds": seconds,
@@ -313,6 +322,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                 "model": model.state_dict() if isinstance(model, nn.Module) else {},
                 "param_store": _param_store_state(model, params),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1,
                 "rng": get_rng_state(generator),
                 "history": history.rows,

@@ -2,9 +2,10 @@
 
 from pvae.models.base import LatentVariableModel
 from pvae.models.likelihoods import LIKELIHOODS, make_likelihood
+from pvae.models.ppca import PPCA
 from pvae.models.vae import VAE
 
 #: Models by the name used on the command line (``--model``).
 MODELS = {"vae": VAE}
 
-__all__ = ["LIKELIHOODS", "MODELS", "LatentVariableModel", "VAE", "make_likelihood"]
+__all__ = ["LIKELIHOODS", "MODELS", "PPCA", "LatentVariableModel", "VAE", "make_likelihood"]

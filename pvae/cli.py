@@ -23,7 +23,7 @@ from pvae.inference import (
     load_checkpoint,
     resolve_device,
 )
-from pvae.inference.estimators import ESTIMATORS
+from pvae.inference.estimators import BASELINES, ESTIMATORS, GRADIENTS, make_schedule
 from pvae.models import LIKELIHOODS, MODELS
 from pvae.nn import ACTIVATIONS
 
@@ -98,7 +98,10 @@ def cmd_train(args) -> None:
         "likelihood_scale": args.likelihood_scale, "activation": args.activation,
         "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
         "estimator": args.estimator, "num_particles": args.num_particles,
-        "analytic_kl": args.analytic_kl, "seed": args.seed, "num_train": args.num_train,
+        "analytic_kl": args.analytic_kl, "beta": args.beta,
+        "kl_warmup_steps": args.kl_warmup_steps, "kl_cycle_steps": args.kl_cycle_steps,
+        "baseline": None if args.baseline == "none" else args.baseline,
+        "gradient": args.gradient, "seed": args.seed, "num_train": args.num_train,
         "num_val": args.num_val,
     }
     ds = _load_data(config)
@@ -127,7 +130,9 @@ def cmd_train(args) -> None:
     history = fit(model, x_train, x_val=x_val, num_epochs=args.num_epochs,
                   batch_size=args.batch_size, lr=args.lr, estimator=args.estimator,
                   num_particles=args.num_particles, analytic_kl=args.analytic_kl,
-                  device=args.device, seed=args.seed, binarize=fit_binarize,
+                  beta=make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps),
+                  baseline=config["baseline"], gradient=args.gradient, device=args.device,
+                  seed=args.seed, binarize=fit_binarize,
                   checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
                   config=model_config)
     history.to_csv(out / "history.csv")
@@ -328,6 +333,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--estimator", default="reparam", choices=sorted(ESTIMATORS))
     t.add_argument("--num-particles", type=int, default=1)
     t.add_argument("--analytic-kl", action="store_true")
+    t.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
+    t.add_argument("--kl-warmup-steps", type=int, default=0,
+                   help="anneal beta linearly from 0 over this many steps")
+    t.add_argument("--kl-cycle-steps", type=int, default=0,
+                   help="cyclical annealing of beta with this period (steps)")
+    t.add_argument("--baseline", default="none", choices=["none", *[b for b in BASELINES if b]],
+                   help="score-function baseline (--estimator score)")
+    t.add_argument("--gradient", default="standard", choices=list(GRADIENTS),
+                   help="IWAE gradient: standard or dreg (--estimator iwae)")
     t.add_argument("--num-train", type=int, default=0, help="use the first N images (0 = all)")
     t.add_argument("--num-val", type=int, default=1000,
                    help="validation ELBO on the first N test images each epoch (0 = none)")

@@ -1,7 +1,17 @@
 """Training and evaluation for any model meeting the model contract of ``DESIGN.md``."""
 
 from pvae.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pvae.inference.estimators import ESTIMATORS, make_elbo
+from pvae.inference.estimators import (
+    ESTIMATORS,
+    Constant,
+    Cyclical,
+    LinearWarmup,
+    gradient_variance,
+    make_estimator,
+    make_schedule,
+    scale_latents,
+    score_function,
+)
 from pvae.inference.evaluate import (
     ElboTerms,
     IWResult,
@@ -29,11 +39,18 @@ __all__ = [
     "principal_angles",
     "to_inference_data",
     "elbo_terms",
+    "gradient_variance",
     "fit",
     "iw_log_likelihood",
     "load_checkpoint",
     "log_weights",
-    "make_elbo",
+    "make_estimator",
+    "make_schedule",
+    "scale_latents",
+    "score_function",
+    "Constant",
+    "Cyclical",
+    "LinearWarmup",
     "resolve_device",
     "save_checkpoint",
 ]

@@ -24,7 +24,7 @@ from pvae.inference.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pvae.inference.estimators import make_elbo
+from pvae.inference.estimators import ReparamEstimator, make_estimator, make_schedule, scale_latents
 from pvae.models.base import checked_inputs
 
 __all__ = ["History", "TrainingDivergedError", "fit", "resolve_device", "call"]
@@ -163,18 +163,24 @@ def _mean_loss(loss_fn, x, c, batch_size=1000) -> float:
 
 def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         batch_size: int = 256, lr: float = 1e-3, lr_decay: float = 1.0,
-        estimator: str = "reparam",
-        analytic_kl: bool = False, num_particles: int = 1, device="auto", seed: int = 0,
+        estimator: str = "reparam", analytic_kl: bool = False, num_particles: int = 1,
+        beta=1.0, baseline: str | None = None, gradient: str = "standard",
+        device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
         progress: bool = True, config: dict | None = None) -> History:
-    r"""Train ``model`` by SVI: maximize the ELBO with Adam over mini-batches.
+    r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
+    mini-batches.
 
     Works for any object with ``model(x, c=None)`` and ``guide(x, c=None)`` Pyro programs
-    (the model contract of ``DESIGN.md``), built-in or user-written. The loss is
-    ``-ELBO / batch_size`` from Pyro's ELBO machinery (``Trace_ELBO``, or
-    ``TraceMeanField_ELBO`` with ``analytic_kl``), differentiated by autograd and stepped by
+    (the model contract of ``DESIGN.md``), built-in or user-written. The loss is the
+    estimator's surrogate divided by the batch size (see :mod:`pvae.inference.estimators`:
+    Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, ``TraceGraph_ELBO`` with score-function
+    gradients, or the IWAE bound), differentiated by autograd and stepped by
     ``torch.optim.Adam``; parameters are the model's ``nn.Module`` parameters plus any Pyro
-    param-store parameters its programs use.
+    param-store parameters its programs use (neural baselines included).
+
+    Pyro's validation runs on a first probe step; the loop itself runs with it off, since the
+    whole dataset is checked once up front and NaN/inf losses stop training here.
 
     :param model: an object with ``model`` and ``guide`` methods (ideally an ``nn.Module``).
     :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or
@@ -187,7 +193,14 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         (``torch.optim.lr_scheduler.ExponentialLR``); 1 keeps it constant.
     :param str estimator: gradient estimator, see :data:`pvae.inference.ESTIMATORS`.
     :param bool analytic_kl: closed-form KL(q || p) where available.
-    :param int num_particles: samples of z per datapoint and step.
+    :param int num_particles: samples of z per datapoint and step (K for ``iwae``).
+    :param beta: weight of the KL term (beta-VAE, Higgins et al. 2017): a float, or a schedule
+        ``step -> beta`` (:class:`~pvae.inference.LinearWarmup`,
+        :class:`~pvae.inference.Cyclical`), applied with :class:`scale_latents` to the latent
+        sites of model and guide. It changes only the training objective; ``val_elbo`` is
+        always the plain ELBO. The history records beta at the end of each epoch.
+    :param baseline: ``None``, ``"average"`` or ``"neural"``, for ``estimator="score"``.
+    :param str gradient: ``"standard"`` or ``"dreg"``, for ``estimator="iwae"``.
     :param device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``...; the model is moved
         there and data follow the model's dtype (``model.double()`` trains in float64).
     :param int seed: seeds Pyro, torch, numpy and the shuffling generator: the same seed and
@@ -199,7 +212,9 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :param bool resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists.
     :param bool progress: show a tqdm bar with the running ELBO.
     :param dict config: extra configuration saved in checkpoints and checked on resume.
-    :returns: :class:`History` with per-epoch ELBOs in nats per datapoint.
+    :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
+        beta-weighted ELBO, or the K-sample IWAE bound for ``iwae``) and ``val_elbo`` in nats
+        per datapoint, ``beta``, ``seconds`` and ``images_per_s``.
     :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), or a
         checkpoint written with another configuration.
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
@@ -240,12 +255,24 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         raise ValueError(f"Expected 0 < lr_decay <= 1, got {lr_decay!r}")
     fit_config = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "estimator": estimator,
                   "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
-                  "binarize": binarize, **(config or {})}
-    elbo = make_elbo(estimator, num_particles=num_particles, analytic_kl=analytic_kl)
+                  "binarize": binarize, "beta": beta if not callable(beta) else repr(beta),
+                  "baseline": baseline, "gradient": gradient, **(config or {})}
+    objective = make_estimator(estimator, num_particles=num_particles, analytic_kl=analytic_kl,
+                               baseline=baseline, gradient=gradient)
+    schedule = make_schedule(beta)
+    kl_scale = scale_latents(schedule(0))
+    model_fn, guide_fn = kl_scale(model.model), kl_scale(model.guide)
+    val_objective = ReparamEstimator(1, analytic_kl)
 
     def loss_fn(xb, cb):
+        """(objective, surrogate loss), both per datapoint."""
         args = (xb,) if cb is None else (xb, cb)
-        return elbo.differentiable_loss(model.model, model.guide, *args) / xb.shape[0]
+        value, surrogate = objective(model_fn, guide_fn, *args)
+        return value / xb.shape[0], surrogate / xb.shape[0]
+
+    def val_loss_fn(xb, cb):
+        args = (xb,) if cb is None else (xb, cb)
+        return -val_objective(model.model, model.guide, *args)[0] / xb.shape[0]
 
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -254,7 +281,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     probe = _as_tensor_data(*probe, device, dtype)
     if binarize == "dynamic":
         probe = (torch.bernoulli(probe[0]), probe[1])
-    params = _parameters(model, loss_fn, *probe)
+    params = _parameters(model, lambda xb, cb: loss_fn(xb, cb)[1], *probe)
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
 
@@ -276,7 +303,8 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         history = History(state["history"])
         start_epoch = state["epoch"]
 
-    bar = tqdm(total=max(num_epochs - start_epoch, 0) * math.ceil(num_train / batch_size),
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    bar = tqdm(total=max(num_epochs - start_epoch, 0) * steps_per_epoch,
                disable=not progress, desc="fit", unit="batch", dynamic_ncols=True)
     for epoch in range(start_epoch, num_epochs):
         if isinstance(model, nn.Module):
@@ -287,8 +315,9 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                 xb, cb = _as_tensor_data(xb, cb, device, dtype)
             if binarize == "dynamic":
                 xb = torch.bernoulli(xb)
+            kl_scale.beta = schedule(epoch * steps_per_epoch + step)
             with checked_inputs(), pyro.validation_enabled(False):
-                loss = loss_fn(xb, cb)
+                value, loss = loss_fn(xb, cb)
             if not torch.isfinite(loss):
                 bar.close()
                 where = (f"{ckpt_path} (end of epoch {history[-1]['epoch']})"
@@ -300,22 +329,22 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.detach() * len(xb))
+            losses.append(value * len(xb))
             seen += len(xb)
             if progress:
                 bar.update()
                 if step % 25 == 0:
-                    bar.set_postfix_str(f"epoch {epoch + 1} elbo {-losses[-1].item() / len(xb):.2f}")
+                    bar.set_postfix_str(f"epoch {epoch + 1} elbo {value.item():.2f}")
         seconds = time.perf_counter() - t0
         scheduler.step()
         total = torch.stack(losses).double().sum().item() if losses else float("nan")
-        row = {"epoch": epoch + 1, "train_elbo": -total / max(seen, 1),
+        row = {"epoch": epoch + 1, "train_elbo": total / max(seen, 1), "beta": kl_scale.beta,
                "val_elbo": float("nan"), "seconds": seconds,
                "images_per_s": seen / seconds if seconds > 0 else float("nan")}
         if x_val is not None:
             if isinstance(model, nn.Module):
                 model.eval()
-            row["val_elbo"] = -_mean_loss(loss_fn, x_val, c_val)
+            row["val_elbo"] = -_mean_loss(val_loss_fn, x_val, c_val)
         history.rows.append(row)
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, {

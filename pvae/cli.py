@@ -31,7 +31,7 @@ __all__ = ["build_model", "load_run", "main"]
 
 #: config keys that define the model's architecture (must match between config and checkpoint)
 MODEL_KEYS = ("model", "x_dim", "latent_dim", "hidden_dims", "likelihood", "likelihood_scale",
-              "activation")
+              "activation", "condition", "prior", "num_classes", "c_dim")
 
 
 def build_model(config: dict):
@@ -42,10 +42,30 @@ def build_model(config: dict):
     name = config["model"]
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](config["x_dim"], config["latent_dim"], tuple(config["hidden_dims"]),
-                        likelihood=config["likelihood"],
-                        likelihood_scale=config["likelihood_scale"],
-                        activation=config["activation"])
+    kwargs = dict(hidden_dims=tuple(config["hidden_dims"]), likelihood=config["likelihood"],
+                  likelihood_scale=config["likelihood_scale"], activation=config["activation"])
+    condition = config.get("condition") or "none"
+    if name == "cvae":
+        if condition == "none":
+            raise ValueError("--model cvae needs --condition label, top-half or quadrant")
+        kwargs.update(num_classes=config.get("num_classes"), c_dim=config.get("c_dim"),
+                      prior=config.get("prior", "standard"))
+    elif condition != "none":
+        raise ValueError(f"--condition {condition} needs --model cvae")
+    return MODELS[name](config["x_dim"], config["latent_dim"], **kwargs)
+
+
+def conditioning(config: dict, x: torch.Tensor, y: torch.Tensor):
+    """Split a dataset split for the run's ``--condition``: ``(x, c)`` with ``c = None``
+    (unconditional), the labels ``y`` (``label``), or the observed pixels (``top-half``,
+    ``quadrant``: x keeps the pixels to predict)."""
+    condition = config.get("condition") or "none"
+    if condition == "none":
+        return x, None
+    if condition == "label":
+        return x, y
+    mask = data.condition_mask(tuple(config["image_shape"]), condition)
+    return x[:, ~mask], x[:, mask]
 
 
 def load_run(run_dir, device="auto"):
@@ -102,11 +122,21 @@ def cmd_train(args) -> None:
         "kl_warmup_steps": args.kl_warmup_steps, "kl_cycle_steps": args.kl_cycle_steps,
         "baseline": None if args.baseline == "none" else args.baseline,
         "gradient": args.gradient, "seed": args.seed, "num_train": args.num_train,
-        "num_val": args.num_val,
+        "num_val": args.num_val, "condition": args.condition, "prior": args.prior,
+        "num_classes": None, "c_dim": None,
     }
+    if args.condition in data.CONDITIONS and binarize == "dynamic":
+        sys.exit("pvae: structured prediction (--condition top-half/quadrant) conditions on "
+                 "pixels, which must be binarized the same way in training and testing: use "
+                 "--binarize static (or none with a continuous likelihood)")
     ds = _load_data(config)
-    config["x_dim"] = ds.x_dim
     config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
+    config["x_dim"] = ds.x_dim
+    if args.condition == "label":
+        config["num_classes"] = ds.num_classes
+    elif args.condition in data.CONDITIONS:
+        mask = data.condition_mask(ds.image_shape, args.condition)
+        config["x_dim"], config["c_dim"] = int((~mask).sum()), int(mask.sum())
     out = Path(args.out)
     config_path = out / "config.json"
     if config_path.is_file() and not args.resume:
@@ -122,12 +152,19 @@ def cmd_train(args) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
     torch.manual_seed(args.seed)
-    model = build_model(config)
-    x_train = ds.x_train[: args.num_train] if args.num_train else ds.x_train
-    x_val = ds.x_test[: args.num_val] if args.num_val else None
+    try:
+        model = build_model(config)
+    except ValueError as e:
+        sys.exit(f"pvae: {e}")
+    n = args.num_train or len(ds.x_train)
+    x_train, c_train = conditioning(config, ds.x_train[:n], ds.y_train[:n])
+    x_val, c_val = conditioning(config, ds.x_test[: args.num_val], ds.y_test[: args.num_val])
+    if not args.num_val:
+        x_val = c_val = None
     fit_binarize = "dynamic" if binarize == "dynamic" else None
     model_config = {k: config[k] for k in MODEL_KEYS}
-    history = fit(model, x_train, x_val=x_val, num_epochs=args.num_epochs,
+    history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
+                  num_epochs=args.num_epochs,
                   batch_size=args.batch_size, lr=args.lr, estimator=args.estimator,
                   num_particles=args.num_particles, analytic_kl=args.analytic_kl,
                   beta=make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps),
@@ -156,8 +193,9 @@ def cmd_evaluate(args) -> None:
     except (FileNotFoundError, CheckpointError) as e:
         sys.exit(f"pvae: {e}")
     ds = _load_data(config)
-    x_test = ds.x_test[: args.num_test] if args.num_test else ds.x_test
-    terms = elbo_terms(model, x_test, num_samples=args.num_elbo_samples)
+    n = args.num_test or len(ds.x_test)
+    x_test, c_test = conditioning(config, ds.x_test[:n], ds.y_test[:n])
+    terms = elbo_terms(model, x_test, c=c_test, num_samples=args.num_elbo_samples)
     summary = terms.summary()
     metrics = {"run": str(run), "dataset": config["dataset"], "num_test": len(x_test),
                "epochs": state["epoch"], "units": "nats per image",
@@ -172,11 +210,13 @@ def cmd_evaluate(args) -> None:
             ("ELBO", f"{metrics['test_elbo']:.2f} ± {metrics['test_elbo_stderr']:.2f}"),
             ("reconstruction E_q[log p(x|z)]",
              f"{metrics['reconstruction']:.2f} ± {metrics['reconstruction_stderr']:.2f}"),
-            ("KL(q(z|x) || p(z))", f"{metrics['kl']:.2f} ± {metrics['kl_stderr']:.2f}"),
+            ("KL(q(z|x) || p(z))" if c_test is None else "KL(q(z|x,c) || p(z|c))",
+             f"{metrics['kl']:.2f} ± {metrics['kl_stderr']:.2f}"),
             ("active units", f"{metrics['active_units']} of {metrics['latent_dim']}")]
     if args.num_samples > 0:
-        x_iw = x_test[: args.iw_num_test] if args.iw_num_test else x_test
-        iw = iw_log_likelihood(model, x_iw, num_samples=args.num_samples, progress=True)
+        m = args.iw_num_test or len(x_test)
+        x_iw, c_iw = x_test[:m], (None if c_test is None else c_test[:m])
+        iw = iw_log_likelihood(model, x_iw, c=c_iw, num_samples=args.num_samples, progress=True)
         elbo_same = terms.elbo[: len(x_iw)]
         gap = (iw.per_datapoint.double() - elbo_same.double())
         metrics.update({
@@ -186,7 +226,8 @@ def cmd_evaluate(args) -> None:
             "iw_minus_elbo": gap.mean().item(),
             "iw_minus_elbo_stderr": gap.std().item() / max(len(gap), 2) ** 0.5,
         })
-        rows += [(f"IW log p(x), K={args.num_samples} ({len(x_iw)} images)",
+        rows += [(f"IW log p(x{'' if c_test is None else ' | c'}), K={args.num_samples} "
+                  f"({len(x_iw)} images)",
                   f"{iw.mean:.2f} ± {iw.stderr:.2f}"),
                  ("IW − ELBO gap (same images)",
                   f"{metrics['iw_minus_elbo']:.2f} ± {metrics['iw_minus_elbo_stderr']:.2f}"),
@@ -198,12 +239,17 @@ def cmd_evaluate(args) -> None:
 
     figures = run / "figures"
     image_shape = tuple(config["image_shape"]) if config.get("image_shape") else None
-    if image_shape:
+    condition = config.get("condition") or "none"
+    g = torch.Generator(device=model.device).manual_seed(config["seed"])
+    if image_shape and condition in data.CONDITIONS:
+        _structured_figures(model, config, x_test[:10], c_test[:10], image_shape, figures)
+    elif image_shape and condition == "label":
+        _class_figures(model, config, x_test[:10], c_test[:10], image_shape, figures, g)
+    elif image_shape:
         x_show = x_test[:10].to(model.device, model.dtype)
         plots.image_grid([x_show, model.reconstruct(x_show)], image_shape,
                          row_labels=["input", "reconstruction"],
                          path=figures / "reconstructions.png")
-        g = torch.Generator(device=model.device).manual_seed(config["seed"])
         samples = model.sample(80, generator=g)
         plots.image_grid(list(samples.reshape(8, 10, -1)), image_shape,
                          path=figures / "samples.png", title="samples from the prior (E[x|z])")
@@ -310,6 +356,50 @@ def cmd_ppca(args) -> None:
     print(f"wrote {out / 'report.json'} and {figures}/")
 
 
+def _class_figures(model, config, x, y, image_shape, figures, g):
+    """Reconstructions, and the two class grids: rows = one z (style) with the class varied
+    along the columns; rows = one class with z varied along the columns."""
+    x, y = x.to(model.device, model.dtype), y.to(model.device)
+    plots.image_grid([x, model.reconstruct(x, y)], image_shape,
+                     row_labels=["input", "reconstruction"], path=figures / "reconstructions.png")
+    k = config["num_classes"]
+    z = torch.randn(6, model.latent_dim, generator=g, device=model.device, dtype=model.dtype)
+    classes = torch.arange(k, device=model.device)
+    rows = [model.sample(k, c=classes, z=z[i].expand(k, -1)) for i in range(len(z))]
+    plots.image_grid(rows, image_shape, row_labels=[f"z #{i}" for i in range(len(z))],
+                     path=figures / "style_fixed_class_varied.png",
+                     title="each row: one z, classes 0..9 (standard-prior z)")
+    rows = [model.sample(10, c=torch.tensor(i, device=model.device), generator=g)
+            for i in range(k)]
+    plots.image_grid(rows, image_shape, row_labels=[f"class {i}" for i in range(k)],
+                     path=figures / "class_fixed_style_varied.png",
+                     title="each row: one class, z ~ p(z | c)")
+
+
+def _structured_figures(model, config, x, c, image_shape, figures):
+    """Inputs (observed part, missing part grey), predictions E[x | z, c] for z from the
+    prior p(z | c), a posterior-mean imputation, and the ground truth."""
+    from pvae.inference import impute
+
+    mask = data.condition_mask(image_shape, config["condition"]).to(model.device)
+    x, c = x.to(model.device, model.dtype), c.to(model.device, model.dtype)
+
+    def assemble(part):
+        full = torch.full((len(c), mask.numel()), 0.5, device=model.device, dtype=model.dtype)
+        full[:, mask] = c
+        if part is not None:
+            full[:, ~mask] = part
+        return full
+
+    prior_draws = [model.sample(len(c), c=c) for _ in range(2)]
+    imputed = impute(model, torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool), c=c,
+                     num_samples=200).mean
+    plots.image_grid([assemble(None), *[assemble(p) for p in prior_draws], assemble(imputed),
+                      assemble(x)], image_shape,
+                     row_labels=["input", "p(z|c) draw", "p(z|c) draw", "E[x | c]", "truth"],
+                     path=figures / "structured_prediction.png")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +414,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--latent-dim", type=int, default=50)
     t.add_argument("--hidden-dims", type=int, nargs="+", default=[400])
     t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
+    t.add_argument("--condition", default="none", choices=["none", "label", *data.CONDITIONS],
+                   help="cvae: condition on the class label or on part of the image")
+    t.add_argument("--prior", default="standard", choices=["standard", "learned"],
+                   help="cvae: N(0, I) or a learned p(z | c)")
     t.add_argument("--likelihood-scale", default="learned",
                    help="'learned' or a fixed float (gaussian/laplace)")
     t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))

@@ -29,7 +29,9 @@ __all__ = [
     "Dataset",
     "IDXError",
     "DataNotFoundError",
+    "CONDITIONS",
     "binarize",
+    "condition_mask",
     "load",
     "read_idx",
     "search_paths",
@@ -304,3 +306,29 @@ def load(name: str, *, data_dir=None, binarize: str | None = None, seed: int = 0
         ds.x_test = _binarize(ds.x_test, seed=seed + 1)
         ds.binarized = binarize
     return ds
+
+
+#: Structured-prediction splits of an image: the observed part c and the part x to predict.
+CONDITIONS = ("top-half", "quadrant")
+
+
+def condition_mask(image_shape, condition: str) -> torch.Tensor:
+    """Boolean mask ``(H * W,)`` of the pixels that are observed (the conditioning ``c``) for
+    structured output prediction (Sohn et al. 2015): ``"top-half"`` (predict the bottom half)
+    or ``"quadrant"`` (the top-left quadrant is observed; predict the other three, as in Pyro's
+    CVAE example).
+
+    :raises ValueError: unknown condition or non-image data.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; choose one of {CONDITIONS}")
+    if not image_shape or len(image_shape) != 2:
+        raise ValueError(f"condition {condition!r} needs image data with (H, W), got "
+                         f"image_shape={image_shape}")
+    h, w = image_shape
+    m = torch.zeros(h, w, dtype=torch.bool)
+    if condition == "top-half":
+        m[: h // 2] = True
+    else:
+        m[: h // 2, : w // 2] = True
+    return m.flatten()

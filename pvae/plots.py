@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["image_grid", "kl_per_dim", "latent_manifold", "posterior_ellipses",
+__all__ = ["gradient_variance", "image_grid", "kl_per_dim", "latent_manifold", "posterior_ellipses",
            "posterior_forest", "training_curve"]
 
 
@@ -145,4 +145,24 @@ def posterior_forest(idata: dict, path=None):
                           combined=True, hdi_prob=0.94, figsize=(6, 8))
     fig = np.asarray(axes).ravel()[0].figure
     fig.suptitle("94% HDI of z per datapoint and dimension")
+    return _finish(fig, path)
+
+
+def gradient_variance(table: dict, path=None):
+    """Bar chart (log scale) of gradient variance per parameter group for several estimators:
+    ``table[estimator][group]["variance"]`` as returned by
+    :func:`pvae.inference.gradient_variance`."""
+    labels = list(table)
+    groups = [g for g in next(iter(table.values())) if isinstance(table[labels[0]][g], dict)
+              and g != "total"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / max(len(groups), 1)
+    for i, g in enumerate(groups):
+        ax.bar(np.arange(len(labels)) + i * width, [table[k][g]["variance"] for k in labels],
+               width, label=g)
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(labels)) + width * (len(groups) - 1) / 2)
+    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("gradient variance (trace)")
+    ax.legend()
     return _finish(fig, path)

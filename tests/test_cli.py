@@ -71,3 +71,15 @@ def test_resume_continues(digits_run, tmp_path):
 def test_existing_run_not_overwritten(digits_run):
     with pytest.raises(SystemExit, match="--resume"):
         main(["train", "--dataset", "digits", "--out", str(digits_run), "--num-epochs", "1"])
+
+
+def test_train_with_iwae_and_annealing(tmp_path):
+    out = tmp_path / "iwae"
+    main(["train", "--dataset", "digits", "--latent-dim", "4", "--hidden-dims", "16",
+          "--num-epochs", "2", "--estimator", "iwae", "--num-particles", "3", "--gradient",
+          "dreg", "--kl-warmup-steps", "10", "--out", str(out), "--no-progress"])
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[:3] == ["epoch", "train_elbo", "beta"]
+    assert float(history[1].split(",")[2]) < 1.0 and float(history[2].split(",")[2]) == 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["estimator"] == "iwae" and config["gradient"] == "dreg"

@@ -19,6 +19,7 @@ from pvae.inference.evaluate import (
     iw_log_likelihood,
     log_weights,
 )
+from pvae.inference.impute import Imputation, impute
 from pvae.inference.posterior import (
     PosteriorComparison,
     compare_posteriors,
@@ -32,6 +33,8 @@ __all__ = [
     "CheckpointError",
     "ElboTerms",
     "History",
+    "Imputation",
+    "impute",
     "IWResult",
     "PosteriorComparison",
     "TrainingDivergedError",

@@ -1,0 +1,167 @@
+"""The conditional VAE p(z | c) p(x | z, c) with guide q(z | x, c)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch.nn import functional as F
+
+from pvae.models.base import LatentVariableModel
+from pvae.models.likelihoods import make_likelihood
+from pvae.nn import MLP, GaussianEncoder
+
+__all__ = ["CVAE"]
+
+PRIORS = ("standard", "learned")
+
+
+class CVAE(LatentVariableModel):
+    r"""Conditional variational autoencoder (Sohn, Lee & Yan 2015; Bishop & Bishop, Deep
+    Learning, §19.2), with a standard or a learned class-conditional prior.
+
+    Generative story and guide::
+
+        z | c ~ N(0, I)  or  N(loc(c), diag(scale(c)^2))     site "z"
+        x | z, c ~ likelihood(f_theta(z, c))                  site "x" (observed)
+        q(z | x, c) = N(loc_phi(x, c), diag(scale_phi(x, c)^2))
+
+    inside ``pyro.plate("data", batch, dim=-1)``.
+
+    :param int x_dim: data dimension D.
+    :param int latent_dim: dimension of z.
+    :param int num_classes: ``c`` is an int64 class label ``(batch,)`` in ``[0, num_classes)``,
+        one-hot encoded inside; or
+    :param int c_dim: ``c`` is a real conditioning vector ``(batch, c_dim)`` (e.g. the observed
+        part of an image, for structured output prediction). Give exactly one of the two.
+    :param hidden_dims: hidden widths of the encoder; the decoder mirrors them and the learned
+        prior network uses the last one.
+    :param str likelihood: see :class:`pvae.models.VAE`.
+    :param str prior: ``"standard"`` (N(0, I), the usual CVAE) or ``"learned"`` (a network
+        p(z | c)).
+    :raises ValueError: both or neither of ``num_classes`` / ``c_dim``, unknown prior.
+    """
+
+    def __init__(self, x_dim: int, latent_dim: int, *, num_classes: int | None = None,
+                 c_dim: int | None = None, hidden_dims: Sequence[int] = (400,),
+                 likelihood: str = "bernoulli", likelihood_scale: float | str = "learned",
+                 activation: str = "relu", prior: str = "standard"):
+        super().__init__()
+        if (num_classes is None) == (c_dim is None):
+            raise ValueError("give exactly one of num_classes (c is a class label) or c_dim "
+                             "(c is a real vector)")
+        width = num_classes if num_classes is not None else c_dim
+        if not (isinstance(width, int) and width >= 1):
+            raise ValueError(f"Expected num_classes / c_dim to be a positive int, got {width!r}")
+        if prior not in PRIORS:
+            raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+        self.x_dim, self.latent_dim = x_dim, latent_dim
+        self.num_classes, self.c_dim, self.c_width = num_classes, c_dim, width
+        self.hidden_dims, self.prior_type = tuple(hidden_dims), prior
+        self.likelihood = make_likelihood(likelihood, x_dim, likelihood_scale)
+        #: q(z | x, c)
+        self.encoder = GaussianEncoder(x_dim + width, self.hidden_dims, latent_dim, activation)
+        #: p(x | z, c)
+        self.decoder = MLP(latent_dim + width, self.hidden_dims[::-1],
+                           self.likelihood.param_dim(x_dim), activation)
+        #: p(z | c), for prior="learned"
+        self.prior_net = (GaussianEncoder(width, self.hidden_dims[-1:], latent_dim, activation)
+                          if prior == "learned" else None)
+
+    # -- conditioning --------------------------------------------------------------------------
+
+    def embed(self, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``c`` as a float tensor ``(batch, c_width)`` with ``like``'s dtype and device
+        (one-hot for class labels).
+
+        :raises ValueError: ``c`` missing, of the wrong shape or width, labels out of range.
+        """
+        if c is None:
+            raise ValueError("CVAE needs the conditioning c: class labels (batch,) or vectors "
+                             f"(batch, {self.c_dim})")
+        if self.num_classes is not None:
+            if c.is_floating_point() or c.dim() != 1:
+                raise ValueError(f"c must be int64 class labels of shape (batch,), got dtype "
+                                 f"{c.dtype} and shape {tuple(c.shape)}")
+            if len(c) and (c.min() < 0 or c.max() >= self.num_classes):
+                raise ValueError(f"class labels must lie in [0, {self.num_classes}), got values "
+                                 f"in [{c.min().item()}, {c.max().item()}]")
+            return F.one_hot(c.long(), self.num_classes).to(like)
+        if c.dim() != 2 or c.shape[-1] != self.c_dim:
+            raise ValueError(f"c must have shape (batch, {self.c_dim}), got {tuple(c.shape)}")
+        return c.to(like)
+
+    def prior(self, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loc, scale`` of p(z | c) for embedded ``ce`` ``(batch, c_width)``."""
+        if self.prior_net is None:
+            zeros = ce.new_zeros(ce.shape[:-1] + (self.latent_dim,))
+            return zeros, zeros + 1.0
+        return self.prior_net(ce)
+
+    def _decode_out(self, z, ce):
+        return self.decoder(torch.cat([z, ce.expand(*z.shape[:-1], ce.shape[-1])], -1))
+
+    # -- Pyro programs -------------------------------------------------------------------------
+
+    def model(self, x: torch.Tensor, c=None) -> None:
+        """p(z | c) p(x | z, c). ``x``: ``(batch, x_dim)``; ``c``: ``(batch,)`` labels or
+        ``(batch, c_dim)``."""
+        self._register()
+        x = self._check_x(x)
+        ce = self.embed(c, x)
+        if len(ce) != len(x):
+            raise ValueError(f"c has {len(ce)} rows but x has {len(x)}")
+        if not self._inputs_trusted():
+            self.likelihood.check(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            loc, scale = self.prior(ce)
+            z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("x", self.likelihood(self._decode_out(z, ce)), obs=x)
+
+    def guide(self, x: torch.Tensor, c=None) -> None:
+        """q(z | x, c)."""
+        self._register()
+        x = self._check_x(x)
+        ce = self.embed(c, x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            loc, scale = self.encoder(torch.cat([x, ce], -1))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- conveniences --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x, c=None):
+        """``loc, scale`` of q(z | x, c), each ``(batch, latent_dim)``."""
+        x = self._check_x(x)
+        return self.encoder(torch.cat([x, self.embed(c, x)], -1))
+
+    @torch.no_grad()
+    def decode(self, z, c=None):
+        """E[x | z, c]: ``(batch, latent_dim) -> (batch, x_dim)``."""
+        return self.likelihood.mean(self._decode_out(z, self.embed(c, z)))
+
+    @torch.no_grad()
+    def reconstruct(self, x, c=None):
+        return self.decode(self.encode(x, c)[0], c)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, c=None, generator: torch.Generator | None = None,
+               z: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z, c] for z ~ p(z | c) (or the given ``z``): ``(num_samples, x_dim)``. ``c`` is
+        one label / vector for all samples, or one per sample."""
+        if c is None:
+            raise ValueError("CVAE.sample needs c (a label or conditioning vector)")
+        c = torch.as_tensor(c, device=self.device)
+        if self.num_classes is not None and c.dim() == 0:
+            c = c.expand(num_samples)
+        elif self.c_dim is not None and c.dim() == 1:
+            c = c.expand(num_samples, -1)
+        ce = self.embed(c, torch.empty(0, device=self.device, dtype=self.dtype))
+        if z is None:
+            loc, scale = self.prior(ce)
+            eps = torch.randn(loc.shape, device=self.device, dtype=self.dtype,
+                              generator=generator)
+            z = loc + scale * eps
+        return self.likelihood.mean(self._decode_out(z, ce))

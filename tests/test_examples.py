@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [
     "vae_fashion_mnist.py --smoke --num-epochs 2 --num-samples 20 --out {tmp}",
     "custom_model.py --smoke --num-epochs 3 --num-samples 20",
+    "cvae_fashion_mnist.py --smoke --num-epochs 2 --num-samples 10 --num-test 50 "
+    "--impute-samples 20 --samples-per-class 5 --out {tmp}",
     "iwae_vs_vae.py --smoke --num-epochs 2 --num-samples 20 --num-test 50 --num-estimates 10 "
     "--out {tmp}",
 ]

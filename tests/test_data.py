@@ -112,3 +112,17 @@ def test_synthetic_ppca_params():
 def test_binarize_rejects_out_of_range():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         data.binarize(torch.tensor([0.5, 1.5]))
+
+
+def test_download_only_when_asked(tmp_path, monkeypatch):
+    """The download path, exercised on local files through a file:// URL."""
+    monkeypatch.delenv("PVAE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write_split(tmp_path / "mirror")
+    monkeypatch.setitem(data._DOWNLOAD_URLS, "mnist", (tmp_path / "mirror").as_uri() + "/")
+    dest = tmp_path / "dest"
+    with pytest.raises(data.DataNotFoundError):
+        data.load("mnist", data_dir=dest)  # nothing is fetched unless asked
+    ds = data.load("mnist", data_dir=dest, download=True)
+    assert len(ds.x_train) == 6 and (dest / "train-images-idx3-ubyte.gz").is_file()
+    assert not list(dest.glob("*.part"))

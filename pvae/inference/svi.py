@@ -24,7 +24,13 @@ from pvae.inference.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pvae.inference.estimators import ReparamEstimator, make_estimator, make_schedule, scale_latents
+from pvae.inference.estimators import (
+    Constant,
+    ReparamEstimator,
+    make_estimator,
+    make_schedule,
+    scale_latents,
+)
 from pvae.models.base import checked_inputs
 
 __all__ = ["History", "TrainingDivergedError", "fit", "resolve_device", "call"]
@@ -261,7 +267,10 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                                baseline=baseline, gradient=gradient)
     schedule = make_schedule(beta)
     kl_scale = scale_latents(schedule(0))
-    model_fn, guide_fn = kl_scale(model.model), kl_scale(model.guide)
+    if isinstance(schedule, Constant) and schedule.beta == 1.0:  # plain ELBO: no handler needed
+        model_fn, guide_fn = model.model, model.guide
+    else:
+        model_fn, guide_fn = kl_scale(model.model), kl_scale(model.guide)
     val_objective = ReparamEstimator(1, analytic_kl)
 
     def loss_fn(xb, cb):

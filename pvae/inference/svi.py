@@ -33,7 +33,7 @@ from pvae.inference.estimators import (
 )
 from pvae.models.base import checked_inputs
 
-__all__ = ["History", "TrainingDivergedError", "fit", "resolve_device", "call"]
+__all__ = ["History", "TrainingDivergedError", "fit", "resolve_device"]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -49,12 +49,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError("device='cuda' was asked for but CUDA is not available; install a "
                          "CUDA build of torch (see the README) or use device='cpu'")
     return device
-
-
-def call(fn, x, c=None):
-    """Call a model or guide as ``fn(x)`` or ``fn(x, c)``, so that unconditional user models
-    may be written with the single argument ``x``."""
-    return fn(x) if c is None else fn(x, c)
 
 
 class History:
@@ -159,11 +153,12 @@ def _batches(x, c, batch_size, generator, device) -> Iterator:
 
 
 @torch.no_grad()
-def _mean_loss(loss_fn, x, c, batch_size=1000) -> float:
+def _mean_elbo(elbo_fn, x, c, batch_size=1000) -> float:
+    """Mean of ``elbo_fn`` (per-datapoint ELBO of a batch) over ``x``, in batches."""
     total = 0.0
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
-        total += loss_fn(xb, None if c is None else c[i:i + batch_size]).item() * len(xb)
+        total += elbo_fn(xb, None if c is None else c[i:i + batch_size]).item() * len(xb)
     return total / len(x)
 
 
@@ -279,9 +274,9 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         value, surrogate = objective(model_fn, guide_fn, *args)
         return value / xb.shape[0], surrogate / xb.shape[0]
 
-    def val_loss_fn(xb, cb):
+    def val_elbo_fn(xb, cb):
         args = (xb,) if cb is None else (xb, cb)
-        return -val_objective(model.model, model.guide, *args)[0] / xb.shape[0]
+        return val_objective(model.model, model.guide, *args)[0] / xb.shape[0]
 
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -353,7 +348,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         if x_val is not None:
             if isinstance(model, nn.Module):
                 model.eval()
-            row["val_elbo"] = -_mean_loss(val_loss_fn, x_val, c_val)
+            row["val_elbo"] = _mean_elbo(val_elbo_fn, x_val, c_val)
         history.rows.append(row)
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, {

@@ -8,8 +8,11 @@ prior p(z | c), log p(x | c) against an unconditional VAE, and filling in missin
    (scikit-learn logistic regression trained on the real training images); the accuracy says
    whether the samples carry their class.
 3. Test log p(x | c) (CVAE) and log p(x) (VAE), importance-weighted with K samples.
-4. Imputation of the bottom half of test images with the VAE (``pvae.inference.impute``), against
-   two baselines: the per-pixel training mean and k nearest neighbours on the top half.
+4. Imputation of the bottom half of test images: with the VAE and the label-conditioned CVAE
+   (``pvae.inference.impute``: importance sampling over z with the observed pixels' likelihood),
+   and with a structured-prediction CVAE p(x_bottom | x_top) (Sohn et al. 2015: c is the top
+   half), against two baselines: the per-pixel training mean and k nearest neighbours on the
+   top half.
 
     python examples/cvae_fashion_mnist.py --num-epochs 10 --out runs/cvae
     python examples/cvae_fashion_mnist.py --smoke
@@ -35,6 +38,22 @@ def bernoulli_scores(p, x):
     loglik = (x * p.log() + (1 - x) * (1 - p).log()).sum(-1)
     errors = ((p > 0.5).double() != x).double().mean(-1)
     return loglik, errors
+
+
+class DynamicSplit(torch.utils.data.Dataset):
+    """``(x_missing, x_observed)`` pairs of freshly binarized images: the structured-prediction
+    CVAE learns p(x_m | z, c = x_o); both parts are re-binarized at every access, as the VAEs'
+    training images are."""
+
+    def __init__(self, x, keep):
+        self.x, self.keep = x, keep
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        b = torch.bernoulli(self.x[i])
+        return b[~self.keep], b[self.keep]
 
 
 def mean_se(v):
@@ -115,11 +134,21 @@ def main(args):
     x_train_bin = data.binarize(x_train, seed=args.seed + 2)
     truth = x_test[:, ~keep]
     methods = {}
-    res = impute(models["VAE"], x_missing, mask, num_samples=args.impute_samples, num_gibbs=1)
+    res = impute(models["VAE"], x_missing, mask, num_samples=args.impute_samples,
+                 num_gibbs=args.impute_refinements)
     methods["VAE impute (SNIS)"] = res.mean[:, ~keep].cpu()
     res_c = impute(models["CVAE learned prior"], x_missing, mask, c=y_test,
-                   num_samples=args.impute_samples, num_gibbs=1)
+                   num_samples=args.impute_samples, num_gibbs=args.impute_refinements)
     methods["CVAE learned prior + label"] = res_c.mean[:, ~keep].cpu()
+    # structured prediction: a CVAE of the bottom half given the top half, trained as long
+    torch.manual_seed(args.seed)
+    structured = CVAE(int((~keep).sum()), latent, c_dim=int(keep.sum()), hidden_dims=hidden,
+                      prior="learned")
+    fit(structured, DynamicSplit(x_train, keep), num_epochs=args.num_epochs,
+        device=args.device, seed=args.seed, progress=not args.smoke)
+    res_s = impute(structured, torch.zeros_like(truth), torch.zeros_like(truth, dtype=torch.bool),
+                   c=x_test[:, keep], num_samples=args.impute_samples)
+    methods["CVAE p(bottom | top), learned prior"] = res_s.mean.cpu()
     methods["per-pixel training mean"] = x_train.mean(0)[~keep].expand(len(x_test), -1)
     nn_index = NearestNeighbors(n_neighbors=args.num_neighbours).fit(
         x_train_bin[:, keep].numpy())
@@ -129,13 +158,20 @@ def main(args):
     report["imputation_bottom_half"] = {}
     print(f"\nimputing the bottom half of {len(x_test)} test images "
           "(Bernoulli log-likelihood of the true missing pixels, nats per image; error rate):")
-    for name, p in methods.items():
-        ll, err = bernoulli_scores(p, truth)
+    scores = {name: bernoulli_scores(p, truth) for name, p in methods.items()}
+    baselines = list(methods)[-2:]
+    for name, (ll, err) in scores.items():
         (llm, llse), (em, ese) = mean_se(ll), mean_se(err)
-        report["imputation_bottom_half"][name] = {"log_likelihood": llm,
-                                                  "log_likelihood_stderr": llse,
-                                                  "error_rate": em, "error_rate_stderr": ese}
-        print(f"  {name:32s} {llm:9.2f} ± {llse:.2f}   error {em:.4f} ± {ese:.4f}")
+        entry = {"log_likelihood": llm, "log_likelihood_stderr": llse, "error_rate": em,
+                 "error_rate_stderr": ese}
+        print(f"  {name:36s} {llm:9.2f} ± {llse:.2f}   error {em:.4f} ± {ese:.4f}")
+        for base in baselines if name not in baselines else ():
+            (dl, dlse), (de, dese) = mean_se(ll - scores[base][0]), mean_se(err - scores[base][1])
+            entry[f"minus {base}"] = {"log_likelihood": dl, "log_likelihood_stderr": dlse,
+                                      "error_rate": de, "error_rate_stderr": dese}
+            print(f"    − {base:32s} {dl:+9.2f} ± {dlse:.2f}   error {de:+.4f} ± {dese:.4f}"
+                  " (paired)")
+        report["imputation_bottom_half"][name] = entry
 
     def assemble(bottom):
         full = torch.full((10, keep.numel()), 0.5)
@@ -145,8 +181,11 @@ def main(args):
         return full
 
     plots.image_grid([assemble(None), assemble(methods["VAE impute (SNIS)"]),
-                      assemble(res.samples[0, :10, ~keep].cpu()), assemble(truth)],
-                     ds.image_shape, row_labels=["input", "E[x_m | x_o]", "draw", "truth"],
+                      assemble(res.samples[0, :10, ~keep].cpu()),
+                      assemble(methods["CVAE p(bottom | top), learned prior"]),
+                      assemble(truth)], ds.image_shape,
+                     row_labels=["input", "VAE E[x_m | x_o]", "VAE draw", "CVAE E[x_m | x_o]",
+                                 "truth"],
                      path=out / "imputation.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'report.json'} and figures")
@@ -162,6 +201,8 @@ if __name__ == "__main__":
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--samples-per-class", type=int, default=100)
     parser.add_argument("--impute-samples", type=int, default=1000)
+    parser.add_argument("--impute-refinements", type=int, default=3,
+                        help="pseudo-Gibbs refinements of the imputation proposal")
     parser.add_argument("--num-neighbours", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)

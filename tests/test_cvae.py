@@ -152,8 +152,30 @@ def test_imputation_matches_exact_conditional_gaussian():
     assert ((res.log_evidence - ev).abs() < 4 * torch.sqrt((K / res.ess - 1) / K) + 1e-3).all()
 
 
+@pytest.mark.parametrize("prior_fraction", [0.0, 0.5, 1.0])
+def test_imputation_with_nothing_observed_is_the_prior_predictive(prior_fraction):
+    """With every entry missing, p(x_m | x_o) is the prior predictive: for a linear decoder its
+    mean is the bias b, and the evidence log p(x_o) of the empty observation is 0."""
+    torch.manual_seed(1)
+    D, q, s = 5, 2, 0.5
+    vae = VAE(D, q, hidden_dims=(), likelihood="gaussian", likelihood_scale=s).double()
+    W, b = vae.decoder[0].weight.detach(), vae.decoder[0].bias.detach()
+    x = torch.randn(30, D, dtype=torch.float64)
+    mask = torch.zeros(30, D, dtype=torch.bool)
+    res = impute(vae, x, mask, num_samples=4000, prior_fraction=prior_fraction)
+    # E[x | z] = W z + b with z ~ N(0, I): per-coordinate sd of W z, over sqrt(ESS)
+    tol = 4 * W.norm(dim=1) / res.ess.sqrt().unsqueeze(-1)
+    assert ((res.mean - b).abs() < tol).all()
+    K = 4000
+    assert (res.log_evidence.abs() < 4 * torch.sqrt((K / res.ess - 1) / K) + 1e-6).all()
+    if prior_fraction == 1.0:  # prior draws only: every weight equal
+        assert torch.allclose(res.ess, torch.full_like(res.ess, K))
+
+
 def test_impute_errors():
     vae = VAE(4, 2, (8,))
+    with pytest.raises(ValueError, match="prior_fraction"):
+        impute(vae, torch.zeros(2, 4), torch.ones(2, 4), prior_fraction=1.5)
     with pytest.raises(ValueError, match="same|shape"):
         impute(vae, torch.zeros(2, 4), torch.ones(2, 3))
     with pytest.raises(ValueError, match="observed entries"):

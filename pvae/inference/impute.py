@@ -2,14 +2,20 @@ r"""Filling in missing data with a trained VAE or CVAE.
 
 For an image x with observed pixels o and missing pixels m, the posterior predictive of the
 missing part is p(x_m | x_o) = E_{p(z | x_o)}[p(x_m | z)]. :func:`impute` estimates it by
-self-normalized importance sampling over z, with the amortized guide (fed the current fill of
-x) as proposal and the likelihood of the **observed pixels only** in the weights:
+self-normalized importance sampling over z with the likelihood of the **observed pixels only**
+in the weights. The proposal is a defensive mixture (Hesterberg 1995) of the amortized guide,
+fed the current fill of x, and the prior,
 
-    w_k ∝ p(x_o | z_k) p(z_k) / q(z_k | x_fill),   z_k ~ q(z | x_fill),
+    pi(z) = (1 - a) q(z | x_fill) + a p(z),
+    w_k ∝ p(x_o | z_k) p(z_k) / pi(z_k),
 
-optionally after a few refinements of the fill, in the spirit of the pseudo-Gibbs sampler of
-Rezende, Mohamed & Wierstra (2014, §F): the current imputation is fed back to the guide, which
-improves the proposal without changing what is estimated.
+with a fixed share a of the samples drawn from each component and the mixture density in the
+weights (the balance heuristic, Veach & Guibas 1995; Owen & Zhou 2000). The guide is trained
+on complete images and is narrower than p(z | x_o) when much is missing; the prior part keeps
+the estimate sound then (with nothing observed the weights are ~ uniform over prior draws).
+Optionally a few refinements of the fill come first, in the spirit of the pseudo-Gibbs sampler
+of Rezende, Mohamed & Wierstra (2014, §F): the current imputation is fed back to the guide,
+which improves the proposal without changing what is estimated.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributions import Normal
 
 __all__ = ["Imputation", "impute"]
 
@@ -58,24 +65,30 @@ def _parts(model, c, like):
 
 @torch.no_grad()
 def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: int = 1000,
-           num_draws: int = 10, num_gibbs: int = 0, chunk_size: int = 250,
-           generator: torch.Generator | None = None) -> Imputation:
+           num_draws: int = 10, num_gibbs: int = 0, prior_fraction: float = 0.5,
+           chunk_size: int = 250, generator: torch.Generator | None = None) -> Imputation:
     """Fill in the missing entries of ``x`` (where ``mask`` is 0/False) with a trained VAE/CVAE.
 
     :param model: a :class:`pvae.models.VAE` or :class:`pvae.models.CVAE`.
     :param torch.Tensor x: ``(N, D)``; missing entries may hold anything, NaN included.
-    :param torch.Tensor mask: ``(N, D)`` bool or 0/1: 1 = observed.
+    :param torch.Tensor mask: ``(N, D)`` bool or 0/1: 1 = observed (may be all 0, e.g. for a
+        structured-prediction CVAE whose ``c`` is the observed part).
     :param c: conditioning for a CVAE.
     :param int num_samples: importance samples of z per datapoint.
     :param int num_draws: posterior-predictive draws to return.
     :param int num_gibbs: pseudo-Gibbs refinements of the proposal's input before the final
         importance-sampling pass (0: the missing entries start at the mean of the observed ones).
+    :param float prior_fraction: share ``a`` of the samples drawn from the prior p(z | c) in the
+        defensive mixture proposal (0: the guide alone; 1: the prior alone).
     :returns: :class:`Imputation`.
-    :raises ValueError: shapes disagree, non-binary mask, NaN in observed entries.
+    :raises ValueError: shapes disagree, non-binary mask, NaN in observed entries,
+        ``prior_fraction`` outside [0, 1].
     """
     if x.shape != mask.shape or x.dim() != 2:
         raise ValueError(f"x and mask must both have shape (N, D), got {tuple(x.shape)} and "
                          f"{tuple(mask.shape)}")
+    if not 0.0 <= prior_fraction <= 1.0:
+        raise ValueError(f"prior_fraction must lie in [0, 1], got {prior_fraction}")
     x = x.to(device=model.device, dtype=model.dtype)
     mask = mask.to(device=model.device)
     if mask.dtype != torch.bool:
@@ -89,21 +102,34 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     prior_loc, prior_scale, decode, encoder_input = _parts(model, c, x)
     row_mean = x_obs.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
     fill = torch.where(mask, x_obs, row_mean.expand_as(x))
-    from torch.distributions import Normal
+    num_prior = round(prior_fraction * num_samples)
+    a = num_prior / num_samples
+    p = Normal(prior_loc, prior_scale)
+
+    def draw(loc, scale, k):
+        eps = torch.randn((k, *loc.shape), generator=generator, device=loc.device,
+                          dtype=loc.dtype)
+        return loc + scale * eps
 
     for _ in range(num_gibbs + 1):
-        loc, scale = model.encoder(encoder_input(fill))
-        q, p = Normal(loc, scale), Normal(prior_loc, prior_scale)
+        q = Normal(*model.encoder(encoder_input(fill)))
         log_w, means, zs = [], [], []
         for start in range(0, num_samples, chunk_size):
             k = min(chunk_size, num_samples - start)
-            z = q.sample((k,)) if generator is None else \
-                loc + scale * torch.randn((k, *loc.shape), generator=generator,
-                                          device=loc.device, dtype=loc.dtype)
+            # samples [0, num_samples - num_prior) from the guide, the rest from the prior
+            k_q = min(max(num_samples - num_prior - start, 0), k)
+            z = torch.cat([draw(q.loc, q.scale, k_q), draw(p.loc, p.scale, k - k_q)])
+            log_p, log_q = p.log_prob(z).sum(-1), q.log_prob(z).sum(-1)
+            if a == 0.0:
+                log_pi = log_q
+            elif a == 1.0:
+                log_pi = log_p
+            else:
+                log_pi = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
             out = decode(z)
             lik = model.likelihood(out).base_dist
             log_px = (lik.log_prob(x_obs.expand_as(out)) * mask).sum(-1)
-            log_w.append(log_px + p.log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+            log_w.append(log_px + log_p - log_pi)
             means.append(model.likelihood.mean(out))
             zs.append(z)
         log_w = torch.cat(log_w)  # (K, N)

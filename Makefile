@@ -44,6 +44,7 @@ test: venv data
 bench: venv data
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_iwll.py
+	$(BIN)/python benchmarks/bench_estimators.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

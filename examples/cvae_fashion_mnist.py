@@ -194,7 +194,7 @@ def main(args):
                       assemble(res.samples[0, :10, ~keep].cpu()),
                       assemble(methods["CVAE p(bottom | top), learned prior"]),
                       assemble(truth)], ds.image_shape,
-                     row_labels=["input", "VAE E[x_m | x_o]", "VAE draw", "CVAE E[x_m | x_o]",
+                     row_labels=["input", "VAE mean", "VAE draw", "CVAE mean",
                                  "truth"],
                      path=out / "imputation.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -46,3 +46,18 @@ def test_bad_names_and_scales():
         make_likelihood("poisson", 2)
     with pytest.raises(ValueError, match="scale > 0"):
         make_likelihood("gaussian", 2, scale=-1.0)
+
+
+def test_fused_bernoulli_expands_and_broadcasts():
+    """The Bernoulli likelihood's fused log_prob survives Pyro's plate broadcasting (expand)
+    and broadcasts observations against particle dims, with gradients equal to torch's."""
+    out = torch.randn(3, 4, 6, requires_grad=True)
+    x = torch.bernoulli(torch.rand(4, 6))
+    fused = make_likelihood("bernoulli", 6)(out).expand([2, 3, 4])
+    assert type(fused).__name__ == "IndependentBernoulli" and fused.batch_shape == (2, 3, 4)
+    lp = fused.log_prob(x)
+    ref = td.Bernoulli(logits=out).log_prob(x).sum(-1).expand(2, 3, 4)
+    assert torch.allclose(lp, ref, atol=1e-5)
+    (g,) = torch.autograd.grad(lp.sum(), out)
+    (g_ref,) = torch.autograd.grad(ref.sum(), out)
+    assert torch.allclose(g, g_ref, atol=1e-6)

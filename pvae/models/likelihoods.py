@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LIKELIHOODS", "Bernoulli", "ContinuousBernoulli", "Gaussian", "Laplace",
+__all__ = ["LIKELIHOODS", "Bernoulli", "ContinuousBernoulli", "Gaussian", "IndependentBernoulli", "Laplace",
            "make_likelihood"]
 
 

@@ -47,22 +47,6 @@ def bernoulli_scores(p, x):
     return loglik, errors
 
 
-class DynamicSplit(torch.utils.data.Dataset):
-    """``(x_missing, x_observed)`` pairs of freshly binarized images: the structured-prediction
-    CVAE learns p(x_m | z, c = x_o); both parts are re-binarized at every access, as the VAEs'
-    training images are."""
-
-    def __init__(self, x, keep):
-        self.x, self.keep = x, keep
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        b = torch.bernoulli(self.x[i])
-        return b[~self.keep], b[self.keep]
-
-
 def mean_se(v):
     v = torch.as_tensor(v).double()
     return v.mean().item(), v.std().item() / math.sqrt(len(v))
@@ -154,7 +138,7 @@ def main(args):
     torch.manual_seed(args.seed)
     structured = CVAE(int((~keep).sum()), latent, c_dim=int(keep.sum()), hidden_dims=hidden,
                       prior="learned")
-    fit(structured, DynamicSplit(x_train, keep), num_epochs=args.num_epochs, beta=beta,
+    fit(structured, data.ConditionSplit(x_train, keep), num_epochs=args.num_epochs, beta=beta,
         device=args.device, seed=args.seed, progress=not args.smoke)
     res_s = impute(structured, torch.zeros_like(truth), torch.zeros_like(truth, dtype=torch.bool),
                    c=x_test[:, keep], num_samples=args.impute_samples)

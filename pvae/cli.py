@@ -125,10 +125,6 @@ def cmd_train(args) -> None:
         "num_val": args.num_val, "condition": args.condition, "prior": args.prior,
         "num_classes": None, "c_dim": None,
     }
-    if args.condition in data.CONDITIONS and binarize == "dynamic":
-        sys.exit("pvae: structured prediction (--condition top-half/quadrant) conditions on "
-                 "pixels, which must be binarized the same way in training and testing: use "
-                 "--binarize static (or none with a continuous likelihood)")
     ds = _load_data(config)
     config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
     config["x_dim"] = ds.x_dim
@@ -162,6 +158,12 @@ def cmd_train(args) -> None:
     if not args.num_val:
         x_val = c_val = None
     fit_binarize = "dynamic" if binarize == "dynamic" else None
+    if binarize == "dynamic" and config["condition"] in data.CONDITIONS:
+        # binarize each image afresh, then split it: observed and missing pixels come from
+        # the same draw (fit's own dynamic binarization would binarize x only)
+        mask = data.condition_mask(ds.image_shape, config["condition"])
+        x_train, c_train = data.ConditionSplit(ds.x_train[:n], mask, "dynamic"), None
+        fit_binarize = None
     model_config = {k: config[k] for k in MODEL_KEYS}
     history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
                   num_epochs=args.num_epochs,

@@ -30,6 +30,7 @@ __all__ = [
     "IDXError",
     "DataNotFoundError",
     "CONDITIONS",
+    "ConditionSplit",
     "binarize",
     "condition_mask",
     "load",
@@ -332,3 +333,34 @@ def condition_mask(image_shape, condition: str) -> torch.Tensor:
     else:
         m[: h // 2, : w // 2] = True
     return m.flatten()
+
+
+class ConditionSplit(torch.utils.data.Dataset):
+    """Structured-prediction pairs ``(x_missing, x_observed)`` of images, for a CVAE
+    p(x_m | z, c = x_o): item ``i`` is ``(x[i][~mask], x[i][mask])``.
+
+    :param torch.Tensor x: ``(N, D)`` images with intensities in [0, 1].
+    :param torch.Tensor mask: ``(D,)`` bool, True where observed (see :func:`condition_mask`).
+    :param binarize: ``"dynamic"``: both parts are binarized afresh at every access, from the
+        same Bernoulli draw of the whole image (dynamic binarization of the pair); ``None``:
+        ``x`` as given.
+    :raises ValueError: shapes disagree, ``binarize`` unknown, intensities outside [0, 1] with
+        ``binarize="dynamic"``.
+    """
+
+    def __init__(self, x: torch.Tensor, mask: torch.Tensor, binarize: str | None = "dynamic"):
+        if x.dim() != 2 or mask.shape != (x.shape[1],) or mask.dtype != torch.bool:
+            raise ValueError(f"x must be (N, D) and mask a bool (D,) tensor, got {tuple(x.shape)} "
+                             f"and {tuple(mask.shape)} {mask.dtype}")
+        if binarize not in (None, "dynamic"):
+            raise ValueError(f"binarize must be None or 'dynamic', got {binarize!r}")
+        if binarize == "dynamic" and (x.min() < 0 or x.max() > 1):
+            raise ValueError("binarize='dynamic' needs intensities in [0, 1]")
+        self.x, self.mask, self.binarize = x, mask, binarize
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        xi = torch.bernoulli(self.x[i]) if self.binarize == "dynamic" else self.x[i]
+        return xi[~self.mask], xi[self.mask]

@@ -200,7 +200,32 @@ def test_cli_cvae(tmp_path, condition, extra):
         assert (out / "figures" / f"{name}.png").is_file()
 
 
-def test_cli_refuses_dynamic_binarization_for_structured(tmp_path):
-    with pytest.raises(SystemExit, match="binarize static"):
-        main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "top-half",
-              "--out", str(tmp_path / "x"), "--num-epochs", "1"])
+def test_cli_structured_prediction_with_dynamic_binarization(tmp_path):
+    """--condition top-half with dynamic binarization: both halves of each training image come
+    from one fresh Bernoulli draw (data.ConditionSplit)."""
+    import json
+
+    out = tmp_path / "th"
+    main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "top-half",
+          "--binarize", "dynamic", "--latent-dim", "3", "--hidden-dims", "32",
+          "--num-epochs", "2", "--out", str(out), "--no-progress"])
+    main(["evaluate", str(out), "--num-samples", "20", "--iw-num-test", "50"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["iw_log_likelihood"])
+    assert (out / "figures" / "structured_prediction.png").is_file()
+
+
+def test_condition_split_rebinarizes_whole_images():
+    x = torch.full((4, 6), 0.5)
+    mask = torch.tensor([True, True, False, False, False, True])
+    split = data.ConditionSplit(x, mask)
+    missing, observed = split[0]
+    assert missing.shape == (3,) and observed.shape == (3,)
+    draws = torch.stack([torch.cat(split[1]) for _ in range(200)])
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert 0.4 < draws.mean() < 0.6 and (draws != draws[0]).any()  # fresh draws each access
+    assert torch.equal(torch.cat(data.ConditionSplit(x, mask, None)[2]), torch.full((6,), 0.5))
+    with pytest.raises(ValueError, match="bool"):
+        data.ConditionSplit(x, mask.float())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        data.ConditionSplit(x + 1, mask)

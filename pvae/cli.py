@@ -153,10 +153,6 @@ def cmd_train(args) -> None:
     except ValueError as e:
         sys.exit(f"pvae: {e}")
     n = args.num_train or len(ds.x_train)
-    x_train, c_train = conditioning(config, ds.x_train[:n], ds.y_train[:n])
-    x_val, c_val = conditioning(config, ds.x_test[: args.num_val], ds.y_test[: args.num_val])
-    if not args.num_val:
-        x_val = c_val = None
     fit_binarize = "dynamic" if binarize == "dynamic" else None
     if binarize == "dynamic" and config["condition"] in data.CONDITIONS:
         # binarize each image afresh, then split it: observed and missing pixels come from
@@ -164,6 +160,11 @@ def cmd_train(args) -> None:
         mask = data.condition_mask(ds.image_shape, config["condition"])
         x_train, c_train = data.ConditionSplit(ds.x_train[:n], mask, "dynamic"), None
         fit_binarize = None
+    else:
+        x_train, c_train = conditioning(config, ds.x_train[:n], ds.y_train[:n])
+    x_val, c_val = conditioning(config, ds.x_test[: args.num_val], ds.y_test[: args.num_val])
+    if not args.num_val:
+        x_val = c_val = None
     model_config = {k: config[k] for k in MODEL_KEYS}
     history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
                   num_epochs=args.num_epochs,

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from pvae.models.base import LatentVariableModel
+from pvae.models.distributions import ReparamNormal
 from pvae.models.likelihoods import make_likelihood
 from pvae.nn import MLP, GaussianEncoder
 
@@ -127,7 +128,7 @@ class CVAE(LatentVariableModel):
         ce = self.embed(c, x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.encoder(torch.cat([x, ce], -1))
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", ReparamNormal(loc, scale).to_event(1))
 
     # -- conveniences --------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import torch
 
 from pvae.models.base import LatentVariableModel
+from pvae.models.distributions import ReparamNormal
 from pvae.models.likelihoods import make_likelihood
 from pvae.nn import MLP, GaussianEncoder
 
@@ -80,7 +81,7 @@ class VAE(LatentVariableModel):
         x = self._check_x(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.encoder(x)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", ReparamNormal(loc, scale).to_event(1))
 
     def _check_c(self, c) -> None:
         if c is not None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pvae.data import bernoulli_sample
 from pvae.inference.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -152,6 +153,21 @@ def _batches(x, c, batch_size, generator, device) -> Iterator:
         yield x[idx], (None if c is None else c[idx])
 
 
+def _make_adam(params, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with its fused kernel (the whole update of a parameter in one
+    kernel: on CPU about 7x faster than the default per-op loop, ~1.5 ms of a ~15 ms step of
+    the default VAE) where this torch build has one for the parameters' devices (CPU from
+    torch 2.4, CUDA), else the default implementation. Same algorithm and hyperparameters."""
+    params = list(params)
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: no way to ask, keep the default
+        supported = set()
+    fused = all(p.device.type in supported and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 @torch.no_grad()
 def _mean_elbo(elbo_fn, x, c, batch_size=1000) -> float:
     """Mean of ``elbo_fn`` (per-datapoint ELBO of a batch) over ``x``, in batches."""
@@ -178,7 +194,10 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, ``TraceGraph_ELBO`` with score-function
     gradients, or the IWAE bound), differentiated by autograd and stepped by
     ``torch.optim.Adam``; parameters are the model's ``nn.Module`` parameters plus any Pyro
-    param-store parameters its programs use (neural baselines included).
+    param-store parameters its programs use (neural baselines included). Adam uses its fused
+    kernel where torch has one for the parameters' device (CPU from torch 2.4, CUDA), and
+    dynamic binarization compares uniforms with ``x`` (:func:`pvae.data.bernoulli_sample`):
+    per-step costs outside the Pyro program that a default plain PyTorch loop pays in full.
 
     Pyro's validation runs on a first probe step; the loop itself runs with it off, since the
     whole dataset is checked once up front and NaN/inf losses stop training here.
@@ -284,9 +303,9 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                           device))
     probe = _as_tensor_data(*probe, device, dtype)
     if binarize == "dynamic":
-        probe = (torch.bernoulli(probe[0]), probe[1])
+        probe = (bernoulli_sample(probe[0]), probe[1])
     params = _parameters(model, lambda xb, cb: loss_fn(xb, cb)[1], *probe)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = _make_adam(params, lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
 
     history, start_epoch = History(), 0
@@ -318,7 +337,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
             if not isinstance(x_train, torch.Tensor):
                 xb, cb = _as_tensor_data(xb, cb, device, dtype)
             if binarize == "dynamic":
-                xb = torch.bernoulli(xb)
+                xb = bernoulli_sample(xb)
             kl_scale.beta = schedule(epoch * steps_per_epoch + step)
             with checked_inputs(), pyro.validation_enabled(False):
                 value, loss = loss_fn(xb, cb)

@@ -6,7 +6,9 @@ DReG gradients, the score-function estimator with a decaying-average baseline) t
 PyTorch implementation of the same objective and gradient estimator, alternately in one
 process, after a warm-up epoch of each; images/s of both and their ratio are printed.
 DReG has no plain counterpart here: its row compares it with plain PyTorch's standard IWAE
-gradient, so its ratio includes DReG's extra cost.
+gradient, so its ratio includes DReG's extra cost. The plain loops make fit's per-step choices
+outside the model (binarization by comparing uniforms, Adam's fused kernel; see
+``bench_train.py``), so each ratio is the cost of the estimator's Pyro machinery alone.
 
     python benchmarks/bench_estimators.py [--num-train 10240]
 """
@@ -18,7 +20,7 @@ import math
 import time
 
 import torch
-from bench_train import PlainVAE
+from bench_train import PlainVAE, uniform_binarize
 from torch.nn import functional as F
 
 from pvae import data
@@ -63,7 +65,7 @@ def plain_epoch(model, opt, x, objective, k, generator, state):
     t0 = time.perf_counter()
     perm = torch.randperm(len(x), generator=generator)
     for i in range(0, len(x), 256):
-        loss = plain_loss(model, torch.bernoulli(x[perm[i:i + 256]]), objective, k, state)
+        loss = plain_loss(model, uniform_binarize(x[perm[i:i + 256]]), objective, k, state)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -82,7 +84,8 @@ def main(args):
     rows = {}
     for label, options, objective, k in CONFIGS:
         vae, plain = VAE(x.shape[1], 50, (400,)), PlainVAE(x.shape[1])
-        opt, g, state = torch.optim.Adam(plain.parameters(), lr=1e-3), torch.Generator(), {}
+        opt, g, state = (torch.optim.Adam(plain.parameters(), lr=1e-3, fused=True),
+                         torch.Generator(), {})
         plain_epoch(plain, opt, x, objective, k, g, state)  # warm-up
         hist = fit(vae, x, num_epochs=2, batch_size=256, binarize="dynamic", device="cpu",
                    progress=False, seed=args.seed, **options)

@@ -114,6 +114,22 @@ def test_binarize_rejects_out_of_range():
         data.binarize(torch.tensor([0.5, 1.5]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_sample_is_bernoulli(dtype):
+    """0/1 draws whose frequencies match p within 4 binomial standard errors per probability
+    (200,000 draws each), including the edges p = 0 and p = 1; a seeded generator repeats."""
+    p = torch.tensor([0.0, 0.01, 0.3, 0.5, 0.9, 1.0], dtype=dtype)
+    probs = p.expand(200_000, 6)
+    draws = data.bernoulli_sample(probs, torch.Generator().manual_seed(0))
+    assert draws.dtype == dtype and draws.shape == probs.shape
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    freq = draws.mean(0)
+    se = (p * (1 - p) / 200_000).sqrt()
+    assert ((freq - p).abs() <= 4 * se + 1e-12).all(), (freq, p)
+    again = data.bernoulli_sample(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
 def test_download_only_when_asked(tmp_path, monkeypatch):
     """The download path, exercised on local files through a file:// URL."""
     monkeypatch.delenv("PVAE_DATA_DIR", raising=False)

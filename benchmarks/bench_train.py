@@ -54,6 +54,7 @@ class PlainVAE(nn.Module):
 
 
 def uniform_binarize(p):
+    """pvae.data.bernoulli_sample written out in plain torch, for the matched reference."""
     u = torch.rand_like(p)
     return torch.lt(u, p, out=u)
 

@@ -153,7 +153,6 @@ def cmd_train(args) -> None:
     except ValueError as e:
         sys.exit(f"pvae: {e}")
     n = args.num_train or len(ds.x_train)
-    fit_binarize = "dynamic" if binarize == "dynamic" else None
     if binarize == "dynamic" and config["condition"] in data.CONDITIONS:
         # binarize each image afresh, then split it: observed and missing pixels come from
         # the same draw (fit's own dynamic binarization would binarize x only)
@@ -162,6 +161,7 @@ def cmd_train(args) -> None:
         fit_binarize = None
     else:
         x_train, c_train = conditioning(config, ds.x_train[:n], ds.y_train[:n])
+        fit_binarize = "dynamic" if binarize == "dynamic" else None
     x_val, c_val = conditioning(config, ds.x_test[: args.num_val], ds.y_test[: args.num_val])
     if not args.num_val:
         x_val = c_val = None

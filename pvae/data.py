@@ -33,6 +33,7 @@ __all__ = [
     "ConditionSplit",
     "bernoulli_sample",
     "binarize",
+    "check_intensities",
     "condition_mask",
     "load",
     "read_idx",
@@ -271,6 +272,15 @@ def bernoulli_sample(probs: torch.Tensor, generator: torch.Generator | None = No
     return torch.lt(u, probs, out=u)
 
 
+def check_intensities(x: torch.Tensor, who: str = "binarize") -> None:
+    """Raise a :class:`ValueError` naming ``who`` unless every entry of ``x`` lies in [0, 1]
+    (the Bernoulli probabilities of stochastic binarization)."""
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"{who} needs intensities in [0, 1], got values in "
+                         f"[{x.min().item():.3g}, {x.max().item():.3g}]; rescale the data "
+                         "(e.g. divide 8-bit pixels by 255)")
+
+
 def binarize(x: torch.Tensor, seed: int | None = 0, generator: torch.Generator | None = None
              ) -> torch.Tensor:
     """Stochastic binarization: each pixel becomes 1 with probability equal to its intensity.
@@ -280,9 +290,7 @@ def binarize(x: torch.Tensor, seed: int | None = 0, generator: torch.Generator |
     :returns: a tensor of 0s and 1s with the dtype and device of ``x``.
     :raises ValueError: if ``x`` has values outside [0, 1].
     """
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"binarize expects intensities in [0, 1], got values in "
-                         f"[{x.min().item():.3g}, {x.max().item():.3g}]")
+    check_intensities(x)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(seed)
     return bernoulli_sample(x, generator)
@@ -372,13 +380,20 @@ class ConditionSplit(torch.utils.data.Dataset):
                              f"and {tuple(mask.shape)} {mask.dtype}")
         if binarize not in (None, "dynamic"):
             raise ValueError(f"binarize must be None or 'dynamic', got {binarize!r}")
-        if binarize == "dynamic" and (x.min() < 0 or x.max() > 1):
-            raise ValueError("binarize='dynamic' needs intensities in [0, 1]")
+        if binarize == "dynamic":
+            check_intensities(x, "binarize='dynamic'")
         self.x, self.mask, self.binarize = x, mask, binarize
 
     def __len__(self) -> int:
         return len(self.x)
 
+    def __getitems__(self, indices):
+        """A whole mini-batch at once (``DataLoader`` calls this when it exists): one
+        Bernoulli draw for the batch instead of one per image."""
+        xb = self.x[indices]
+        if self.binarize == "dynamic":
+            xb = bernoulli_sample(xb)
+        return list(zip(xb[:, ~self.mask], xb[:, self.mask]))
+
     def __getitem__(self, i):
-        xi = bernoulli_sample(self.x[i]) if self.binarize == "dynamic" else self.x[i]
-        return xi[~self.mask], xi[self.mask]
+        return self.__getitems__([i])[0]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pvae.data import bernoulli_sample
+from pvae.data import bernoulli_sample, check_intensities
 from pvae.inference.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -130,9 +130,7 @@ def _check_data(model, x, binarize) -> None:
         raise ValueError(f"x contains NaN or inf values (e.g. rows {bad}); drop or impute them "
                          "before training")
     if binarize == "dynamic":
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError("binarize='dynamic' needs intensities in [0, 1], got values in "
-                             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
+        check_intensities(x, "binarize='dynamic'")
     elif hasattr(model, "likelihood") and hasattr(model.likelihood, "check"):
         model.likelihood.check(x)
 

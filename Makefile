@@ -39,6 +39,7 @@ demo: venv data
 
 test: venv data
 	$(BIN)/ruff check pvae tests examples benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: venv data

@@ -24,9 +24,9 @@ import torch
 from torch.nn import functional as F
 
 from pvae import data
-from pvae.cli import load_run
 from pvae.inference import fit, iw_log_likelihood, resolve_device
 from pvae.models import VAE
+from pvae.runs import load_run
 
 
 @torch.no_grad()

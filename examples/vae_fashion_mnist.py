@@ -39,11 +39,9 @@ def main(args):
     print(f"test IW log-likelihood (K={args.num_samples}) {iw.mean:.2f} ± {iw.stderr:.2f}")
     out = Path(args.out)
     plots.training_curve(history, out / "training_curve.png")
-    x_show = x_test[:10].to(model.device)
-    plots.image_grid([x_show, model.reconstruct(x_show)], ds.image_shape,
-                     row_labels=["input", "reconstruction"], path=out / "reconstructions.png")
-    plots.image_grid(list(model.sample(40).reshape(4, 10, -1)), ds.image_shape,
-                     path=out / "samples.png")
+    plots.reconstructions(model, x_test[:10].to(model.device), ds.image_shape,
+                          path=out / "reconstructions.png")
+    plots.prior_samples(model, ds.image_shape, num_rows=4, path=out / "samples.png")
     print(f"figures in {out}/")
     return terms, iw
 

@@ -1,7 +1,8 @@
 """Matplotlib figures: training curves, image grids, the 2-D latent manifold, KL per dimension.
 
-Every function returns the :class:`matplotlib.figure.Figure` and, given ``path``, saves it as
-PNG and closes it. The non-interactive Agg backend is used unless one was chosen already.
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global
+figure state, no backend chosen at import: figures show inline in Jupyter and save anywhere)
+and, given ``path``, saves it as PNG.
 """
 
 from __future__ import annotations
@@ -9,13 +10,10 @@ from __future__ import annotations
 import math
 import os
 
-import matplotlib
-
-if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.distributions import Normal
 
 __all__ = ["gradient_variance", "image_grid", "kl_per_dim", "latent_manifold", "posterior_ellipses",
            "posterior_forest", "training_curve"]
@@ -25,13 +23,13 @@ def _finish(fig, path):
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
     return fig
 
 
 def training_curve(history, path=None):
     """Train and validation ELBO (nats per datapoint) against epoch."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     epochs = history.column("epoch")
     ax.plot(epochs, history.column("train_elbo"), "o-", label="train ELBO")
     val = history.column("val_elbo")
@@ -48,8 +46,8 @@ def image_grid(rows: list, image_shape, *, row_labels=None, path=None, title=Non
     """A grid of images: ``rows`` is a list of ``(num_cols, D)`` tensors (one per row)."""
     rows = [torch.as_tensor(r).detach().cpu().float() for r in rows]
     num_rows, num_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(num_rows, num_cols, figsize=(num_cols * 0.9, num_rows * 0.9 + 0.3),
-                             squeeze=False)
+    fig = Figure(figsize=(num_cols * 0.9, num_rows * 0.9 + 0.3))
+    axes = fig.subplots(num_rows, num_cols, squeeze=False)
     for i, r in enumerate(rows):
         for j in range(num_cols):
             ax = axes[i, j]
@@ -70,15 +68,14 @@ def latent_manifold(decode, image_shape, *, num_per_side: int = 15, path=None, d
                     dtype=None):
     """Decoded images on a grid of z in the 2-D latent space, placed at the standard normal's
     quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4)."""
-    from torch.distributions import Normal
-
     q = torch.linspace(0.05, 0.95, num_per_side, dtype=torch.float64)
     grid = Normal(0.0, 1.0).icdf(q)
     z = torch.cartesian_prod(grid.flip(0), grid)[:, [1, 0]].to(device=device, dtype=dtype)
     images = decode(z).detach().cpu().float().reshape(num_per_side, num_per_side, *image_shape)
     h, w = image_shape
     canvas = images.permute(0, 2, 1, 3).reshape(num_per_side * h, num_per_side * w).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, extent=(0.05, 0.95, 0.05, 0.95))
     ax.set_xlabel("Φ(z₁)")
     ax.set_ylabel("Φ(z₂)")
@@ -91,7 +88,8 @@ def kl_per_dim(kl, path=None, threshold: float = 0.01):
     (KL below ``threshold``) in grey."""
     kl = np.asarray(kl, dtype=float)
     order = np.argsort(-kl)
-    fig, ax = plt.subplots(figsize=(max(4, len(kl) * 0.15), 3.2))
+    fig = Figure(figsize=(max(4, len(kl) * 0.15), 3.2))
+    ax = fig.subplots()
     colors = ["tab:blue" if v >= threshold else "tab:gray" for v in kl[order]]
     ax.bar(np.arange(len(kl)), kl[order], color=colors)
     ax.set_xlabel("latent dimension (sorted)")
@@ -120,7 +118,8 @@ def posterior_ellipses(q_mean, q_cov, p_mean, p_cov, dims=(0, 1), path=None):
     n = len(q_mean)
     q_cov = np.broadcast_to(np.asarray(q_cov), (n, *np.asarray(q_cov).shape[-2:]))
     p_cov = np.broadcast_to(np.asarray(p_cov), (n, *np.asarray(p_cov).shape[-2:]))
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     for k in range(n):
         color = f"C{k % 10}"
         sel = np.ix_([i, j], [i, j])
@@ -139,11 +138,11 @@ def posterior_ellipses(q_mean, q_cov, p_mean, p_cov, dims=(0, 1), path=None):
 def posterior_forest(idata: dict, path=None):
     """ArviZ forest plot comparing posterior draws, e.g. ``{"guide": ..., "exact": ...}`` from
     :func:`pvae.inference.to_inference_data`."""
-    import arviz as az
+    import arviz as az  # slow to import: only when this figure is drawn
 
-    axes = az.plot_forest(list(idata.values()), model_names=list(idata), var_names=["z"],
-                          combined=True, hdi_prob=0.94, figsize=(6, 8))
-    fig = np.asarray(axes).ravel()[0].figure
+    fig = Figure(figsize=(6, 8))
+    az.plot_forest(list(idata.values()), model_names=list(idata), var_names=["z"],
+                   combined=True, hdi_prob=0.94, ax=fig.subplots())
     fig.suptitle("94% HDI of z per datapoint and dimension")
     return _finish(fig, path)
 
@@ -155,7 +154,8 @@ def gradient_variance(table: dict, path=None):
     labels = list(table)
     groups = [g for g in next(iter(table.values())) if isinstance(table[labels[0]][g], dict)
               and g != "total"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig = Figure(figsize=(8, 3.8))
+    ax = fig.subplots()
     width = 0.8 / max(len(groups), 1)
     for i, g in enumerate(groups):
         ax.bar(np.arange(len(labels)) + i * width, [table[k][g]["variance"] for k in labels],
@@ -166,3 +166,40 @@ def gradient_variance(table: dict, path=None):
     ax.set_ylabel("gradient variance (trace)")
     ax.legend()
     return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures of a trained model (any built-in model with reconstruct / sample)
+
+
+def reconstructions(model, x, image_shape, *, c=None, path=None):
+    """Inputs ``x`` ``(n, D)`` (first row) and the model's reconstructions
+    E[x | z = E_q[z | x, c]] (second row)."""
+    return image_grid([x, model.reconstruct(x, c)], image_shape,
+                      row_labels=["input", "reconstruction"], path=path)
+
+
+def prior_samples(model, image_shape, *, num_rows: int = 8, num_cols: int = 10, generator=None,
+                  path=None):
+    """A grid of E[x | z] for z drawn from the prior."""
+    samples = model.sample(num_rows * num_cols, generator=generator)
+    return image_grid(list(samples.reshape(num_rows, num_cols, -1)), image_shape, path=path,
+                      title="samples from the prior (E[x|z])")
+
+
+def class_grids(model, image_shape, *, num_styles: int = 6, per_class: int = 10,
+                generator=None, paths=(None, None)):
+    """The two grids of a class-conditional model (``num_classes`` labels): rows = one z
+    (style) with the class varied along the columns, and rows = one class with z ~ p(z | c)
+    varied along the columns. Returns both figures."""
+    k, device, dtype = model.num_classes, model.device, model.dtype
+    z = torch.randn(num_styles, model.latent_dim, generator=generator, device=device, dtype=dtype)
+    classes = torch.arange(k, device=device)
+    rows = [model.sample(k, c=classes, z=z[i].expand(k, -1)) for i in range(len(z))]
+    style = image_grid(rows, image_shape, row_labels=[f"z #{i}" for i in range(len(z))],
+                       path=paths[0], title="each row: one z, classes 0..9 (standard-prior z)")
+    rows = [model.sample(per_class, c=torch.tensor(i, device=device), generator=generator)
+            for i in range(k)]
+    by_class = image_grid(rows, image_shape, row_labels=[f"class {i}" for i in range(k)],
+                          path=paths[1], title="each row: one class, z ~ p(z | c)")
+    return style, by_class

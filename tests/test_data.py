@@ -135,7 +135,7 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.delenv("PVAE_DATA_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     write_split(tmp_path / "mirror")
-    monkeypatch.setitem(data._DOWNLOAD_URLS, "mnist", (tmp_path / "mirror").as_uri() + "/")
+    monkeypatch.setitem(data.idx._DOWNLOAD_URLS, "mnist", (tmp_path / "mirror").as_uri() + "/")
     dest = tmp_path / "dest"
     with pytest.raises(data.DataNotFoundError):
         data.load("mnist", data_dir=dest)  # nothing is fetched unless asked

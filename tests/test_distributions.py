@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributions as td
 
-from pvae.inference.estimators import ScoreEstimator
-from pvae.models.distributions import ReparamNormal
+from pvae.distributions import ReparamNormal
+from pvae.inference import ScoreEstimator
 
 
 def _params(dtype=torch.float32):

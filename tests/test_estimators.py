@@ -21,7 +21,7 @@ from pvae.inference import (
     make_schedule,
     scale_latents,
 )
-from pvae.inference.evaluate import _traces
+from pvae.inference.traces import traces
 from pvae.models import VAE
 
 X = torch.tensor([[0.7], [-1.3], [2.1]], dtype=torch.float64)
@@ -122,8 +122,7 @@ def test_iwae_scaling_is_applied_after_log_mean_exp():
     value, _ = est(model, guide, X)
     # direct computation from the same draws of z
     pyro.set_rng_seed(3)
-    guide_tr, model_tr = _traces(type("M", (), {"model": toy.model, "guide": toy.guide}), X,
-                                 None, K, 1)
+    guide_tr, model_tr = traces(toy.model, toy.guide, (X,), K, 1)
     z = guide_tr.nodes["z"]["value"]  # (K, N, 1)
     c, d, log_s = (pyro.param(k) for k in ("c", "d", "log_s"))
     log_q = dist.Normal(c * X + d, log_s.exp()).log_prob(z).sum(-1)

@@ -1,17 +1,15 @@
-"""Training and evaluation for any model meeting the model contract of ``DESIGN.md``."""
+"""Inference for any model meeting the model contract of ``DESIGN.md``: shared trace code,
+objectives (ELBO, score function, IWAE) with beta schedules, evaluation (IW log-likelihood,
+ELBO terms), posterior comparison, imputation and diagnostics.
 
-from pvae.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pvae.inference.estimators import (
-    ESTIMATORS,
-    Constant,
-    Cyclical,
-    LinearWarmup,
-    gradient_variance,
-    make_estimator,
-    make_schedule,
-    scale_latents,
-    score_function,
-)
+The training engine is :mod:`pvae.train`; :func:`fit` and the names that moved there with it
+(``History``, checkpoints, ``resolve_device``) are also reachable from here, resolved when first
+used so that this layer never imports the one above it.
+"""
+
+import importlib
+
+from pvae.inference.diagnostics import gradient_variance
 from pvae.inference.evaluate import (
     ElboTerms,
     IWResult,
@@ -19,41 +17,68 @@ from pvae.inference.evaluate import (
     iw_log_likelihood,
     log_weights,
 )
+from pvae.inference.handlers import BASELINES, scale_latents, score_function
 from pvae.inference.impute import Imputation, impute
+from pvae.inference.objectives import (
+    ESTIMATORS,
+    GRADIENTS,
+    IWAEEstimator,
+    ReparamEstimator,
+    ScoreEstimator,
+    SVIObjective,
+    make_estimator,
+)
 from pvae.inference.posterior import (
     PosteriorComparison,
     compare_posteriors,
     principal_angles,
     to_inference_data,
 )
-from pvae.inference.svi import History, TrainingDivergedError, fit, resolve_device
+from pvae.inference.schedules import Constant, Cyclical, LinearWarmup, make_schedule
+
+#: Names defined in :mod:`pvae.train`, kept reachable as ``pvae.inference.<name>``.
+_FROM_TRAIN = ("CheckpointError", "History", "TrainingDivergedError", "fit", "load_checkpoint",
+               "resolve_device", "save_checkpoint")
+
+
+def __getattr__(name):
+    if name in _FROM_TRAIN:
+        return getattr(importlib.import_module("pvae.train"), name)
+    raise AttributeError(f"module 'pvae.inference' has no attribute {name!r}")
+
 
 __all__ = [
+    "BASELINES",
     "ESTIMATORS",
+    "GRADIENTS",
     "CheckpointError",
+    "Constant",
+    "Cyclical",
     "ElboTerms",
     "History",
-    "Imputation",
-    "impute",
+    "IWAEEstimator",
     "IWResult",
+    "Imputation",
+    "LinearWarmup",
     "PosteriorComparison",
+    "ReparamEstimator",
+    "SVIObjective",
+    "ScoreEstimator",
     "TrainingDivergedError",
     "compare_posteriors",
-    "principal_angles",
-    "to_inference_data",
     "elbo_terms",
-    "gradient_variance",
     "fit",
+    "gradient_variance",
+    "impute",
     "iw_log_likelihood",
     "load_checkpoint",
     "log_weights",
     "make_estimator",
     "make_schedule",
-    "scale_latents",
-    "score_function",
-    "Constant",
-    "Cyclical",
-    "LinearWarmup",
+    "principal_angles",
     "resolve_device",
     "save_checkpoint",
+    "scale_latents",
+    "score_function",
+    "to_inference_data",
 ]

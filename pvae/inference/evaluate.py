@@ -1,13 +1,7 @@
 r"""Per-datapoint evaluation of any model meeting the contract: the importance-weighted
-log-likelihood and the ELBO's terms, computed with Pyro's effect handlers.
-
-For every datapoint n and particle k the guide is traced and the model replayed against it;
-each site's **unscaled** log-probability is summed over its event dims and over every plate
-except ``"data"``, giving
-
-    log w_nk = log p(x_n | z_nk) + log p(z_nk) - log q(z_nk | x_n),   z_nk ~ q(z | x_n).
-
-Particles are vectorized with an outer plate to the left of the model's own plates.
+log-likelihood and the ELBO's terms, from the shared trace code of
+:mod:`pvae.inference.traces` (guide traced, model replayed, every site reduced to
+``(particles, datapoints)`` with unscaled log-densities).
 """
 
 from __future__ import annotations
@@ -15,129 +9,41 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import site_is_subsample
 from torch import nn
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from tqdm.auto import tqdm
 
-from pvae.inference.svi import resolve_device
+from pvae.contract import check_model, placement, to_placement
+from pvae.data import batches
+from pvae.distributions import base_dist, closed_form_kl
+from pvae.inference.traces import (
+    features,
+    log_prob,
+    max_plate_nesting,
+    reduce_site,
+    sites,
+    weights,
+)
+from pvae.stats import mean_stderr
 
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
-
-_PARTICLE_PLATE = "_pvae_particles"
-
-
-# ---------------------------------------------------------------------------------------------
-# Traces
-
-
-def _max_plate_nesting(model, x, c) -> int:
-    """Trace once without particles: check that every sample site lies in the ``"data"`` plate
-    and return the deepest plate nesting."""
-    with poutine.block():
-        guide_tr = poutine.trace(model.guide).get_trace(*_args(x, c))
-        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(
-            *_args(x, c))
-    for tr in (guide_tr, model_tr):
-        for name, site in _sites(tr, None):
-            if not any(f.name == "data" for f in site["cond_indep_stack"]):
-                raise ValueError(
-                    f"sample site {name!r} is outside pyro.plate('data', ...); per-datapoint "
-                    "estimates need every sample site of the model and guide inside the 'data' "
-                    "plate (global latent variables have no per-datapoint weight)")
-    dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in _sites(tr, None)
-            for f in s["cond_indep_stack"] if f.vectorized]
-    return max(dims, default=0)
 
 
 def _args(x, c):
     return (x,) if c is None else (x, c)
 
 
-def _traces(model, x, c, num_particles: int, max_plate_nesting: int):
-    """Guide trace and replayed model trace with ``num_particles`` vectorized particles."""
-    with poutine.block(), pyro.plate(_PARTICLE_PLATE, num_particles,
-                                     dim=-(max_plate_nesting + 1)):
-        guide_tr = poutine.trace(model.guide).get_trace(*_args(x, c))
-        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(
-            *_args(x, c))
-    return guide_tr, model_tr
+def _nesting(model, x, c) -> int:
+    """Plate nesting of the model and guide, from one trace of the first datapoint."""
+    return max_plate_nesting(model.model, model.guide, _args(x[:1], None if c is None else c[:1]))
 
 
-def _sites(trace, observed: bool | None):
-    """Sample sites that carry a density: observed ones, latent ones, or both (``None``)."""
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        if site["infer"].get("_deterministic"):
-            continue
-        if site["infer"].get("is_auxiliary"):
-            continue
-        if observed is None or bool(site["is_observed"]) == observed:
-            yield name, site
-
-
-def _reduce(name, site, lp, num_particles, num_data, max_plate_nesting) -> torch.Tensor:
-    """Sum ``lp`` (the site's batch-shaped log-density or KL) over every dim but the particle
-    and ``"data"`` dims; returns ``(num_particles, num_data)``."""
-    data = [f for f in site["cond_indep_stack"] if f.name == "data"]
-    if not data:
-        raise ValueError(f"sample site {name!r} is outside pyro.plate('data', ...); per-datapoint "
-                         "estimates need every sample site of the model and guide inside the "
-                         "'data' plate (global latent variables have no per-datapoint weight)")
-    rank = max_plate_nesting + 1
-    if lp.dim() > rank:
-        raise ValueError(f"site {name!r} has batch shape {tuple(lp.shape)} with more dims than "
-                         "its plates; declare the extra dims as event dims with .to_event(...)")
-    lp = lp.reshape((1,) * (rank - lp.dim()) + lp.shape)
-    data_dim = data[0].dim
-    other = [d for d in range(-rank + 1, 0) if d != data_dim]
-    if other:
-        lp = lp.sum(other, keepdim=True)
-    return lp.reshape(lp.shape[-rank], lp.shape[data_dim]).expand(num_particles, num_data)
-
-
-def _log_prob(site) -> torch.Tensor:
-    lp = site["fn"].log_prob(site["value"])
-    return scale_and_mask(lp, 1.0, site["mask"])  # masks apply, poutine.scale does not
-
-
-@dataclass
-class _Weights:
-    log_likelihood: torch.Tensor  # log p(x | z), (K, N)
-    log_prior: torch.Tensor  # log p(z), (K, N)
-    log_guide: torch.Tensor  # log q(z | x), (K, N)
-    guide_trace: object
-    model_trace: object
-
-    @property
-    def log_weight(self):
-        return self.log_likelihood + self.log_prior - self.log_guide
-
-
-def _weights(model, x, c, num_particles, max_plate_nesting) -> _Weights:
-    guide_tr, model_tr = _traces(model, x, c, num_particles, max_plate_nesting)
-    shape = (num_particles, x.shape[0])
-    parts = {"obs": x.new_zeros(shape), "prior": x.new_zeros(shape), "guide": x.new_zeros(shape)}
-    for key, tr, observed in (("obs", model_tr, True), ("prior", model_tr, False),
-                              ("guide", guide_tr, False)):
-        for name, site in _sites(tr, observed):
-            parts[key] = parts[key] + _reduce(name, site, _log_prob(site), *shape,
-                                              max_plate_nesting)
-    if not any(True for _ in _sites(model_tr, True)):
-        raise ValueError("the model has no observed site; condition the data with "
-                         "pyro.sample('x', ..., obs=x)")
-    return _Weights(parts["obs"], parts["prior"], parts["guide"], guide_tr, model_tr)
+def _weights(model, x, c, num_particles, nesting):
+    return weights(model.model, model.guide, _args(x, c), num_particles, nesting)
 
 
 def _prepare(model, x, c, device):
-    if not (hasattr(model, "model") and hasattr(model, "guide")):
-        raise TypeError("expected an object with model(x, c=None) and guide(x, c=None) methods "
-                        f"(the model contract), got {type(model).__name__}")
+    check_model(model, "evaluation")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] == 0:
@@ -148,23 +54,15 @@ def _prepare(model, x, c, device):
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf values; drop or impute them before evaluating")
     if isinstance(model, nn.Module):
-        p = next(model.parameters(), None)
-        device = p.device if (device == "auto" and p is not None) else resolve_device(device)
-        dtype = p.dtype if p is not None else x.dtype
         model.eval()
-    else:
-        device, dtype = resolve_device(device), x.dtype
-    x = x.to(device=device, dtype=dtype)
+    device, dtype = placement(model, device, x)
+    x = to_placement(x, device, dtype)
     if c is not None:
         if len(c) != len(x):
             raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
-        c = c.to(device=device, dtype=dtype if c.is_floating_point() else c.dtype)
+        c = to_placement(c, device, dtype)
     return x, c
 
-
-def _batches(x, c, batch_size):
-    for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], None if c is None else c[i:i + batch_size]
 
 
 def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
@@ -174,8 +72,7 @@ def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
     :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
     """
     x, c = _prepare(model, x, c, "auto")
-    nesting = _max_plate_nesting(model, x[:1], None if c is None else c[:1])
-    return _weights(model, x, c, num_samples, nesting).log_weight
+    return _weights(model, x, c, num_samples, _nesting(model, x, c)).log_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +101,6 @@ class IWResult:
         return (f"IWResult(mean={self.mean:.4f} ± {self.stderr:.4f} nats, K={self.num_samples}, "
                 f"N={len(self.per_datapoint)}, median ESS={self.ess.median().item():.1f})")
 
-
-def _mean_stderr(v: torch.Tensor) -> tuple[float, float]:
-    v = v.double()
-    se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return v.mean().item(), se
 
 
 @torch.no_grad()
@@ -248,11 +140,10 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     x, c = _prepare(model, x, c, device)
     batch_size = batch_size or min(len(x), 500)
     chunk_size = min(num_samples, chunk_size or max(1, 25_000 // batch_size))
-    nesting = _max_plate_nesting(model, x[:1], None if c is None else c[:1])
+    nesting = _nesting(model, x, c)
     out, ess = [], []
-    batches = _batches(x, c, batch_size)
-    for xb, cb in tqdm(batches, total=math.ceil(len(x) / batch_size), disable=not progress,
-                       desc="IW log-likelihood", unit="batch"):
+    for xb, cb in tqdm(batches(x, c, batch_size=batch_size), total=math.ceil(len(x) / batch_size),
+                       disable=not progress, desc="IW log-likelihood", unit="batch"):
         lse = xb.new_full((len(xb),), -math.inf, dtype=torch.float64)
         lse2 = lse.clone()
         for start in range(0, num_samples, chunk_size):
@@ -266,7 +157,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     if not torch.isfinite(per_datapoint).all():
         raise FloatingPointError("the IW estimate is not finite for some datapoints: a log "
                                  "weight was NaN or -inf (data outside the likelihood's support?)")
-    mean, stderr = _mean_stderr(per_datapoint)
+    mean, stderr = mean_stderr(per_datapoint)
     return IWResult(per_datapoint.to(x.dtype), mean, stderr, torch.cat(ess), num_samples)
 
 
@@ -303,7 +194,7 @@ class ElboTerms:
         """Means and standard errors (nats per datapoint) as plain floats."""
         out = {}
         for name in ("elbo", "reconstruction", "kl"):
-            out[name], out[f"{name}_stderr"] = _mean_stderr(getattr(self, name))
+            out[name], out[f"{name}_stderr"] = mean_stderr(getattr(self, name))
         out["active_units"] = self.active_units
         out["latent_dim"] = len(self.posterior_mean_variance)
         out["analytic_kl"] = self.analytic_kl
@@ -312,58 +203,17 @@ class ElboTerms:
         return out
 
 
-def _as_mvn(fn):
-    """``Normal(loc, scale).to_event(1)`` as the equivalent ``MultivariateNormal``."""
-    base = fn.base_dist if isinstance(fn, Independent) else None
-    if isinstance(base, Normal) and fn.reinterpreted_batch_ndims == 1:
-        return MultivariateNormal(base.loc, scale_tril=torch.diag_embed(base.scale))
-    return fn
-
-
-def _kl(q, p):
-    """KL(q || p) in closed form, with both distributions expanded to their common batch shape
-    (some of torch's formulas index with masks and do not broadcast), and diagonal Normals
-    promoted to ``MultivariateNormal`` when paired with one.
-
-    :raises NotImplementedError: no closed form is known for the pair.
-    """
-    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    q, p = q.expand(shape), p.expand(shape)
-    try:
-        return kl_divergence(q, p)
-    except NotImplementedError:
-        if isinstance(q, MultivariateNormal) or isinstance(p, MultivariateNormal):
-            return kl_divergence(_as_mvn(q), _as_mvn(p))
-        raise
-
-
-def _unwrap(fn):
-    while isinstance(fn, Independent):
-        fn = fn.base_dist
-    return fn
-
-
-def _features(site, t, nesting) -> torch.Tensor:
-    """Rearrange a site-shaped tensor (batch dims, then ``event_dims`` of the site) to
-    ``(K or 1, N, features)``: the particle dim, the ``"data"`` dim, everything else flat."""
-    event_dims = len(site["fn"].event_shape)
-    rank = nesting + 1
-    t = t.reshape((1,) * (rank + event_dims - t.dim()) + t.shape)
-    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == "data")
-    t = t.movedim(rank + data_dim, 1)
-    return t.reshape(t.shape[0], t.shape[1], -1)
-
 
 def _kl_per_dim(q_site, p_site, nesting):
     """Per-dimension KL of a factorized site, ``(K or 1, N, features)``, or ``None``."""
-    q, p = _unwrap(q_site["fn"]), _unwrap(p_site["fn"])
+    q, p = base_dist(q_site["fn"]), base_dist(p_site["fn"])
     if q.event_shape or p.event_shape:
         return None
     try:
-        kl = _kl(q, p)
+        per_dim = closed_form_kl(q, p)
     except NotImplementedError:
-        kl = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
-    return _features(q_site, kl.expand(q_site["value"].shape), nesting)
+        per_dim = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
+    return features(q_site, per_dim.expand(q_site["value"].shape), nesting)
 
 
 def _posterior_mean(q_site, nesting):
@@ -374,7 +224,7 @@ def _posterior_mean(q_site, nesting):
         mean = q_site["value"]
     if not torch.isfinite(mean).all():  # e.g. Categorical has no mean: average the particles
         mean = q_site["value"].to(mean.dtype)
-    return _features(q_site, mean, nesting).mean(0)
+    return features(q_site, mean, nesting).mean(0)
 
 
 @torch.no_grad()
@@ -396,21 +246,21 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int = 500,
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"Expected num_samples >= 1, got {num_samples!r}")
     x, c = _prepare(model, x, c, device)
-    nesting = _max_plate_nesting(model, x[:1], None if c is None else c[:1])
+    nesting = _nesting(model, x, c)
     elbo, recon, kl, per_dim, means = [], [], [], [], []
     analytic = True
-    for xb, cb in _batches(x, c, batch_size):
+    for xb, cb in batches(x, c, batch_size=batch_size):
         w = _weights(model, xb, cb, num_samples, nesting)
         shape = (num_samples, len(xb))
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
-        for name, q_site in _sites(w.guide_trace, False):
+        for name, q_site in sites(w.guide_trace, False):
             p_site = w.model_trace.nodes[name]
             try:
-                site_kl = _kl(q_site["fn"], p_site["fn"])
+                site_kl = closed_form_kl(q_site["fn"], p_site["fn"])
             except NotImplementedError:
                 analytic = False
-                site_kl = _log_prob(q_site) - _log_prob(p_site)
-            kl_b = kl_b + _reduce(name, q_site, site_kl, *shape, nesting)
+                site_kl = log_prob(q_site) - log_prob(p_site)
+            kl_b = kl_b + reduce_site(name, q_site, site_kl, *shape, nesting)
             d = _kl_per_dim(q_site, p_site, nesting) if per_dim is not None else None
             if d is None:
                 per_dim = None
@@ -430,3 +280,4 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int = 500,
     kl_per_dim = torch.stack(per_dim).sum(0) / len(x) if per_dim else None
     return ElboTerms(torch.cat(elbo), torch.cat(recon), torch.cat(kl), kl_per_dim, variance,
                      int((variance > active_threshold).sum()), analytic)
+

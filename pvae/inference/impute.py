@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Normal
 
+from pvae.contract import placement, to_placement
+
 __all__ = ["Imputation", "impute"]
 
 
@@ -47,29 +49,16 @@ class Imputation:
     log_evidence: torch.Tensor
 
 
-def _parts(model, c, like):
-    """(prior loc, prior scale, decoder output function) for a built-in VAE or CVAE."""
-    for attr in ("encoder", "decoder", "likelihood"):
-        if not hasattr(model, attr):
-            raise TypeError(f"impute needs a built-in VAE or CVAE (with encoder, decoder and "
-                            f"likelihood); {type(model).__name__} has no {attr}")
-    if hasattr(model, "embed"):  # CVAE
-        ce = model.embed(c, like)
-        loc, scale = model.prior(ce)
-        return loc, scale, lambda z: model._decode_out(z, ce), lambda xf: torch.cat([xf, ce], -1)
-    if c is not None:
-        raise ValueError("this model is unconditional: pass c=None")
-    zeros = like.new_zeros(like.shape[0], model.latent_dim)
-    return zeros, zeros + 1.0, model.decoder, lambda xf: xf
-
-
 @torch.no_grad()
 def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: int = 1000,
            num_draws: int = 10, num_gibbs: int = 0, prior_fraction: float = 0.5,
            chunk_size: int = 250, generator: torch.Generator | None = None) -> Imputation:
     """Fill in the missing entries of ``x`` (where ``mask`` is 0/False) with a trained VAE/CVAE.
 
-    :param model: a :class:`pvae.models.VAE` or :class:`pvae.models.CVAE`.
+    :param model: a model with ``likelihood`` (``likelihood(out)`` a distribution over x,
+        ``likelihood.mean(out)``) and ``imputation_parts(c, like)`` giving the Gaussian prior's
+        ``loc, scale``, ``decode(z)`` and the guide's ``guide(x) -> (loc, scale)``: the
+        built-in :class:`pvae.models.VAE` and :class:`pvae.models.CVAE`.
     :param torch.Tensor x: ``(N, D)``; missing entries may hold anything, NaN included.
     :param torch.Tensor mask: ``(N, D)`` bool or 0/1: 1 = observed (may be all 0, e.g. for a
         structured-prediction CVAE whose ``c`` is the observed part).
@@ -83,14 +72,19 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     :returns: :class:`Imputation`.
     :raises ValueError: shapes disagree, non-binary mask, NaN in observed entries,
         ``prior_fraction`` outside [0, 1].
+    :raises TypeError: the model does not offer ``imputation_parts`` and ``likelihood``.
     """
+    for attr in ("imputation_parts", "likelihood"):
+        if not hasattr(model, attr):
+            raise TypeError(f"impute needs a model with a Gaussian latent and amortized guide "
+                            f"(pvae.models.VAE or CVAE: {attr}); {type(model).__name__} has none")
     if x.shape != mask.shape or x.dim() != 2:
         raise ValueError(f"x and mask must both have shape (N, D), got {tuple(x.shape)} and "
                          f"{tuple(mask.shape)}")
     if not 0.0 <= prior_fraction <= 1.0:
         raise ValueError(f"prior_fraction must lie in [0, 1], got {prior_fraction}")
-    x = x.to(device=model.device, dtype=model.dtype)
-    mask = mask.to(device=model.device)
+    device, dtype = placement(model, "auto", x)
+    x, mask = to_placement(x, device, dtype), mask.to(device)
     if mask.dtype != torch.bool:
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError("mask must be boolean or 0/1 (1 = observed)")
@@ -99,7 +93,9 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     if not torch.isfinite(x_obs).all():
         raise ValueError("observed entries of x (mask = 1) contain NaN or inf")
     model.eval()
-    prior_loc, prior_scale, decode, encoder_input = _parts(model, c, x)
+    if c is not None:
+        c = to_placement(c, device, dtype)
+    prior_loc, prior_scale, decode, guide = model.imputation_parts(c, x)
     row_mean = x_obs.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
     fill = torch.where(mask, x_obs, row_mean.expand_as(x))
     num_prior = round(prior_fraction * num_samples)
@@ -112,7 +108,7 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
         return loc + scale * eps
 
     for _ in range(num_gibbs + 1):
-        q = Normal(*model.encoder(encoder_input(fill)))
+        q = Normal(*guide(fill))
         log_w, means, zs = [], [], []
         for start in range(0, num_samples, chunk_size):
             k = min(chunk_size, num_samples - start)

@@ -1,15 +1,23 @@
-"""Approximate vs exact posteriors, for models that know their exact posterior (PPCA), and
-conversion of posterior draws to ArviZ ``InferenceData``."""
+"""Approximate vs exact posteriors, for models that know their exact posterior, and
+conversion of posterior draws to ArviZ ``InferenceData``.
+
+These functions need more than the model contract: a model with an **exact posterior**, i.e.
+``exact_posterior(x)`` and ``guide_distribution(x)`` (distributions with batch shape ``(N,)``
+and event shape ``(latent_dim,)``), ``log_marginal(x)`` ``(N,)``, ``mean_field_kl_floor()``,
+and, for the model-level comparison, the loading matrix ``W`` ``(D, latent_dim)`` and noise
+variance ``sigma2``. :class:`pvae.models.PPCA` is such a model.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.distributions import MultivariateNormal
 
-from pvae.inference.evaluate import _kl
+from pvae.contract import placement, to_placement
+from pvae.distributions import closed_form_kl
+from pvae.stats import mean_stderr
 
 __all__ = ["PosteriorComparison", "compare_posteriors", "principal_angles", "to_inference_data"]
 
@@ -49,12 +57,17 @@ class PosteriorComparison:
         """Means and standard errors over datapoints, plus the model-level comparison."""
         out = {"guide": self.guide, "mean_field_kl_floor": self.mean_field_floor}
         for name in ("kl_q_p", "kl_p_q", "mean_error", "logdet_ratio"):
-            v = getattr(self, name).double()
-            out[name] = v.mean().item()
-            out[f"{name}_stderr"] = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0
+            out[name], out[f"{name}_stderr"] = mean_stderr(getattr(self, name))
         if self.model is not None:
             out.update(self.model)
         return out
+
+
+def _check_exact(model, who: str) -> None:
+    for attr in ("exact_posterior", "guide_distribution"):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(f"{who} needs a model with an exact posterior ({attr}(x), e.g. "
+                            f"pvae.models.PPCA); {type(model).__name__} has none")
 
 
 @torch.no_grad()
@@ -69,21 +82,20 @@ def compare_posteriors(model, x: torch.Tensor, reference=None) -> PosteriorCompa
     :returns: :class:`PosteriorComparison`.
     :raises TypeError: the model has no exact posterior.
     """
-    for attr in ("exact_posterior", "guide_distribution"):
-        if not hasattr(model, attr):
-            raise TypeError(f"compare_posteriors needs a model with {attr}(x) (e.g. PPCA); "
-                            f"{type(model).__name__} has none")
-    x = x.to(device=model.W.device, dtype=model.W.dtype)
+    _check_exact(model, "compare_posteriors")
+    if reference is not None:
+        _check_exact(reference, "compare_posteriors' reference")
+    x = to_placement(x, *placement(model, "auto", x))
     p = model.exact_posterior(x)
     q = model.guide_distribution(x)
-    kl_q_p, kl_p_q = _kl(q, p), _kl(p, q)
+    kl_q_p, kl_p_q = closed_form_kl(q, p), closed_form_kl(p, q)
     mean_error = (q.mean - p.mean).norm(dim=-1)
     cov_q = q.covariance_matrix if isinstance(q, MultivariateNormal) else torch.diag_embed(q.variance)
     logdet_ratio = (torch.logdet(cov_q) - torch.logdet(p.covariance_matrix)).expand(len(x))
     summary = None
     if reference is not None:
         ll = model.log_marginal(x).double()
-        ll_ref = reference.log_marginal(x.to(reference.W.dtype)).double()
+        ll_ref = reference.log_marginal(to_placement(x, *placement(reference, "auto", x))).double()
         angles = principal_angles(model.W, reference.W)
         summary = {
             "log_likelihood": ll.mean().item(),
@@ -109,9 +121,10 @@ def to_inference_data(model, x: torch.Tensor, *, num_draws: int = 1000, seed: in
     :param torch.Tensor x: ``(n, D)``, a few datapoints.
     :returns: ``{"guide": InferenceData, "exact": InferenceData}``.
     """
-    import arviz as az
+    import arviz as az  # optional at import time: ArviZ is slow to import
 
-    x = x.to(device=model.W.device, dtype=model.W.dtype)
+    _check_exact(model, "to_inference_data")
+    x = to_placement(x, *placement(model, "auto", x))
     torch.manual_seed(seed)
     out = {}
     for name, d in (("guide", model.guide_distribution(x)), ("exact", model.exact_posterior(x))):

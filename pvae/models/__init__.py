@@ -6,7 +6,8 @@ from pvae.models.likelihoods import LIKELIHOODS, make_likelihood
 from pvae.models.ppca import PPCA
 from pvae.models.vae import VAE
 
-#: Models by the name used on the command line (``--model``).
-MODELS = {"vae": VAE, "cvae": CVAE}
+#: Built-in models by name: ``--model`` on the command line and ``"model"`` in a run folder's
+#: ``config.json`` (each rebuilt with ``MODELS[name].from_config(...)``).
+MODELS = {"vae": VAE, "cvae": CVAE, "ppca": PPCA}
 
 __all__ = ["CVAE", "LIKELIHOODS", "MODELS", "PPCA", "LatentVariableModel", "VAE", "make_likelihood"]

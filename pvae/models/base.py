@@ -1,32 +1,21 @@
-"""What every built-in model shares: a private Pyro name and input checks."""
+"""What every built-in model shares: a private Pyro name, its recorded configuration, input
+checks."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
+import inspect
 import itertools
 
 import pyro
 import torch
 from torch import nn
 
-__all__ = ["LatentVariableModel", "checked_inputs"]
+from pvae.contract import inputs_trusted
+
+__all__ = ["LatentVariableModel"]
 
 _instance_counter = itertools.count()
-_CHECKED = contextvars.ContextVar("pvae_checked_inputs", default=False)
-
-
-@contextlib.contextmanager
-def checked_inputs():
-    """Within this context built-in models skip their per-call data checks and
-    ``pyro.module`` registration: :func:`pvae.inference.fit` enters it after it has checked the
-    whole dataset once and collected the parameters, so that the training loop does not pay
-    for them on every step."""
-    token = _CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _CHECKED.reset(token)
 
 
 class LatentVariableModel(nn.Module):
@@ -36,20 +25,57 @@ class LatentVariableModel(nn.Module):
     (``"<ClassName>_<n>"``), so two models alive in one process never share parameters through
     Pyro's global param store, while Pyro's own ``SVI`` still finds them. Subclasses set
     ``x_dim`` and implement ``model(x, c=None)`` and ``guide(x, c=None)``.
+
+    Every subclass records the arguments of its constructor (defaults filled in) as
+    :attr:`config`, a JSON-serializable dict, and :meth:`from_config` rebuilds an identical
+    architecture from it: run folders store ``config`` instead of re-listing architecture keys.
     """
 
     x_dim: int
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            init(self, *args, **kw)
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            # the outermost constructor finishes last and wins: config rebuilds type(self)
+            self._config = {k: _jsonable(v) for k, v in list(bound.arguments.items())[1:]}
+
+        cls.__init__ = recording_init
 
     def __init__(self):
         super().__init__()
         self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
 
-    def _register(self) -> None:
-        if not _CHECKED.get():
-            pyro.module(self._pyro_name, self)
+    @property
+    def config(self) -> dict:
+        """The constructor's arguments, JSON-serializable (tuples become lists)."""
+        return dict(self._config)
 
-    def _inputs_trusted(self) -> bool:
-        return _CHECKED.get() or bool(torch._C._get_tracing_state())
+    @classmethod
+    def from_config(cls, config: dict):
+        """A new model built from :attr:`config` (fresh parameters: load a ``state_dict`` for
+        trained ones).
+
+        :raises ValueError: a key that the constructor does not take.
+        """
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = set(config) - allowed
+        if unknown:
+            raise ValueError(f"{cls.__name__} does not take {sorted(unknown)}; expected keys "
+                             f"among {sorted(allowed)}")
+        return cls(**config)
+
+    def _register(self) -> None:
+        if not inputs_trusted():
+            pyro.module(self._pyro_name, self)
 
     @property
     def device(self) -> torch.device:
@@ -71,3 +97,9 @@ class LatentVariableModel(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; use x.float()")
         return x
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value

@@ -9,8 +9,9 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
+from pvae.contract import inputs_trusted
+from pvae.distributions import ReparamNormal
 from pvae.models.base import LatentVariableModel
-from pvae.models.distributions import ReparamNormal
 from pvae.models.likelihoods import make_likelihood
 from pvae.nn import MLP, GaussianEncoder
 
@@ -114,7 +115,7 @@ class CVAE(LatentVariableModel):
         ce = self.embed(c, x)
         if len(ce) != len(x):
             raise ValueError(f"c has {len(ce)} rows but x has {len(x)}")
-        if not self._inputs_trusted():
+        if not inputs_trusted():
             self.likelihood.check(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.prior(ce)
@@ -129,6 +130,14 @@ class CVAE(LatentVariableModel):
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.encoder(torch.cat([x, ce], -1))
             pyro.sample("z", ReparamNormal(loc, scale).to_event(1))
+
+    def imputation_parts(self, c, like: torch.Tensor):
+        """The pieces :func:`pvae.inference.impute` needs (see :meth:`VAE.imputation_parts`),
+        with the prior p(z | c) and guide q(z | x, c) for the conditioning ``c``."""
+        ce = self.embed(c, like)
+        loc, scale = self.prior(ce)
+        return (loc, scale, lambda z: self._decode_out(z, ce),
+                lambda x: self.encoder(torch.cat([x, ce], -1)))
 
     # -- conveniences --------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pvae.models.distributions import IndependentBernoulli
+from pvae.distributions import IndependentBernoulli
 
 __all__ = ["LIKELIHOODS", "Bernoulli", "ContinuousBernoulli", "Gaussian", "Laplace",
            "make_likelihood"]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pvae.contract import inputs_trusted
 from pvae.models.base import LatentVariableModel
 
 __all__ = ["PPCA"]
@@ -97,7 +98,7 @@ class PPCA(LatentVariableModel):
         x = self._check_x(x)
         if c is not None:
             raise ValueError("PPCA is unconditional and takes c=None")
-        if not self._inputs_trusted():
+        if not inputs_trusted():
             _check_finite(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0)

@@ -8,8 +8,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pvae.contract import inputs_trusted
+from pvae.distributions import ReparamNormal
 from pvae.models.base import LatentVariableModel
-from pvae.models.distributions import ReparamNormal
 from pvae.models.likelihoods import make_likelihood
 from pvae.nn import MLP, GaussianEncoder
 
@@ -68,7 +69,7 @@ class VAE(LatentVariableModel):
         self._register()
         x = self._check_x(x)
         self._check_c(c)
-        if not self._inputs_trusted():
+        if not inputs_trusted():
             self.likelihood.check(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc = x.new_zeros(x.shape[0], self.latent_dim)
@@ -87,6 +88,16 @@ class VAE(LatentVariableModel):
         if c is not None:
             raise ValueError("VAE is unconditional and takes c=None; use pvae.models.CVAE to "
                              "condition on c")
+
+    def imputation_parts(self, c, like: torch.Tensor):
+        """The pieces :func:`pvae.inference.impute` needs, for a batch like ``like``
+        ``(batch, x_dim)``: ``(prior_loc, prior_scale, decode, guide)`` with the prior's
+        ``(batch, latent_dim)`` parameters, ``decode(z)`` the likelihood's parameters for z
+        ``(..., batch, latent_dim)``, and ``guide(x)`` the guide's ``loc, scale`` for a filled-in
+        ``x`` ``(batch, x_dim)``."""
+        self._check_c(c)
+        zeros = like.new_zeros(like.shape[0], self.latent_dim)
+        return zeros, zeros + 1.0, self.decoder, self.encoder
 
     # -- conveniences --------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Network building blocks: MLPs and the Gaussian encoder head of amortized guides."""
+"""Gaussian heads of amortized guides and learned priors: a network of the conditioning
+input that outputs a location and a positive scale."""
 
 from __future__ import annotations
 
@@ -8,34 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "MLP", "GaussianEncoder"]
+from pvae.nn.mlp import ACTIVATIONS, MLP
 
-#: Activation functions by name (``--activation`` on the command line).
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
-
-
-class MLP(nn.Sequential):
-    """Fully connected network ``in_dim -> hidden_dims... -> out_dim``.
-
-    :param int in_dim: input width.
-    :param hidden_dims: widths of the hidden layers (may be empty: a linear map).
-    :param int out_dim: output width.
-    :param str activation: a key of :data:`ACTIVATIONS`, applied after every hidden layer.
-
-    Input ``(..., in_dim)``, output ``(..., out_dim)``.
-    """
-
-    def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int,
-                 activation: str = "relu"):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(ACTIVATIONS)}")
-        layers, width = [], in_dim
-        for h in hidden_dims:
-            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
-            width = h
-        layers.append(nn.Linear(width, out_dim))
-        super().__init__(*layers)
+__all__ = ["GaussianEncoder"]
 
 
 class GaussianEncoder(nn.Module):

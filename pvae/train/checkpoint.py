@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "get_rng_state", "load_checkpoint", "save_checkpoint",
-           "set_rng_state"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "get_rng_state", "load_checkpoint",
+           "save_checkpoint", "set_rng_state"]
 
+#: File name of the checkpoint in a run folder or ``checkpoint_dir``.
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -76,6 +77,6 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"].cpu())
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,131 @@
+"""``pvae evaluate``: metrics and figures of a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pvae import data, plots
+from pvae.inference import elbo_terms, impute, iw_log_likelihood
+from pvae.runs import load_data, load_run, write_json
+from pvae.stats import mean_stderr
+from pvae.train import History
+
+from .common import table
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="evaluate a trained run: metrics.json and figures")
+    e.add_argument("run", help="run folder written by pvae train or pvae ppca")
+    e.add_argument("--num-samples", type=int, default=5000,
+                   help="K for the IW log-likelihood (0 = skip it)")
+    e.add_argument("--iw-num-test", type=int, default=1000,
+                   help="test images for the IW estimate (0 = all)")
+    e.add_argument("--num-test", type=int, default=0, help="test images for the ELBO (0 = all)")
+    e.add_argument("--num-elbo-samples", type=int, default=1)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=run)
+
+
+def run(args) -> None:
+    run_dir = Path(args.run)
+    model, config, state = load_run(run_dir, args.device)
+    ds = load_data(config)
+    n = args.num_test or len(ds.x_test)
+    condition = config.get("condition") or "none"
+    x_test, c_test = data.split_condition(condition, ds.x_test[:n], ds.y_test[:n],
+                                          ds.image_shape)
+    terms = elbo_terms(model, x_test, c=c_test, num_samples=args.num_elbo_samples)
+    summary = terms.summary()
+    metrics = {"run": str(run_dir), "dataset": config["dataset"], "num_test": len(x_test),
+               "epochs": state["epoch"], "units": "nats per image",
+               "test_elbo": summary["elbo"], "test_elbo_stderr": summary["elbo_stderr"],
+               "reconstruction": summary["reconstruction"],
+               "reconstruction_stderr": summary["reconstruction_stderr"],
+               "kl": summary["kl"], "kl_stderr": summary["kl_stderr"],
+               "analytic_kl": summary["analytic_kl"],
+               "active_units": summary["active_units"], "latent_dim": summary["latent_dim"],
+               "kl_per_dim": summary.get("kl_per_dim")}
+    rows = [("test images", len(x_test)),
+            ("ELBO", f"{metrics['test_elbo']:.2f} ± {metrics['test_elbo_stderr']:.2f}"),
+            ("reconstruction E_q[log p(x|z)]",
+             f"{metrics['reconstruction']:.2f} ± {metrics['reconstruction_stderr']:.2f}"),
+            ("KL(q(z|x) || p(z))" if c_test is None else "KL(q(z|x,c) || p(z|c))",
+             f"{metrics['kl']:.2f} ± {metrics['kl_stderr']:.2f}"),
+            ("active units", f"{metrics['active_units']} of {metrics['latent_dim']}")]
+    if args.num_samples > 0:
+        m = args.iw_num_test or len(x_test)
+        x_iw, c_iw = x_test[:m], (None if c_test is None else c_test[:m])
+        iw = iw_log_likelihood(model, x_iw, c=c_iw, num_samples=args.num_samples, progress=True)
+        gap = iw.per_datapoint.double() - terms.elbo[: len(x_iw)].double()
+        gap_mean, gap_stderr = mean_stderr(gap)
+        metrics.update({
+            "iw_log_likelihood": iw.mean, "iw_log_likelihood_stderr": iw.stderr,
+            "iw_num_samples": args.num_samples, "iw_num_test": len(x_iw),
+            "iw_median_ess": iw.ess.median().item(),
+            "iw_minus_elbo": gap_mean, "iw_minus_elbo_stderr": gap_stderr,
+        })
+        rows += [(f"IW log p(x{'' if c_test is None else ' | c'}), K={args.num_samples} "
+                  f"({len(x_iw)} images)",
+                  f"{iw.mean:.2f} ± {iw.stderr:.2f}"),
+                 ("IW − ELBO gap (same images)",
+                  f"{metrics['iw_minus_elbo']:.2f} ± {metrics['iw_minus_elbo_stderr']:.2f}"),
+                 ("median ESS", f"{metrics['iw_median_ess']:.1f} of {args.num_samples}")]
+    print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs "
+          "(nats per image):")
+    print(table(rows))
+    write_json(run_dir / "metrics.json", metrics)
+    figures(model, config, state, x_test, c_test, metrics["kl_per_dim"], run_dir / "figures")
+    print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'figures'}/")
+
+
+def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> None:
+    """The figures of ``pvae evaluate``, as fit the model's conditioning."""
+    image_shape = tuple(config["image_shape"]) if config.get("image_shape") else None
+    condition = config.get("condition") or "none"
+    g = torch.Generator(device=model.device).manual_seed(config["seed"])
+    x_show = x_test[:10].to(model.device, model.dtype)
+    if image_shape and condition in data.CONDITIONS:
+        _structured_figure(model, condition, x_show, c_test[:10], image_shape, folder)
+    elif image_shape and condition == "label":
+        c_show = c_test[:10].to(model.device)
+        plots.reconstructions(model, x_show, image_shape, c=c_show,
+                              path=folder / "reconstructions.png")
+        plots.class_grids(model, image_shape, generator=g,
+                          paths=(folder / "style_fixed_class_varied.png",
+                                 folder / "class_fixed_style_varied.png"))
+    elif image_shape:
+        plots.reconstructions(model, x_show, image_shape, path=folder / "reconstructions.png")
+        plots.prior_samples(model, image_shape, generator=g, path=folder / "samples.png")
+        if model.latent_dim == 2:
+            plots.latent_manifold(model.decode, image_shape, path=folder / "latent_manifold.png",
+                                  device=model.device, dtype=model.dtype)
+    if kl_per_dim is not None:
+        plots.kl_per_dim(kl_per_dim, path=folder / "kl_per_dim.png")
+    if state["history"] and not (folder / "training_curve.png").is_file():
+        plots.training_curve(History(state["history"]), folder / "training_curve.png")
+
+
+def _structured_figure(model, condition, x, c, image_shape, folder: Path) -> None:
+    """Inputs (observed part, missing part grey), predictions E[x | z, c] for z from the
+    prior p(z | c), a posterior-mean imputation, and the ground truth."""
+    mask = data.condition_mask(image_shape, condition).to(model.device)
+    c = c.to(model.device, model.dtype)
+
+    def assemble(part):
+        full = torch.full((len(c), mask.numel()), 0.5, device=model.device, dtype=model.dtype)
+        full[:, mask] = c
+        if part is not None:
+            full[:, ~mask] = part
+        return full
+
+    prior_draws = [model.sample(len(c), c=c) for _ in range(2)]
+    imputed = impute(model, torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool), c=c,
+                     num_samples=200).mean
+    plots.image_grid([assemble(None), *[assemble(p) for p in prior_draws], assemble(imputed),
+                      assemble(x)], image_shape,
+                     row_labels=["input", "p(z|c) draw", "p(z|c) draw", "E[x | c]", "truth"],
+                     path=folder / "structured_prediction.png")

@@ -1,0 +1,132 @@
+"""``pvae train``: train a model on a dataset and write a run folder."""
+
+from __future__ import annotations
+
+import torch
+
+from pvae import data, plots
+from pvae.contract import resolve_device
+from pvae.inference import BASELINES, ESTIMATORS, GRADIENTS, make_schedule
+from pvae.models import LIKELIHOODS, MODELS
+from pvae.nn import ACTIVATIONS
+from pvae.runs import RunError, load_data, prepare_run
+from pvae.train import fit
+
+__all__ = ["add_parser", "run"]
+
+#: The models ``pvae train`` builds (``pvae ppca`` trains PPCA).
+TRAINABLE = ("vae", "cvae")
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model on a dataset and write a run folder")
+    t.add_argument("--dataset", default="fashion-mnist", choices=sorted(data.DATASETS))
+    t.add_argument("--data-dir", default=None, help="folder with the IDX files")
+    t.add_argument("--download", action="store_true",
+                   help="download the dataset's official files if they are found nowhere")
+    t.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
+    t.add_argument("--model", default="vae", choices=TRAINABLE)
+    t.add_argument("--latent-dim", type=int, default=50)
+    t.add_argument("--hidden-dims", type=int, nargs="+", default=[400])
+    t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
+    t.add_argument("--condition", default="none", choices=["none", "label", *data.CONDITIONS],
+                   help="cvae: condition on the class label or on part of the image")
+    t.add_argument("--prior", default="standard", choices=["standard", "learned"],
+                   help="cvae: N(0, I) or a learned p(z | c)")
+    t.add_argument("--likelihood-scale", default="learned",
+                   help="'learned' or a fixed float (gaussian/laplace)")
+    t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
+    t.add_argument("--num-epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--estimator", default="reparam", choices=sorted(ESTIMATORS))
+    t.add_argument("--num-particles", type=int, default=1)
+    t.add_argument("--analytic-kl", action="store_true")
+    t.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
+    t.add_argument("--kl-warmup-steps", type=int, default=0,
+                   help="anneal beta linearly from 0 over this many steps")
+    t.add_argument("--kl-cycle-steps", type=int, default=0,
+                   help="cyclical annealing of beta with this period (steps)")
+    t.add_argument("--baseline", default="none", choices=["none", *[b for b in BASELINES if b]],
+                   help="score-function baseline (--estimator score)")
+    t.add_argument("--gradient", default="standard", choices=list(GRADIENTS),
+                   help="IWAE gradient: standard or dreg (--estimator iwae)")
+    t.add_argument("--num-train", type=int, default=0, help="use the first N images (0 = all)")
+    t.add_argument("--num-val", type=int, default=1000,
+                   help="validation ELBO on the first N test images each epoch (0 = none)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda...")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run)
+
+
+def model_arguments(args, ds: data.Splits) -> dict:
+    """The constructor arguments of ``--model`` for this dataset and ``--condition``.
+
+    :raises RunError: a conditional model without a condition, or the other way round.
+    """
+    kwargs = dict(x_dim=ds.x_dim, latent_dim=args.latent_dim, hidden_dims=args.hidden_dims,
+                  likelihood=args.likelihood, likelihood_scale=args.likelihood_scale,
+                  activation=args.activation)
+    if args.model != "cvae":
+        if args.condition != "none":
+            raise RunError(f"--condition {args.condition} needs --model cvae")
+        return kwargs
+    if args.condition == "none":
+        raise RunError("--model cvae needs --condition label, top-half or quadrant")
+    if args.condition == "label":
+        kwargs["num_classes"] = ds.num_classes
+    else:
+        mask = data.condition_mask(ds.image_shape, args.condition)
+        kwargs["x_dim"], kwargs["c_dim"] = int((~mask).sum()), int(mask.sum())
+    return {**kwargs, "prior": args.prior}
+
+
+def run(args) -> None:
+    binarize = None if args.binarize == "none" else args.binarize
+    config = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
+        "binarize": binarize, "model": args.model, "latent_dim": args.latent_dim,
+        "hidden_dims": args.hidden_dims, "likelihood": args.likelihood,
+        "likelihood_scale": args.likelihood_scale, "activation": args.activation,
+        "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "estimator": args.estimator, "num_particles": args.num_particles,
+        "analytic_kl": args.analytic_kl, "beta": args.beta,
+        "kl_warmup_steps": args.kl_warmup_steps, "kl_cycle_steps": args.kl_cycle_steps,
+        "baseline": None if args.baseline == "none" else args.baseline,
+        "gradient": args.gradient, "seed": args.seed, "num_train": args.num_train,
+        "num_val": args.num_val, "condition": args.condition, "prior": args.prior,
+    }
+    ds = load_data(config)
+    config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
+    kwargs = model_arguments(args, ds)
+    torch.manual_seed(args.seed)
+    model = MODELS[args.model](**kwargs)
+    config["model_config"] = model.config
+    out = prepare_run(args.out, config, resume=args.resume)
+
+    n = args.num_train or len(ds.x_train)
+    x_train, c_train, fit_binarize = data.training_pairs(
+        args.condition, ds.x_train[:n], ds.y_train[:n], ds.image_shape, binarize)
+    x_val, c_val = data.split_condition(args.condition, ds.x_test[: args.num_val],
+                                        ds.y_test[: args.num_val], ds.image_shape)
+    if not args.num_val:
+        x_val = c_val = None
+    history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
+                  num_epochs=args.num_epochs, batch_size=args.batch_size, lr=args.lr,
+                  estimator=args.estimator, num_particles=args.num_particles,
+                  analytic_kl=args.analytic_kl,
+                  beta=make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps),
+                  baseline=config["baseline"], gradient=args.gradient,
+                  device=resolve_device(args.device), seed=args.seed, binarize=fit_binarize,
+                  checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
+                  config=config)
+    history.to_csv(out / "history.csv")
+    plots.training_curve(history, out / "figures" / "training_curve.png")
+    last = history[-1] if len(history) else {}
+    print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
+          f"train ELBO {last.get('train_elbo', float('nan')):.2f}, "
+          f"val ELBO {last.get('val_elbo', float('nan')):.2f} nats/image, "
+          f"{last.get('images_per_s', float('nan')):.0f} images/s -> {out}")

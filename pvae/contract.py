@@ -1,0 +1,100 @@
+"""The model contract of ``DESIGN.md`` in code: the checks and conventions that models,
+inference and the training engine share, in one place.
+
+- :func:`check_model`: an object with ``model`` and ``guide`` Pyro programs.
+- :func:`trusted_inputs` / :func:`inputs_trusted`: a training loop that has checked the whole
+  dataset once tells built-in models to skip their per-call checks.
+- :func:`resolve_device`, :func:`placement`, :func:`to_placement`: where a model and its data
+  live, the same rule for training and evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+from torch import nn
+
+__all__ = ["check_model", "inputs_trusted", "placement", "resolve_device", "to_placement",
+           "trusted_inputs"]
+
+_TRUSTED = contextvars.ContextVar("pvae_trusted_inputs", default=False)
+
+
+def check_model(model, who: str) -> None:
+    """Raise a :class:`TypeError` naming ``who`` unless ``model`` has ``model`` and ``guide``
+    methods (the model contract)."""
+    if not (callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))):
+        raise TypeError(f"{who} needs an object with model(x, c=None) and guide(x, c=None) "
+                        f"methods (the model contract), got {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Within this context built-in models skip their per-call data checks and ``pyro.module``
+    registration: a training loop enters it after it has checked the whole dataset once and
+    collected the parameters, so that the steps do not pay for them."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def inputs_trusted() -> bool:
+    """True inside :func:`trusted_inputs` or while ``torch.jit`` traces."""
+    return _TRUSTED.get() or torch.jit.is_tracing()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device(device)``.
+
+    :raises ValueError: CUDA was asked for but this torch build or machine has none.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available; install a "
+                         "CUDA build of torch (see the README) or use device='cpu'")
+    return device
+
+
+def _first_tensor(model):
+    if isinstance(model, nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                return t
+    return None
+
+
+def placement(model, device="auto", like: torch.Tensor | None = None
+              ) -> tuple[torch.device, torch.dtype]:
+    """Where a model runs and in which floating-point dtype its data must be.
+
+    ``device="auto"`` means where the model's tensors are (its first floating-point parameter
+    or buffer; for a model without any, the device of ``like``, the data); any other value is
+    resolved by :func:`resolve_device`. The dtype is the model's (``model.double()`` works in
+    float64), else that of ``like``, else torch's default.
+    """
+    first = _first_tensor(model)
+    if device == "auto":
+        device = first.device if first is not None else (
+            like.device if isinstance(like, torch.Tensor) else torch.device("cpu"))
+    else:
+        device = resolve_device(device)
+    if first is not None:
+        dtype = first.dtype
+    elif isinstance(like, torch.Tensor) and like.is_floating_point():
+        dtype = like.dtype
+    else:
+        dtype = torch.get_default_dtype()
+    return device, dtype
+
+
+def to_placement(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device``; floating-point tensors also in ``dtype`` (labels stay integers)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

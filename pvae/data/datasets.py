@@ -1,0 +1,100 @@
+"""The dataset registry and :func:`load`: real images (Fashion-MNIST, MNIST, scikit-learn
+digits) and synthetic PPCA data, optionally binarized.
+
+Every dataset follows the data contract of ``DESIGN.md``: ``x`` is a float32 tensor of shape
+``(N, D)`` with images flattened and ``image_shape`` kept for plotting, labels are int64 of
+shape ``(N,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pvae.data.binarize import binarize as _binarize
+from pvae.data.idx import load_idx_dataset
+from pvae.data.splits import Splits
+
+__all__ = ["DATASETS", "load"]
+
+
+
+def _load_digits(data_dir=None, download=False, seed=0, test_fraction=0.2) -> Splits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    num_test = int(round(test_fraction * len(x)))
+    test, train = perm[:num_test], perm[num_test:]
+    return Splits(x[train], x[test], y[train], y[test], (8, 8), 10, "digits")
+
+
+def _load_synthetic_ppca(data_dir=None, download=False, seed=0, num_train=5000, num_test=1000,
+                         x_dim=20, latent_dim=3, sigma=0.5) -> Splits:
+    """Data from z ~ N(0, I_q), x = W z + mu + sigma * eps with known W, mu, sigma."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(x_dim, latent_dim, generator=g) * 2.0
+    mu = torch.randn(x_dim, generator=g)
+
+    def draw(n):
+        z = torch.randn(n, latent_dim, generator=g)
+        return z @ W.T + mu + sigma * torch.randn(n, x_dim, generator=g)
+
+    x_train, x_test = draw(num_train), draw(num_test)
+    zeros = torch.zeros
+    return Splits(x_train, x_test, zeros(num_train, dtype=torch.int64),
+                   zeros(num_test, dtype=torch.int64), None, 1, "synthetic-ppca",
+                   params={"W": W, "mu": mu, "sigma": sigma})
+
+
+#: Registry of dataset loaders, by the name used in :func:`load` and on the command line.
+DATASETS: dict[str, Callable[..., Splits]] = {
+    "fashion-mnist": lambda data_dir=None, download=False, seed=0: load_idx_dataset(
+        "fashion-mnist", data_dir, download),
+    "mnist": lambda data_dir=None, download=False, seed=0: load_idx_dataset(
+        "mnist", data_dir, download),
+    "digits": _load_digits,
+    "synthetic-ppca": _load_synthetic_ppca,
+}
+
+
+def load(name: str, *, data_dir=None, binarize: str | None = None, seed: int = 0,
+         download: bool = False) -> Splits:
+    """Load a dataset by name.
+
+    :param str name: one of :data:`DATASETS` (``fashion-mnist``, ``mnist``, ``digits``,
+        ``synthetic-ppca``).
+    :param data_dir: folder holding the IDX files (searched first, see :func:`pvae.data.search_paths`).
+    :param binarize: ``None`` (grayscale), ``"static"`` (train and test binarized once with
+        ``seed``) or ``"dynamic"`` (only the test set is binarized once with ``seed``, for
+        evaluation as in Burda et al. 2015; pass ``binarize="dynamic"`` to
+        :func:`pvae.inference.fit` to resample the training set every epoch).
+    :param int seed: seed for binarization and for the digits train/test split.
+    :param bool download: fetch the official files into ``~/.cache/pvae/<name>`` (or
+        ``data_dir``) when they are found nowhere. Off by default: nothing is downloaded
+        unless asked.
+    :raises ValueError: unknown dataset name or binarization mode, or binarizing data that
+        are not intensities in [0, 1].
+    :raises DataNotFoundError: no files found; the message lists every folder searched.
+    :raises IDXError: truncated or corrupt files.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    if binarize not in (None, "static", "dynamic"):
+        raise ValueError(f"binarize must be None, 'static' or 'dynamic', got {binarize!r}")
+    ds = DATASETS[name](data_dir=data_dir, download=download, seed=seed)
+    if binarize is not None:
+        if name == "synthetic-ppca":
+            raise ValueError("synthetic-ppca data are real-valued and cannot be binarized; "
+                             "use binarize=None with a gaussian likelihood")
+        if binarize == "static":
+            ds.x_train = _binarize(ds.x_train, seed=seed)
+        ds.x_test = _binarize(ds.x_test, seed=seed + 1)
+        ds.binarized = binarize
+    return ds
+
+

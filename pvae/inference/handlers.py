@@ -1,0 +1,97 @@
+"""Effect handlers that turn any model and guide into the program an objective needs:
+:class:`scale_latents` (beta-weighted KL) and :class:`score_function` (REINFORCE gradients with
+baselines)."""
+
+from __future__ import annotations
+
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pvae.distributions import base_dist
+
+__all__ = ["BASELINES", "scale_latents", "score_function"]
+
+#: Baseline options of the score-function estimator.
+BASELINES = (None, "average", "neural")
+
+
+class scale_latents(Messenger):
+    """Multiply the log-density of every **latent** sample site by ``beta`` (observed sites are
+    left alone), in the model and the guide alike: the beta-VAE objective
+    E_q[log p(x|z)] - beta KL(q || p) (Higgins et al. 2017) for any model.
+
+    ``beta`` is read at every site, so a training loop may change it between steps.
+    """
+
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg) \
+                and self.beta != 1.0:
+            msg["scale"] = self.beta * msg["scale"]
+
+
+def baseline_key(site_name: str) -> str:
+    """The key of a site's neural baseline in an ``nn.ModuleDict`` (which refuses dots)."""
+    return site_name.replace(".", "__dot__")
+
+
+class score_function(Messenger):
+    """Force the score-function (REINFORCE) gradient estimator on every latent site of a guide,
+    and optionally attach Pyro baselines to them.
+
+    Works on any guide: it acts on each site's base distribution (under ``Independent``
+    wrappers, where ``has_rsample_`` cannot be called) after the plates have expanded it.
+
+    :param str baseline: ``None``, ``"average"`` (the constant ``average``: a decaying average
+        of past per-datapoint ELBOs kept by the score-function estimator; Pyro's own
+        decaying-average baseline keeps one value per position in the batch, which does not fit
+        shuffled mini-batches) or ``"neural"`` (a small MLP of ``baseline_input`` per site,
+        trained on the squared error to the downstream cost; Mnih & Gregor 2014).
+    :param float average: the value of the ``"average"`` baseline.
+    :param baseline_input: tensor ``(N, D)`` fed to neural baselines (usually ``x``).
+    :param nets: an ``nn.ModuleDict`` holding the neural baseline networks, keyed by
+        :func:`baseline_key` of the site name; created there on first use, so that whoever owns
+        the dict owns (trains and saves) the networks.
+    """
+
+    def __init__(self, baseline: str | None = None, baseline_input=None, nets=None,
+                 average: float = 0.0, hidden_dim: int = 64):
+        super().__init__()
+        if baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {baseline!r}; choose one of {list(BASELINES)}")
+        if baseline is not None and baseline_input is None:
+            raise ValueError("baselines need baseline_input (the data x)")
+        self.baseline, self.baseline_input = baseline, baseline_input
+        self.nets = nn.ModuleDict() if nets is None else nets
+        self.average, self.hidden_dim = average, hidden_dim
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        base = base_dist(msg["fn"])
+        if base.has_rsample:
+            if not hasattr(base, "has_rsample_"):
+                raise TypeError(f"site {msg['name']!r}: cannot switch {type(base).__name__} to "
+                                "score-function gradients; use pyro.distributions")
+            base.has_rsample_(False)
+        if self.baseline == "average":
+            x = self.baseline_input
+            value = torch.full(msg["fn"].batch_shape, self.average, dtype=x.dtype, device=x.device)
+            msg["infer"] = {**msg["infer"], "baseline": {"baseline_value": value}}
+        elif self.baseline == "neural":
+            x = self.baseline_input
+            key = baseline_key(msg["name"])
+            if key not in self.nets:
+                self.nets[key] = nn.Sequential(
+                    nn.Linear(x.shape[-1], self.hidden_dim), nn.Tanh(),
+                    nn.Linear(self.hidden_dim, 1)).to(device=x.device, dtype=x.dtype)
+            net = self.nets[key]
+            shape = msg["fn"].batch_shape
+            msg["infer"] = {**msg["infer"], "baseline": {
+                "nn_baseline": lambda inp, net=net: net(inp).squeeze(-1),
+                "nn_baseline_input": x.expand(*shape, x.shape[-1]) if shape else x}}

@@ -1,0 +1,300 @@
+r"""Training objectives: gradient estimators of the ELBO and the IWAE bound, and
+:class:`SVIObjective`, which binds one to a model as the module a training loop steps.
+
+An estimator is an ``nn.Module`` called as ``estimator(model, guide, *args)`` that returns
+``(objective, surrogate)``: the objective's value (summed over the mini-batch, nats, no
+gradient) and a surrogate loss whose gradient is the estimator's gradient of ``-objective``.
+Whatever an estimator learns or keeps between steps (baselines) is in its ``state_dict()``.
+All estimators work on any model meeting the model contract.
+
+- ``"reparam"``: Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``), the
+  L-sample ELBO with reparameterized gradients (Bishop & Bishop, Deep Learning, eq. 19.16).
+- ``"score"``: Pyro's ``TraceGraph_ELBO`` with every latent site of the guide forced to the
+  score-function (REINFORCE) estimator by :class:`~pvae.inference.handlers.score_function`,
+  optionally with a decaying-average or neural baselines (Mnih & Gregor 2014).
+- ``"iwae"``: the importance-weighted bound (Burda et al. 2015, eq. 8), per datapoint, with the
+  standard or the doubly-reparameterized gradient (DReG; Tucker et al. 2019, eq. 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from torch import nn
+
+from pvae.contract import trusted_inputs
+from pvae.distributions import base_dist, detached
+from pvae.inference.handlers import BASELINES, scale_latents, score_function
+from pvae.inference.schedules import Constant, make_schedule
+from pvae.inference.traces import (
+    log_prob,
+    max_plate_nesting,
+    reduce_site,
+    site_shaped,
+    sites,
+    traces,
+)
+from pvae.stats import logmeanexp
+
+__all__ = ["ESTIMATORS", "GRADIENTS", "IWAEEstimator", "ReparamEstimator", "SVIObjective",
+           "ScoreEstimator", "make_estimator"]
+
+#: Gradient variants of the IWAE estimator.
+GRADIENTS = ("standard", "dreg")
+
+
+class ReparamEstimator(nn.Module):
+    """The (multi-sample) ELBO with reparameterized gradients through Pyro's ``Trace_ELBO``
+    (``TraceMeanField_ELBO`` when ``analytic_kl``); particles are vectorized."""
+
+    def __init__(self, num_particles: int = 1, analytic_kl: bool = False):
+        super().__init__()
+        cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
+        self.elbo = cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
+
+    def forward(self, model, guide, *args):
+        loss = self.elbo.differentiable_loss(model, guide, *args)
+        return -loss.detach(), loss
+
+
+class _TraceGraphSurrogate(TraceGraph_ELBO):
+    """``TraceGraph_ELBO`` returning its ELBO estimate and surrogate loss without calling
+    ``backward`` (which ``loss_and_grads`` does), so that the training loop owns the backward
+    pass. The one place where pvae relies on a Pyro method outside its public API."""
+
+    def loss_and_surrogate(self, model, guide, *args):
+        return self._loss_and_surrogate_loss(model, guide, args, {})
+
+
+class ScoreEstimator(nn.Module):
+    """The ELBO with score-function gradients for every latent site of the guide, through
+    Pyro's ``TraceGraph_ELBO`` (which uses the model's dependency structure to keep only the
+    downstream costs of each site) and :class:`~pvae.inference.handlers.score_function`.
+
+    State (``state_dict``): the neural baselines' networks (``nets``, by site name) and the
+    decaying average of the per-datapoint ELBO used by the ``"average"`` baseline.
+    """
+
+    def __init__(self, num_particles: int = 1, baseline: str | None = None,
+                 baseline_beta: float = 0.9):
+        super().__init__()
+        if baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {baseline!r}; choose one of {list(BASELINES)}")
+        self.elbo = _TraceGraphSurrogate(num_particles=num_particles,
+                                         vectorize_particles=num_particles > 1)
+        self.baseline, self.baseline_beta = baseline, baseline_beta
+        self.nets = nn.ModuleDict()
+        self.average = None  # decaying average of the per-datapoint ELBO
+
+    def forward(self, model, guide, *args):
+        average = 0.0 if self.average is None else self.average
+
+        def scored_guide(*a):
+            with score_function(self.baseline, a[0], self.nets, average):
+                return guide(*a)
+
+        elbo, surrogate = self.elbo.loss_and_surrogate(model, scored_guide, *args)
+        elbo = torch.as_tensor(elbo).detach()
+        per_datapoint = elbo.item() / args[0].shape[0]
+        self.average = per_datapoint if self.average is None else (
+            self.baseline_beta * self.average + (1 - self.baseline_beta) * per_datapoint)
+        return elbo, surrogate
+
+    def get_extra_state(self):
+        return {"average": self.average}
+
+    def set_extra_state(self, state):
+        self.average = state["average"]
+
+
+class IWAEEstimator(nn.Module):
+    r"""The importance-weighted bound, per datapoint n (Burda et al. 2015, eq. 8):
+
+    .. math:: \mathcal{L}_K(x_n) = s_n \log \frac{1}{K} \sum_k \exp\Big(\log p(x_n|z_k)
+              + \beta_n \big(\log p(z_k) - \log q(z_k|x_n)\big)\Big)
+
+    with log-probs computed unscaled; ``s_n`` is the observed site's scale (mini-batch scaling,
+    any common ``poutine.scale``), which multiplies the bound **after** the log-mean-exp (Pyro's
+    ``RenyiELBO`` scales inside it, see pyro-ppl/pyro #3104, #2220), and
+    ``beta_n = s_latent / s_n`` is the extra scale of the latent sites (beta / KL annealing
+    through :class:`~pvae.inference.handlers.scale_latents`; 1 by default, the plain IWAE bound).
+
+    :param int num_particles: K.
+    :param str gradient: ``"standard"`` or ``"dreg"``, the doubly-reparameterized gradient of
+        Tucker, Lawson, Gu & Maddison (2019), eq. (7): the guide's parameters get
+        sum_k w~_k^2 d log w_k / dz_k dz_k/dphi (log q with stopped parameters), the model's
+        the standard sum_k w~_k grad log w_k. DReG needs reparameterizable guide sites; with
+        several guide sites it treats them as conditionally independent given x.
+    """
+
+    def __init__(self, num_particles: int = 1, gradient: str = "standard"):
+        super().__init__()
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
+        self.num_particles, self.gradient = num_particles, gradient
+        self._nesting = None  # found by tracing once, on the first call
+
+    def forward(self, model, guide, *args):
+        K, N = self.num_particles, args[0].shape[0]
+        if self._nesting is None:
+            self._nesting = max_plate_nesting(model, guide, args)
+        nesting = self._nesting
+        guide_tr, model_tr = traces(model, guide, args, K, nesting)
+        obs_scale = None
+        log_w = args[0].new_zeros(K, N)
+        for name, site in sites(model_tr, True):
+            log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting)
+            obs_scale = site["scale"]
+        if obs_scale is None:
+            raise ValueError("the model has no observed site")
+        dreg = self.gradient == "dreg"
+        for name, site in sites(model_tr, False):
+            beta = site["scale"] / obs_scale
+            log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting)
+        for name, site in sites(guide_tr, False):
+            fn = site["fn"]
+            if dreg:
+                if not fn.has_rsample:
+                    raise ValueError(f"gradient='dreg' needs reparameterizable guide sites; "
+                                     f"{name!r} is {type(base_dist(fn)).__name__}")
+                fn = detached(fn)
+            beta = site["scale"] / obs_scale
+            log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting)
+        objective = (obs_scale * logmeanexp(log_w, 0)).sum()
+        if not dreg:
+            return objective.detach(), -objective
+        w_tilde = torch.softmax(log_w.detach(), 0)  # (K, N)
+        for _, site in sites(guide_tr, False):
+            z = site["value"]
+            if z.requires_grad:
+                # z's batch dims hold the particle and data dims; broadcast w~ onto them
+                weight = site_shaped(w_tilde, site, nesting)
+                z.register_hook(lambda g, w=weight: g * w)
+        surrogate = -(obs_scale * (w_tilde * log_w).sum(0)).sum()
+        return objective.detach(), surrogate
+
+
+#: Registry of estimators by name (``--estimator`` on the command line), with the options
+#: each one takes besides ``num_particles``.
+ESTIMATORS = {"reparam": ReparamEstimator, "score": ScoreEstimator, "iwae": IWAEEstimator}
+_OPTIONS = {"reparam": "analytic_kl", "score": "baseline", "iwae": "gradient"}
+_DEFAULTS = {"analytic_kl": False, "baseline": None, "gradient": "standard"}
+
+
+def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
+                   analytic_kl: bool = False, baseline: str | None = None,
+                   gradient: str = "standard") -> nn.Module:
+    """Build an estimator by name.
+
+    :param str estimator: ``"reparam"``, ``"score"`` or ``"iwae"``.
+    :param int num_particles: samples per datapoint (K for IWAE), >= 1.
+    :param bool analytic_kl: closed-form KL (``reparam`` only).
+    :param baseline: ``None``, ``"average"`` or ``"neural"`` (``score`` only).
+    :param str gradient: ``"standard"`` or ``"dreg"`` (``iwae`` only).
+    :raises ValueError: unknown names, ``num_particles < 1``, or options that do not apply to
+        the estimator.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+    if not (isinstance(num_particles, int) and num_particles >= 1):
+        raise ValueError(f"Expected num_particles >= 1, got {num_particles!r}")
+    options = {"analytic_kl": analytic_kl, "baseline": baseline, "gradient": gradient}
+    for name, value in options.items():
+        if value != _DEFAULTS[name] and _OPTIONS[estimator] != name:
+            owner = next(k for k, v in _OPTIONS.items() if v == name)
+            raise ValueError(f"{name} applies to estimator={owner!r} only (got {name}={value!r} "
+                             f"with estimator={estimator!r})")
+    option = _OPTIONS[estimator]
+    return ESTIMATORS[estimator](num_particles, options[option])
+
+
+class SVIObjective(nn.Module):
+    """The training objective of one model: an estimator bound to the model's programs, with
+    beta / KL annealing, as the module a training loop steps.
+
+    ``objective(*batch)`` returns ``(value, loss)``, both per datapoint: the objective's value
+    (the beta-weighted ELBO or IWAE bound, nats, no gradient) and the surrogate loss to
+    differentiate. The model's own ``state_dict`` is not part of this module's (it is saved
+    beside it); the estimator's state and the values of Pyro param-store parameters that the
+    programs use (user models with ``pyro.param``) are.
+
+    :param model: an object meeting the model contract.
+    :param estimator: from :func:`make_estimator`.
+    :param beta: a float or a schedule ``step -> beta`` (:mod:`pvae.inference.schedules`),
+        applied to the latent sites with :class:`~pvae.inference.handlers.scale_latents`.
+
+    :ivar bool trusted: set it once the whole dataset has been checked: steps then run with
+        Pyro's validation off and built-in models skip their per-call checks
+        (:func:`pvae.contract.trusted_inputs`).
+    """
+
+    def __init__(self, model, estimator: nn.Module, beta=1.0):
+        super().__init__()
+        self.estimator = estimator
+        self.schedule = make_schedule(beta)
+        self.kl_scale = scale_latents(self.schedule(0))
+        object.__setattr__(self, "program", model)  # not a submodule: saved on its own
+        if isinstance(self.schedule, Constant) and self.schedule.beta == 1.0:
+            self._model, self._guide = model.model, model.guide  # plain ELBO: no handler
+        else:
+            self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
+        self._store_names: list[str] = []
+        self.trusted = False
+
+    def forward(self, *batch):
+        with contextlib.ExitStack() as stack:
+            if self.trusted:
+                stack.enter_context(trusted_inputs())
+                stack.enter_context(pyro.validation_enabled(False))
+            value, surrogate = self.estimator(self._model, self._guide, *batch)
+        n = batch[0].shape[0]
+        return value / n, surrogate / n
+
+    def set_step(self, step: int) -> None:
+        """Set beta for optimizer step ``step`` (counted from 0 over the whole run)."""
+        self.kl_scale.beta = self.schedule(step)
+
+    def metrics(self) -> dict:
+        """Settings of the current step worth recording in the history."""
+        return {"beta": self.kl_scale.beta}
+
+    def trainable_parameters(self, *batch) -> list[torch.Tensor]:
+        """The model's ``nn.Module`` parameters, this objective's own (neural baselines) and
+        the Pyro param-store parameters that the programs touch on ``batch`` (found with a
+        param-only trace, as ``pyro.infer.SVI`` does), without duplicates. Runs the objective
+        once on ``batch``, which also creates lazily built parts.
+
+        :raises ValueError: there is nothing to train.
+        """
+        with poutine.trace(param_only=True) as tr:
+            self(*batch)
+        params = {}
+        if isinstance(self.program, nn.Module):
+            params.update((id(p), p) for p in self.program.parameters() if p.requires_grad)
+        params.update((id(p), p) for p in self.parameters() if p.requires_grad)
+        own = set(params)
+        for site in tr.trace.nodes.values():
+            p = site["value"].unconstrained()
+            params.setdefault(id(p), p)
+        if not params:
+            raise ValueError("the model and guide have no trainable parameters: register networks "
+                             "with pyro.module(...) or make the model a torch.nn.Module")
+        store = dict(pyro.get_param_store().named_parameters())
+        self._store_names = [k for k, p in store.items() if id(p) in params and id(p) not in own]
+        return list(params.values())
+
+    def get_extra_state(self):
+        store = dict(pyro.get_param_store().named_parameters())
+        return {"param_store": {k: store[k].detach().clone() for k in self._store_names
+                                if k in store}}
+
+    def set_extra_state(self, state):
+        store = dict(pyro.get_param_store().named_parameters())
+        with torch.no_grad():
+            for name, value in state.get("param_store", {}).items():
+                if name in store:
+                    store[name].copy_(value)

@@ -1,0 +1,166 @@
+r"""Shared trace code: the guide traced and the model replayed against it, with vectorized
+particles, and the per-datapoint reduction of every site's log-density. Objectives and
+evaluation import this module and never each other.
+
+Everything here takes plain callables ``model(*args)`` and ``guide(*args)`` (Pyro programs
+meeting the model contract) and a tuple ``args`` of their positional arguments. For every
+datapoint n and particle k each site's **unscaled** log-probability is summed over its event
+dims and over every plate except ``"data"``, giving
+
+    log w_nk = log p(x_n | z_nk) + log p(z_nk) - log q(z_nk | x_n),   z_nk ~ q(z | x_n).
+
+Particles are vectorized with an outer plate to the left of the model's own plates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+
+__all__ = ["PARTICLE_PLATE", "Weights", "features", "log_prob", "max_plate_nesting",
+           "reduce_site", "site_shaped", "sites", "traces", "weights"]
+
+#: Name of the plate that vectorizes particles.
+PARTICLE_PLATE = "_pvae_particles"
+
+_OUTSIDE_DATA = ("sample site {name!r} is outside pyro.plate('data', ...); per-datapoint "
+                 "estimates need every sample site of the model and guide inside the 'data' "
+                 "plate (global latent variables have no per-datapoint weight)")
+
+
+def sites(trace, observed: bool | None):
+    """``(name, site)`` of the sample sites that carry a density: observed ones (``True``),
+    latent ones (``False``) or both (``None``); subsample, deterministic and auxiliary sites
+    are skipped."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if site["infer"].get("_deterministic") or site["infer"].get("is_auxiliary"):
+            continue
+        if observed is None or bool(site["is_observed"]) == observed:
+            yield name, site
+
+
+def _data_frame(name, site):
+    for frame in site["cond_indep_stack"]:
+        if frame.name == "data":
+            return frame
+    raise ValueError(_OUTSIDE_DATA.format(name=name))
+
+
+def traces(model, guide, args: tuple, num_particles: int | None = None,
+           nesting: int = 0):
+    """``(guide_trace, model_trace)``: the guide traced and the model replayed against it,
+    with ``num_particles`` vectorized particles in a plate at dim ``-(nesting + 1)`` (none when
+    ``num_particles`` is ``None``); the param store sees no new registrations."""
+    with poutine.block():
+        particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
+                     if num_particles is not None else contextlib.nullcontext())
+        with particles:
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    return guide_tr, model_tr
+
+
+def max_plate_nesting(model, guide, args: tuple) -> int:
+    """Trace once without particles: check that every sample site lies in the ``"data"``
+    plate and return the deepest plate nesting.
+
+    :raises ValueError: a sample site outside the ``"data"`` plate.
+    """
+    guide_tr, model_tr = traces(model, guide, args)
+    for tr in (guide_tr, model_tr):
+        for name, site in sites(tr, None):
+            _data_frame(name, site)
+    dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in sites(tr, None)
+            for f in s["cond_indep_stack"] if f.vectorized]
+    return max(dims, default=0)
+
+
+def reduce_site(name, site, lp, num_particles, num_data, nesting) -> torch.Tensor:
+    """Sum ``lp`` (the site's batch-shaped log-density or KL) over every dim but the particle
+    and ``"data"`` dims; returns ``(num_particles, num_data)``.
+
+    :raises ValueError: the site is outside the ``"data"`` plate, or ``lp`` has more dims
+        than the site's plates.
+    """
+    data_dim = _data_frame(name, site).dim
+    rank = nesting + 1
+    if lp.dim() > rank:
+        raise ValueError(f"site {name!r} has batch shape {tuple(lp.shape)} with more dims than "
+                         "its plates; declare the extra dims as event dims with .to_event(...)")
+    lp = lp.reshape((1,) * (rank - lp.dim()) + lp.shape)
+    other = [d for d in range(-rank + 1, 0) if d != data_dim]
+    if other:
+        lp = lp.sum(other, keepdim=True)
+    return lp.reshape(lp.shape[-rank], lp.shape[data_dim]).expand(num_particles, num_data)
+
+
+def log_prob(site, fn=None) -> torch.Tensor:
+    """The site's log-density at its value, batch-shaped, with its mask applied but **not**
+    its scale (``poutine.scale``: beta, subsampling); ``fn`` replaces the site's distribution
+    (e.g. with detached parameters)."""
+    lp = (site["fn"] if fn is None else fn).log_prob(site["value"])
+    return scale_and_mask(lp, 1.0, site["mask"])
+
+
+def site_shaped(t: torch.Tensor, site, nesting: int) -> torch.Tensor:
+    """Place a ``(K, N)`` tensor on a site value's particle and ``"data"`` dims, with size-1
+    dims elsewhere, so that it broadcasts against the value."""
+    K, N = t.shape
+    rank = nesting + 1
+    shape = [1] * rank
+    shape[0], shape[rank + _data_frame("?", site).dim] = K, N
+    return t.reshape(shape + [1] * len(site["fn"].event_shape))
+
+
+def features(site, t: torch.Tensor, nesting: int) -> torch.Tensor:
+    """Rearrange a site-shaped tensor (batch dims, then the site's event dims) to
+    ``(K or 1, N, features)``: the particle dim, the ``"data"`` dim, everything else flat."""
+    event_dims = len(site["fn"].event_shape)
+    rank = nesting + 1
+    t = t.reshape((1,) * (rank + event_dims - t.dim()) + t.shape)
+    t = t.movedim(rank + _data_frame("?", site).dim, 1)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+@dataclass
+class Weights:
+    """Per-datapoint log-densities of one set of particles, each ``(K, N)``, nats."""
+
+    log_likelihood: torch.Tensor  #: log p(x | z), the observed sites
+    log_prior: torch.Tensor  #: log p(z), the model's latent sites
+    log_guide: torch.Tensor  #: log q(z | x)
+    guide_trace: object
+    model_trace: object
+
+    @property
+    def log_weight(self) -> torch.Tensor:
+        """log p(x, z) - log q(z | x), ``(K, N)``."""
+        return self.log_likelihood + self.log_prior - self.log_guide
+
+
+def weights(model, guide, args: tuple, num_particles: int, nesting: int) -> Weights:
+    """Trace ``num_particles`` vectorized particles for the batch ``args`` (``args[0]`` is
+    ``(N, ...)``) and reduce every site to ``(K, N)``.
+
+    :raises ValueError: the model has no observed site, or a site is outside ``"data"``.
+    """
+    guide_tr, model_tr = traces(model, guide, args, num_particles, nesting)
+    x = args[0]
+    shape = (num_particles, x.shape[0])
+    parts = {"obs": x.new_zeros(shape), "prior": x.new_zeros(shape), "guide": x.new_zeros(shape)}
+    for key, tr, observed in (("obs", model_tr, True), ("prior", model_tr, False),
+                              ("guide", guide_tr, False)):
+        for name, site in sites(tr, observed):
+            parts[key] = parts[key] + reduce_site(name, site, log_prob(site), *shape, nesting)
+    if not any(True for _ in sites(model_tr, True)):
+        raise ValueError("the model has no observed site; condition the data with "
+                         "pyro.sample('x', ..., obs=x)")
+    return Weights(parts["obs"], parts["prior"], parts["guide"], guide_tr, model_tr)

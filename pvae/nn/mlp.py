@@ -1,0 +1,36 @@
+"""Fully connected networks and the activation registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["ACTIVATIONS", "MLP"]
+
+#: Activation functions by name (``--activation`` on the command line).
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+class MLP(nn.Sequential):
+    """Fully connected network ``in_dim -> hidden_dims... -> out_dim``.
+
+    :param int in_dim: input width.
+    :param hidden_dims: widths of the hidden layers (may be empty: a linear map).
+    :param int out_dim: output width.
+    :param str activation: a key of :data:`ACTIVATIONS`, applied after every hidden layer.
+
+    Input ``(..., in_dim)``, output ``(..., out_dim)``.
+    """
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int,
+                 activation: str = "relu"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of "
+                             f"{sorted(ACTIVATIONS)}")
+        layers, width = [], in_dim
+        for h in hidden_dims:
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+            width = h
+        layers.append(nn.Linear(width, out_dim))
+        super().__init__(*layers)

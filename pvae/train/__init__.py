@@ -1,0 +1,39 @@
+"""The training engine: training data, the state of a run, the loop, checkpoints and the
+optimizer, assembled by :func:`fit`. The loop itself is blind to Pyro: an objective maps a
+mini-batch to ``(value, loss)``."""
+
+from pvae.contract import resolve_device
+from pvae.train.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from pvae.train.data import TrainingData
+from pvae.train.fit import fit
+from pvae.train.history import History
+from pvae.train.loop import TrainingDivergedError, mean_value, run_epochs, train_epoch
+from pvae.train.optim import make_adam
+from pvae.train.state import TrainState, seed_all
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "History",
+    "TrainState",
+    "TrainingData",
+    "TrainingDivergedError",
+    "fit",
+    "get_rng_state",
+    "load_checkpoint",
+    "make_adam",
+    "mean_value",
+    "resolve_device",
+    "run_epochs",
+    "save_checkpoint",
+    "seed_all",
+    "set_rng_state",
+    "train_epoch",
+]

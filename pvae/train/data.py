@@ -1,0 +1,101 @@
+"""Training data as the engine sees it: checked once, placed on the model's device, served in
+shuffled mini-batches of positional arguments, dynamically binarized on the way."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Dataset
+
+from pvae.contract import to_placement
+from pvae.data import Splits, batches, bernoulli_sample, check_intensities
+
+__all__ = ["TrainingData"]
+
+
+class TrainingData:
+    """``x`` (and ``c``) for training, checked once up front.
+
+    :param x: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or ``(x, c)``
+        (streamed through a ``DataLoader``; each batch is placed when it is drawn).
+    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` aligned with a tensor ``x``.
+    :param model: the model, whose ``likelihood.check(x)`` (where it has one) refuses data
+        outside the likelihood's support.
+    :param binarize: ``None`` or ``"dynamic"``: every batch is a fresh Bernoulli draw of the
+        [0, 1] intensities ``x``.
+    :raises TypeError: ``x`` is neither a tensor nor a ``Dataset`` (a :class:`pvae.data.Splits`
+        gets a message saying which of its fields to pass), or ``c`` is not a tensor.
+    :raises ValueError: empty data, ``c`` of another length than ``x``, NaN or inf values, or
+        values outside the likelihood's support (or outside [0, 1] for dynamic binarization).
+    """
+
+    def __init__(self, x, c=None, *, model=None, batch_size: int, device: torch.device,
+                 dtype: torch.dtype, binarize: str | None = None, name: str = "x_train"):
+        if isinstance(x, Splits):
+            raise TypeError(f"{name} is a pvae.data.Splits (train and test sets); pass its "
+                            f"tensors: fit(model, splits.x_train, c=splits.y_train) for a "
+                            "conditional model, fit(model, splits.x_train) otherwise")
+        if not isinstance(x, (torch.Tensor, Dataset)):
+            raise TypeError(f"{name} must be a tensor or a torch Dataset, got {type(x)}")
+        if len(x) == 0:
+            raise ValueError(f"{name} is empty; pass at least one datapoint")
+        self.device, self.dtype, self.binarize = device, dtype, binarize
+        self.batch_size = batch_size
+        if isinstance(x, torch.Tensor):
+            x = to_placement(x, device, dtype)
+            if c is not None:
+                if not isinstance(c, torch.Tensor):
+                    raise TypeError(f"c must be a tensor, got {type(c).__name__}")
+                if len(c) != len(x):
+                    raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
+                c = to_placement(c, device, dtype)
+            _check(model, x, binarize)
+        self.x, self.c = x, c
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def _args(self, xb, cb) -> tuple:
+        if not isinstance(self.x, torch.Tensor):
+            xb = to_placement(xb, self.device, self.dtype)
+            cb = None if cb is None else to_placement(cb, self.device, self.dtype)
+        if self.binarize == "dynamic":
+            xb = bernoulli_sample(xb)
+        return (xb,) if cb is None else (xb, cb)
+
+    def shuffled(self, generator: torch.Generator):
+        """One epoch of mini-batches in an order drawn from ``generator``, each a tuple of the
+        model's positional arguments ``(x,)`` or ``(x, c)``."""
+        for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=True,
+                              generator=generator, pin_memory=self.device.type == "cuda"):
+            yield self._args(xb, cb)
+
+    def in_order(self, batch_size: int):
+        """Mini-batches in stored order (for evaluation), as :meth:`shuffled`."""
+        for xb, cb in batches(self.x, self.c, batch_size=batch_size):
+            yield self._args(xb, cb)
+
+    def probe(self, seed: int, size: int = 8) -> tuple:
+        """A few datapoints drawn with their own generator (seeded with ``seed``), to run the
+        objective once before training: it creates lazily built parts and finds the
+        parameters."""
+        generator = torch.Generator().manual_seed(seed)
+        xb, cb = next(batches(self.x, self.c, batch_size=min(self.batch_size, size),
+                              shuffle=True, generator=generator))
+        return self._args(xb, cb)
+
+
+def _check(model, x, binarize) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(-1).nonzero()[:5].flatten().tolist()
+        raise ValueError(f"x contains NaN or inf values (e.g. rows {bad}); drop or impute them "
+                         "before training")
+    if binarize == "dynamic":
+        check_intensities(x, "binarize='dynamic'")
+    elif callable(getattr(getattr(model, "likelihood", None), "check", None)):
+        model.likelihood.check(x)

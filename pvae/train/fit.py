@@ -1,0 +1,136 @@
+"""``fit``: training by stochastic variational inference for any model meeting the model
+contract, assembled from the engine's parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pvae.contract import check_model, placement
+from pvae.inference import ReparamEstimator, SVIObjective, make_estimator
+from pvae.train.checkpoint import CHECKPOINT_NAME
+from pvae.train.data import TrainingData
+from pvae.train.history import History
+from pvae.train.loop import run_epochs
+from pvae.train.optim import make_adam
+from pvae.train.state import TrainState, seed_all
+
+__all__ = ["fit"]
+
+
+def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
+        batch_size: int = 256, lr: float = 1e-3, lr_decay: float = 1.0,
+        estimator: str = "reparam", analytic_kl: bool = False, num_particles: int = 1,
+        beta=1.0, baseline: str | None = None, gradient: str = "standard",
+        device="auto", seed: int = 0,
+        binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
+        progress: bool = True, config: dict | None = None) -> History:
+    r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
+    mini-batches.
+
+    Works for any object with ``model(x, c=None)`` and ``guide(x, c=None)`` Pyro programs
+    (the model contract of ``DESIGN.md``), built-in or user-written. The loss is the
+    estimator's surrogate divided by the batch size (see :mod:`pvae.inference.estimators`:
+    Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, ``TraceGraph_ELBO`` with score-function
+    gradients, or the IWAE bound), differentiated by autograd and stepped by
+    ``torch.optim.Adam``; parameters are the model's ``nn.Module`` parameters plus any Pyro
+    param-store parameters its programs use (neural baselines included). Adam uses its fused
+    kernel where torch has one for the parameters' device (CPU from torch 2.4, CUDA), and
+    dynamic binarization compares uniforms with ``x`` (:func:`pvae.data.bernoulli_sample`):
+    per-step costs outside the Pyro program that a default plain PyTorch loop pays in full.
+
+    Pyro's validation runs on a first probe step; the loop itself runs with it off, since the
+    whole dataset is checked once up front and NaN/inf losses stop training here.
+
+    ``fit`` assembles the parts: :class:`~pvae.train.data.TrainingData` (checks, placement,
+    batches), :class:`~pvae.inference.SVIObjective` (estimator, beta, parameters),
+    :class:`~pvae.train.state.TrainState` (everything a checkpoint holds) and
+    :func:`~pvae.train.loop.run_epochs` (the loop).
+
+    :param model: an object with ``model`` and ``guide`` methods (ideally an ``nn.Module``).
+    :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or
+        ``(x, c)`` (streamed through a ``DataLoader``). A :class:`pvae.data.Splits` is refused
+        with a message naming the tensors to pass.
+    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models.
+    :param x_val: validation data ``(N_val, D)`` for the per-epoch validation ELBO.
+    :param int num_epochs: total number of epochs (a resumed run continues up to it).
+    :param float lr: Adam's learning rate.
+    :param float lr_decay: multiply the learning rate by this after every epoch
+        (``torch.optim.lr_scheduler.ExponentialLR``); 1 keeps it constant.
+    :param str estimator: gradient estimator, see :data:`pvae.inference.ESTIMATORS`.
+    :param bool analytic_kl: closed-form KL(q || p) where available.
+    :param int num_particles: samples of z per datapoint and step (K for ``iwae``).
+    :param beta: weight of the KL term (beta-VAE, Higgins et al. 2017): a float, or a schedule
+        ``step -> beta`` (:class:`~pvae.inference.LinearWarmup`,
+        :class:`~pvae.inference.Cyclical`), applied with :class:`scale_latents` to the latent
+        sites of model and guide. It changes only the training objective; ``val_elbo`` is
+        always the plain ELBO. The history records beta at the end of each epoch.
+    :param baseline: ``None``, ``"average"`` or ``"neural"``, for ``estimator="score"``.
+    :param str gradient: ``"standard"`` or ``"dreg"``, for ``estimator="iwae"``.
+    :param device: ``"auto"`` (where the model's parameters are; for a model without
+        ``nn.Module`` parameters, where ``x_train`` is), ``"cpu"``, ``"cuda"``...; the model is
+        moved there and data follow the model's dtype (``model.double()`` trains in float64).
+    :param int seed: seeds Pyro, torch, numpy and the shuffling generator: the same seed and
+        data give an identical history on CPU.
+    :param binarize: ``None`` or ``"dynamic"``: re-sample binary pixels from the [0, 1]
+        intensities of every mini-batch (Burda et al. 2015). ``x_val`` must already be binary.
+    :param checkpoint_dir: if given, ``checkpoint.pt`` (the :class:`TrainState`: model,
+        objective state such as score-function baselines, optimizer, epoch, RNG states, history,
+        ``config``) is written there atomically after every epoch.
+    :param bool resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists.
+    :param bool progress: show a tqdm bar with the running ELBO.
+    :param dict config: extra configuration saved in checkpoints and checked on resume.
+    :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
+        beta-weighted ELBO, or the K-sample IWAE bound for ``iwae``) and ``val_elbo`` in nats
+        per datapoint, ``beta``, ``seconds`` and ``images_per_s``.
+    :raises TypeError: ``model`` does not meet the model contract, or ``x_train`` is not a
+        tensor or ``Dataset``.
+    :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), or a
+        checkpoint written with another configuration.
+    :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
+        step, and the last good checkpoint is left intact.
+    """
+    check_model(model, "fit")
+    _check_settings(num_epochs, batch_size, lr_decay, binarize, resume, checkpoint_dir)
+    device, dtype = placement(model, device, x_train)
+    if isinstance(model, nn.Module):
+        model.to(device)
+    data = TrainingData(x_train, c, model=model, batch_size=batch_size, device=device,
+                        dtype=dtype, binarize=binarize)
+    val_data = None if x_val is None else TrainingData(
+        x_val, c_val, model=model, batch_size=batch_size, device=device, dtype=dtype,
+        name="x_val")
+    settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "estimator": estimator,
+                "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
+                "binarize": binarize, "beta": beta if not callable(beta) else repr(beta),
+                "baseline": baseline, "gradient": gradient, **(config or {})}
+    objective = SVIObjective(model, make_estimator(
+        estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
+        gradient=gradient), beta)
+    seed_all(seed)
+    generator = torch.Generator().manual_seed(seed)
+    params = objective.trainable_parameters(*data.probe(seed))
+    objective.trusted = True  # the data were checked once above
+    state = TrainState(model, objective, make_adam(params, lr), lr_decay, generator, settings)
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    if resume and checkpoint.is_file():
+        state.resume(checkpoint, map_location=device)
+    return run_epochs(state, data, num_epochs, checkpoint=checkpoint, progress=progress,
+                      val_objective=SVIObjective(model, ReparamEstimator(1, analytic_kl)),
+                      val_data=val_data)
+
+
+def _check_settings(num_epochs, batch_size, lr_decay, binarize, resume, checkpoint_dir) -> None:
+    if not (isinstance(num_epochs, int) and num_epochs >= 0):
+        raise ValueError(f"Expected num_epochs >= 0, got {num_epochs!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"Expected batch_size >= 1, got {batch_size!r}")
+    if binarize not in (None, "dynamic"):
+        raise ValueError(f"fit's binarize must be None or 'dynamic', got {binarize!r} (static "
+                         "binarization is done once when loading: pvae.data.load(binarize=...))")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"Expected 0 < lr_decay <= 1, got {lr_decay!r}")

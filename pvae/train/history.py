@@ -1,0 +1,43 @@
+"""The per-epoch training record."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+__all__ = ["History"]
+
+
+class History:
+    """Per-epoch training record: a list of rows (dicts) with the columns
+
+    ``epoch``, ``train_elbo`` and ``val_elbo`` (nats per datapoint, higher is better),
+    ``seconds`` and ``images_per_s``.
+    """
+
+    def __init__(self, rows: list[dict] | None = None):
+        self.rows = list(rows or [])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __repr__(self):
+        return f"History({len(self)} epochs, last={self.rows[-1] if self.rows else None})"
+
+    def column(self, name: str) -> list:
+        return [row.get(name) for row in self.rows]
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        if not self.rows:
+            return
+        path = Path(path)
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, path)

@@ -142,3 +142,37 @@ def test_bad_data_are_refused():
         fit(model, torch.ones(4, 3), num_epochs=1, progress=False)
     with pytest.raises(TypeError, match="model contract"):
         fit(object(), torch.ones(4, 3), num_epochs=1)
+
+
+@pytest.mark.parametrize("baseline", ["average", "neural"])
+def test_score_function_resume_equals_uninterrupted(tmp_path, baseline):
+    """The objective's state (the decaying average, the neural baselines' networks) is part of
+    the checkpoint: 2 epochs + resume to 4 equals 4 epochs, history and final parameters."""
+    x = torch.bernoulli(torch.rand(96, 12, generator=torch.Generator().manual_seed(0)))
+
+    def model():
+        torch.manual_seed(3)
+        return VAE(12, 2, (8,))
+
+    kwargs = dict(batch_size=32, estimator="score", baseline=baseline, seed=4, lr=1e-2,
+                  progress=False)
+    full_model = model()
+    full = fit(full_model, x, num_epochs=4, **kwargs)
+    fit(model(), x, num_epochs=2, checkpoint_dir=tmp_path, **kwargs)
+    resumed_model = model()
+    resumed = fit(resumed_model, x, num_epochs=4, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert resumed.column("train_elbo") == full.column("train_elbo")
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["objective"]
+    if baseline == "neural":
+        assert any(k.startswith("estimator.nets.z.") for k in state)
+    else:
+        assert isinstance(state["estimator._extra_state"]["average"], float)
+
+
+def test_train_test_splits_are_refused_with_what_to_pass():
+    from pvae import data
+
+    with pytest.raises(TypeError, match=r"splits\.x_train"):
+        fit(VAE(64, 2, (8,)), data.load("digits", binarize="static"), num_epochs=1)

@@ -1,5 +1,7 @@
 """One contract table over every built-in model: a new model is tested by adding a line."""
 
+import json
+
 import pyro
 import pytest
 import torch
@@ -64,9 +66,13 @@ def test_state_dict_roundtrip(cls, kwargs, make_x, tmp_path):
     model, x = cls(X_DIM, **kwargs), make_x(16)
     fit(model, x, num_epochs=2, batch_size=8, progress=False, checkpoint_dir=tmp_path)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    clone = cls(X_DIM, **kwargs)
+    config = json.loads(json.dumps(model.config))  # as a run folder's config.json keeps it
+    assert config["x_dim"] == X_DIM and config["latent_dim"] == kwargs["latent_dim"]
+    clone = cls.from_config(config)
     clone.load_state_dict(state["model"])
     assert torch.equal(clone.reconstruct(x), model.reconstruct(x))
+    with pytest.raises(ValueError, match="does not take"):
+        cls.from_config({**config, "no_such_argument": 1})
 
 
 @pytest.mark.parametrize("cls,kwargs,make_x", CONTRACT, ids=IDS)

@@ -156,6 +156,12 @@ def test_cli_ppca_synthetic(tmp_path):
         assert key in report
     for name in ("posterior_ellipses", "posterior_forest", "training_curve"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+    # an ordinary run folder: pvae evaluate reads it, and its IW estimate matches the report's
+    main(["evaluate", str(tmp_path), "--num-samples", "50", "--iw-num-test", "50"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 5
+    assert abs(metrics["iw_log_likelihood"] - report["iw_log_likelihood"]) < 4 * math.hypot(
+        metrics["iw_log_likelihood_stderr"], report["iw_log_likelihood_stderr"])
 
 
 @pytest.mark.slow

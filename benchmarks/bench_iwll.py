@@ -4,11 +4,16 @@ IWAE evaluator of the same network, side by side in one run.
 The VAE (784-400-50, Bernoulli) is trained for ``--num-epochs`` on Fashion-MNIST (or loaded
 from ``--run``); both evaluators then estimate log p(x) on the first ``--num-test`` test
 images with K = ``--num-samples``, using the same datapoint batch and particle chunk sizes.
-Prints both times and their ratio (target: pvae <= 1.2x plain), both estimates with standard
-errors, and the peak memory of pvae's evaluator for two chunk sizes (each measured in a fresh
-child process: peak RSS on CPU, ``max_memory_allocated`` on CUDA).
+Prints both times and their ratio (target: pvae with its default sizes <= 1.15x plain with
+the best sizes of the sweep), both estimates with standard errors, and the peak memory of
+pvae's evaluator for two chunk sizes (each measured in a fresh child process: peak RSS on CPU,
+``max_memory_allocated`` on CUDA).
 
-    python benchmarks/bench_iwll.py [--num-test 1000] [--num-samples 1000]
+``--sweep`` times pvae over a grid of datapoint batch and particle chunk sizes and compares
+the default (``pvae.inference.sizes``) with the best of the grid.
+
+    python benchmarks/bench_iwll.py [--device cpu|cuda] [--num-test 1000] [--num-samples 1000]
+    python benchmarks/bench_iwll.py --sweep [--device cuda] [--num-test 10000 --num-samples 5000]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch.nn import functional as F
 
 from pvae import data
 from pvae.inference import fit, iw_log_likelihood, resolve_device
+from pvae.inference.sizes import default_sizes
 from pvae.models import VAE
 from pvae.runs import load_run
 
@@ -95,8 +101,48 @@ def measure_memory(args):
     print(f"PEAK_MB {peak:.1f}")
 
 
+def _timed(fn, repeats):
+    best = math.inf
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sweep(args):
+    """pvae's IW evaluation over a grid of (batch, chunk) against its default sizes."""
+    vae, x = _model_and_data(args)
+    iw_log_likelihood(vae, x[:10], num_samples=20)  # warm-up
+    default = default_sizes(len(x), args.num_samples, x.device, x.shape[-1])
+    grid = sorted({(b, max(1, r // b)) for b in args.sweep_batches for r in args.sweep_rows
+                   if b <= len(x)} | {default})
+    times = {}
+    for b, k in grid:
+        times[(b, k)] = _timed(lambda b=b, k=k: iw_log_likelihood(
+            vae, x, num_samples=args.num_samples, batch_size=b, chunk_size=k), args.repeats)
+        print(f"batch {b:5d} chunk {k:6d} rows/pass {b * k:8d}: {times[(b, k)]:7.2f} s"
+              f"{'   <- default' if (b, k) == default else ''}", flush=True)
+    t_default = _timed(lambda: iw_log_likelihood(vae, x, num_samples=args.num_samples),
+                       args.repeats)
+    best = min(times, key=times.get)
+    t_plain = _timed(lambda: plain_iw(vae, x, args.num_samples, *best), args.repeats)
+    print(f"N={len(x)} K={args.num_samples} device={x.device} threads={torch.get_num_threads()}")
+    print(f"default sizes {default}: {t_default:.2f} s; best {best}: {times[best]:.2f} s; "
+          f"default / best = {t_default / times[best]:.3f} (target <= 1.1)")
+    print(f"plain PyTorch at the best sizes: {t_plain:.2f} s; pvae default / plain = "
+          f"{t_default / t_plain:.3f} (target <= 1.15)")
+
+
 def main(args):
     vae, x = _model_and_data(args)
+    args.batch_size, args.chunk_size = default_sizes(len(x), args.num_samples, x.device,
+                                                     x.shape[-1], batch_size=args.batch_size,
+                                                     chunk_size=args.chunk_size)
     kwargs = dict(num_samples=args.num_samples, batch_size=args.batch_size,
                   chunk_size=args.chunk_size)
     # warm-up both on a few images
@@ -140,11 +186,23 @@ if __name__ == "__main__":
     parser.add_argument("--num-epochs", type=int, default=2)
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--chunk-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="datapoints per pass (default: pvae's for the device)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="particles per pass (default: pvae's for the device)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time a grid of batch and chunk sizes against the defaults")
+    parser.add_argument("--sweep-batches", type=int, nargs="+", default=[50, 100, 250, 500])
+    parser.add_argument("--sweep-rows", type=int, nargs="+",
+                        default=[1250, 2500, 5000, 10000, 25000])
     parser.add_argument("--memory-chunks", type=int, nargs="*", default=[10, 200])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--measure-memory", action="store_true")
     args = parser.parse_args()
-    measure_memory(args) if args.measure_memory else main(args)
+    if args.measure_memory:
+        measure_memory(args)
+    elif args.sweep:
+        sweep(args)
+    else:
+        main(args)

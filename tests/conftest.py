@@ -1,4 +1,9 @@
-"""Hermetic tests: seed before every test, clear Pyro's param store, keep validation on."""
+"""Hermetic tests: seed before every test, clear Pyro's param store, keep validation on.
+
+``PVAE_TEST_DEVICE`` (default ``cpu``) selects the device the suite runs on: it becomes torch's
+default device, so models and data that the tests create live there, and :func:`rng` makes
+generators for it. ``PVAE_TEST_DEVICE=cuda python -m pytest`` runs the same tests on a GPU.
+"""
 
 import os
 
@@ -7,6 +12,12 @@ import pytest
 import torch
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+TEST_DEVICE = torch.device(os.environ.get("PVAE_TEST_DEVICE", "cpu"))
+
+
+def rng(seed: int) -> torch.Generator:
+    """A seeded generator on the test device."""
+    return torch.Generator(device=TEST_DEVICE).manual_seed(seed)
 
 
 @pytest.fixture(autouse=True)
@@ -15,7 +26,10 @@ def _hermetic():
     pyro.set_rng_seed(0)
     pyro.enable_validation(True)
     torch.set_default_dtype(torch.float32)
+    if TEST_DEVICE.type != "cpu":  # (a default device costs a Python hook per tensor made)
+        torch.set_default_device(TEST_DEVICE)
     yield
+    torch.set_default_device(None)
     pyro.clear_param_store()
 
 

@@ -13,6 +13,8 @@ from pvae.cli import main
 from pvae.inference import elbo_terms, fit, impute, iw_log_likelihood
 from pvae.models import CVAE, VAE
 
+from conftest import rng
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -94,7 +96,7 @@ class UserConditionalLinearGaussian:
 
 
 def test_user_conditional_model_fit_and_iw():
-    g = torch.Generator().manual_seed(0)
+    g = rng(0)
     c = torch.randn(1000, 3, generator=g)
     W0, V0 = torch.randn(4, 2, generator=g), torch.randn(4, 3, generator=g)
     x = torch.randn(1000, 2, generator=g) @ W0.T + c @ V0.T + 0.3 * torch.randn(1000, 4,
@@ -163,11 +165,18 @@ def test_imputation_with_nothing_observed_is_the_prior_predictive(prior_fraction
     x = torch.randn(30, D, dtype=torch.float64)
     mask = torch.zeros(30, D, dtype=torch.bool)
     res = impute(vae, x, mask, num_samples=4000, prior_fraction=prior_fraction)
-    # E[x | z] = W z + b with z ~ N(0, I): per-coordinate sd of W z, over sqrt(ESS)
-    tol = 4 * W.norm(dim=1) / res.ess.sqrt().unsqueeze(-1)
-    assert ((res.mean - b).abs() < tol).all()
+    # E[x | z] = W z + b with z ~ N(0, I): per-coordinate sd of W z, over sqrt(ESS), is the
+    # standard error of a self-normalized estimate for a good proposal. For the untrained guide
+    # alone (prior_fraction 0) it understates the error: over 8 seeds the rms of the errors in
+    # these units was 1.6-2.0 (1.0-1.25 with half the draws from the prior). So the check is on
+    # the rms over all 150 entries, with a generous bound per entry.
+    z = (res.mean - b) / (W.norm(dim=1) / res.ess.sqrt().unsqueeze(-1))
+    assert z.pow(2).mean().sqrt() < (2.5 if prior_fraction == 0.0 else 1.5)
+    assert z.abs().max() < 8
     K = 4000
-    assert (res.log_evidence.abs() < 4 * torch.sqrt((K / res.ess - 1) / K) + 1e-6).all()
+    e = res.log_evidence / (torch.sqrt((K / res.ess - 1) / K) + 1e-6)  # delta-method SE units
+    assert e.pow(2).mean().sqrt() < (2.5 if prior_fraction == 0.0 else 1.5)
+    assert e.abs().max() < 8
     if prior_fraction == 1.0:  # prior draws only: every weight equal
         assert torch.allclose(res.ess, torch.full_like(res.ess, K))
 

@@ -7,6 +7,8 @@ import torch
 
 from pvae import data
 
+from conftest import rng
+
 
 def write_idx(path, array, dtype_code=0x08, compress=True, truncate=0, magic=None):
     header = magic if magic is not None else bytes([0, 0, dtype_code, array.ndim])
@@ -120,13 +122,13 @@ def test_bernoulli_sample_is_bernoulli(dtype):
     (200,000 draws each), including the edges p = 0 and p = 1; a seeded generator repeats."""
     p = torch.tensor([0.0, 0.01, 0.3, 0.5, 0.9, 1.0], dtype=dtype)
     probs = p.expand(200_000, 6)
-    draws = data.bernoulli_sample(probs, torch.Generator().manual_seed(0))
+    draws = data.bernoulli_sample(probs, rng(0))
     assert draws.dtype == dtype and draws.shape == probs.shape
     assert set(draws.unique().tolist()) <= {0.0, 1.0}
     freq = draws.mean(0)
     se = (p * (1 - p) / 200_000).sqrt()
     assert ((freq - p).abs() <= 4 * se + 1e-12).all(), (freq, p)
-    again = data.bernoulli_sample(probs, torch.Generator().manual_seed(0))
+    again = data.bernoulli_sample(probs, rng(0))
     assert torch.equal(draws, again)
 
 

@@ -9,9 +9,11 @@ import torch.distributions as td
 from pvae.distributions import ReparamNormal
 from pvae.inference import ScoreEstimator
 
+from conftest import rng
+
 
 def _params(dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
+    g = rng(0)
     loc = torch.randn(5, 3, generator=g, dtype=dtype).requires_grad_()
     scale = (torch.rand(5, 3, generator=g, dtype=dtype) + 0.1).requires_grad_()
     return loc, scale

@@ -16,6 +16,8 @@ from pvae.inference import (
 )
 from pvae.models import VAE
 
+from conftest import rng
+
 
 class UserFactorAnalysis:
     """A user-written model: not a pvae class, parameters via pyro.param / pyro.module."""
@@ -41,7 +43,7 @@ class UserFactorAnalysis:
 
 
 def fa_data(n=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = rng(seed)
     W = torch.randn(2, 6, generator=g)
     return torch.randn(n, 2, generator=g) @ W + 0.3 * torch.randn(n, 6, generator=g)
 
@@ -148,7 +150,7 @@ def test_bad_data_are_refused():
 def test_score_function_resume_equals_uninterrupted(tmp_path, baseline):
     """The objective's state (the decaying average, the neural baselines' networks) is part of
     the checkpoint: 2 epochs + resume to 4 equals 4 epochs, history and final parameters."""
-    x = torch.bernoulli(torch.rand(96, 12, generator=torch.Generator().manual_seed(0)))
+    x = torch.bernoulli(torch.rand(96, 12, generator=rng(0)))
 
     def model():
         torch.manual_seed(3)

@@ -14,6 +14,8 @@ import torch
 
 from pvae.inference import elbo_terms, iw_log_likelihood, log_weights
 
+from conftest import rng
+
 torch.set_default_dtype(torch.float32)
 
 
@@ -29,7 +31,7 @@ class LinearGaussian:
     """z ~ N(0, I_q), x | z ~ N(W z + mu, sigma^2 I_D); guide N(A x + b, L L^T) (full cov)."""
 
     def __init__(self, D=5, q=2, sigma=0.5, seed=0, dtype=torch.float64):
-        g = torch.Generator().manual_seed(seed)
+        g = rng(seed)
         self.W = torch.randn(D, q, generator=g, dtype=dtype)
         self.mu = torch.randn(D, generator=g, dtype=dtype)
         self.sigma = sigma
@@ -46,7 +48,7 @@ class LinearGaussian:
         return dist.MultivariateNormal(self.mu.to(x.dtype), cov).log_prob(x)
 
     def sample(self, n, seed=1):
-        g = torch.Generator().manual_seed(seed)
+        g = rng(seed)
         z = torch.randn(n, self.q, generator=g, dtype=self.W.dtype)
         return z @ self.W.T + self.mu + self.sigma * torch.randn(n, self.D, generator=g,
                                                                  dtype=self.W.dtype)
@@ -163,7 +165,7 @@ class Hierarchical:
     a nested plate "pixels" (dim -2). Guide: q(z1 | x) q(z2 | z1, x), exact or perturbed."""
 
     def __init__(self, D=4, s=0.7, sigma=0.4, seed=0, perturb=0.0):
-        g = torch.Generator().manual_seed(seed)
+        g = rng(seed)
         dt = torch.float64
         self.B = torch.randn(2, 2, generator=g, dtype=dt)
         self.W = torch.randn(D, 2, generator=g, dtype=dt)
@@ -188,7 +190,7 @@ class Hierarchical:
         return dist.MultivariateNormal(self.mu, self.marginal_cov).log_prob(x)
 
     def sample(self, n, seed=1):
-        g = torch.Generator().manual_seed(seed)
+        g = rng(seed)
         eps = torch.randn(n, self.D, generator=g, dtype=torch.float64)
         return eps @ torch.linalg.cholesky(self.marginal_cov).T + self.mu
 
@@ -268,7 +270,7 @@ class Mixture:
 
 
 def test_discrete_latent():
-    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    x = torch.randn(200, 2, generator=rng(0), dtype=torch.float64) * 2
     exact = Mixture().exact_log_marginal(x)
     iw = iw_log_likelihood(Mixture(True), x, num_samples=10)
     assert torch.allclose(iw.per_datapoint, exact, atol=1e-6)

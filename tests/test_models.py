@@ -9,18 +9,20 @@ import torch
 from pvae.inference import elbo_terms, fit, iw_log_likelihood
 from pvae.models import PPCA, VAE
 
+from conftest import rng
+
 X_DIM = 12
 
 
 def unit(n=64):
     """Structured intensities in (0, 1): a 2-D latent pushed through a fixed random map."""
-    g = torch.Generator().manual_seed(1)
+    g = rng(1)
     A = 3 * torch.randn(2, X_DIM, generator=g)
     return torch.sigmoid(torch.randn(n, 2, generator=g) @ A)
 
 
 def binary(n=64):
-    return torch.bernoulli(unit(n), generator=torch.Generator().manual_seed(2))
+    return torch.bernoulli(unit(n), generator=rng(2))
 
 
 # (constructor, kwargs, data)

@@ -35,7 +35,8 @@ def batches(x, c=None, *, batch_size: int, shuffle: bool = False,
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size], None if c is None else c[i:i + batch_size]
         return
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    perm = torch.randperm(len(x), generator=generator,
+                          device=generator.device if generator is not None else None).to(x.device)
     for i in range(0, len(x), batch_size):
         idx = perm[i:i + batch_size]
         yield x[idx], (None if c is None else c[idx])

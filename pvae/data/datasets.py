@@ -27,7 +27,7 @@ def _load_digits(data_dir=None, download=False, seed=0, test_fraction=0.2) -> Sp
     bunch = load_digits()
     x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
     y = torch.from_numpy(bunch.target.astype(np.int64))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed), device="cpu")
     num_test = int(round(test_fraction * len(x)))
     test, train = perm[:num_test], perm[num_test:]
     return Splits(x[train], x[test], y[train], y[test], (8, 8), 10, "digits")

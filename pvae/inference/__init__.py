@@ -20,6 +20,7 @@ from pvae.inference.evaluate import (
 from pvae.inference.handlers import BASELINES, scale_latents, score_function
 from pvae.inference.impute import Imputation, impute
 from pvae.inference.objectives import (
+    CAPTURABLE,
     ESTIMATORS,
     GRADIENTS,
     IWAEEstimator,
@@ -49,6 +50,7 @@ def __getattr__(name):
 
 __all__ = [
     "BASELINES",
+    "CAPTURABLE",
     "ESTIMATORS",
     "GRADIENTS",
     "CheckpointError",

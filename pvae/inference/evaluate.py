@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from pvae.contract import check_model, placement, to_placement
 from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
+from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
     features,
     log_prob,
@@ -122,10 +123,12 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     :param torch.Tensor x: ``(N, D)`` data.
     :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``.
     :param int num_samples: K >= 1 (5000 for reported test log-likelihoods).
-    :param batch_size: datapoints per pass (default: all, up to 500).
-    :param chunk_size: particles per pass (default: so that ``batch * chunk`` is about 25,000);
-        memory is bounded by ``batch_size * chunk_size``, not by K: chunks are combined with a
-        streaming log-sum-exp in float64.
+    :param batch_size: datapoints per pass (default: chosen for the device, see
+        :mod:`pvae.inference.sizes`: up to 100 on a CPU, 500 on a GPU).
+    :param chunk_size: particles per pass (default: so that ``batch * chunk`` is what suits the
+        device: a few thousand rows on a CPU, as many as memory allows on a GPU); memory is
+        bounded by ``batch_size * chunk_size``, not by K: chunks are combined with a streaming
+        log-sum-exp in float64.
     :param device: ``"auto"`` uses the model's device.
     :param bool progress: tqdm bar over datapoint batches.
     :returns: :class:`IWResult` (nats per datapoint).
@@ -138,8 +141,8 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
         if v is not None and not (isinstance(v, int) and v >= 1):
             raise ValueError(f"Expected {name} >= 1 or None, got {v!r}")
     x, c = _prepare(model, x, c, device)
-    batch_size = batch_size or min(len(x), 500)
-    chunk_size = min(num_samples, chunk_size or max(1, 25_000 // batch_size))
+    batch_size, chunk_size = default_sizes(len(x), num_samples, x.device, x[0].numel(),
+                                           x.element_size(), batch_size, chunk_size)
     nesting = _nesting(model, x, c)
     out, ess = [], []
     for xb, cb in tqdm(batches(x, c, batch_size=batch_size), total=math.ceil(len(x) / batch_size),
@@ -228,7 +231,7 @@ def _posterior_mean(q_site, nesting):
 
 
 @torch.no_grad()
-def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int = 500,
+def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None = None,
                active_threshold: float = 0.01, device="auto") -> ElboTerms:
     """ELBO, reconstruction term and KL per datapoint, KL per latent dimension and active units.
 
@@ -240,12 +243,16 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int = 500,
 
     :param torch.Tensor x: ``(N, D)``.
     :param int num_samples: particles per datapoint for the Monte Carlo terms.
+    :param batch_size: datapoints per pass (default: chosen for the device with all
+        ``num_samples`` particles in one pass, see :mod:`pvae.inference.sizes`).
     :returns: :class:`ElboTerms`.
     :raises ValueError: ``num_samples < 1`` or bad ``x`` (see :func:`iw_log_likelihood`).
     """
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"Expected num_samples >= 1, got {num_samples!r}")
     x, c = _prepare(model, x, c, device)
+    batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
+                                                            x.element_size()) // num_samples))
     nesting = _nesting(model, x, c)
     elbo, recon, kl, per_dim, means = [], [], [], [], []
     analytic = True

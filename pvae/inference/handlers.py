@@ -22,7 +22,8 @@ class scale_latents(Messenger):
     left alone), in the model and the guide alike: the beta-VAE objective
     E_q[log p(x|z)] - beta KL(q || p) (Higgins et al. 2017) for any model.
 
-    ``beta`` is read at every site, so a training loop may change it between steps.
+    ``beta`` is read at every site, so a training loop may change it between steps; it may be
+    a 0-dim tensor (updated in place by a captured training step; never compared on the host).
     """
 
     def __init__(self, beta: float = 1.0):
@@ -31,7 +32,7 @@ class scale_latents(Messenger):
 
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg) \
-                and self.beta != 1.0:
+                and (isinstance(self.beta, torch.Tensor) or self.beta != 1.0):
             msg["scale"] = self.beta * msg["scale"]
 
 

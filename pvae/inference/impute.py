@@ -27,6 +27,7 @@ import torch
 from torch.distributions import Normal
 
 from pvae.contract import placement, to_placement
+from pvae.inference.sizes import pass_rows
 
 __all__ = ["Imputation", "impute"]
 
@@ -52,7 +53,8 @@ class Imputation:
 @torch.no_grad()
 def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: int = 1000,
            num_draws: int = 10, num_gibbs: int = 0, prior_fraction: float = 0.5,
-           chunk_size: int = 250, generator: torch.Generator | None = None) -> Imputation:
+           chunk_size: int | None = None, generator: torch.Generator | None = None
+           ) -> Imputation:
     """Fill in the missing entries of ``x`` (where ``mask`` is 0/False) with a trained VAE/CVAE.
 
     :param model: a model with ``likelihood`` (``likelihood(out)`` a distribution over x,
@@ -69,6 +71,8 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
         importance-sampling pass (0: the missing entries start at the mean of the observed ones).
     :param float prior_fraction: share ``a`` of the samples drawn from the prior p(z | c) in the
         defensive mixture proposal (0: the guide alone; 1: the prior alone).
+    :param chunk_size: samples of z per pass (default: chosen for the device and ``N``, see
+        :mod:`pvae.inference.sizes`).
     :returns: :class:`Imputation`.
     :raises ValueError: shapes disagree, non-binary mask, NaN in observed entries,
         ``prior_fraction`` outside [0, 1].
@@ -96,6 +100,7 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     if c is not None:
         c = to_placement(c, device, dtype)
     prior_loc, prior_scale, decode, guide = model.imputation_parts(c, x)
+    chunk_size = chunk_size or max(1, pass_rows(device, x.shape[-1], x.element_size()) // len(x))
     row_mean = x_obs.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
     fill = torch.where(mask, x_obs, row_mean.expand_as(x))
     num_prior = round(prior_fraction * num_samples)

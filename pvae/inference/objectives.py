@@ -23,8 +23,10 @@ import contextlib
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import nn
+from torch.distributions import kl_divergence
 
 from pvae.contract import trusted_inputs
 from pvae.distributions import base_dist, detached
@@ -40,7 +42,7 @@ from pvae.inference.traces import (
 )
 from pvae.stats import logmeanexp
 
-__all__ = ["ESTIMATORS", "GRADIENTS", "IWAEEstimator", "ReparamEstimator", "SVIObjective",
+__all__ = ["CAPTURABLE", "ESTIMATORS", "GRADIENTS", "IWAEEstimator", "ReparamEstimator", "SVIObjective",
            "ScoreEstimator", "make_estimator"]
 
 #: Gradient variants of the IWAE estimator.
@@ -48,17 +50,69 @@ GRADIENTS = ("standard", "dreg")
 
 
 class ReparamEstimator(nn.Module):
-    """The (multi-sample) ELBO with reparameterized gradients through Pyro's ``Trace_ELBO``
-    (``TraceMeanField_ELBO`` when ``analytic_kl``); particles are vectorized."""
+    """The (multi-sample) ELBO with reparameterized gradients (Kingma & Welling 2014; Bishop &
+    Bishop, Deep Learning, eq. 19.16); particles are vectorized.
 
-    def __init__(self, num_particles: int = 1, analytic_kl: bool = False):
+    By default through Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``).
+    With ``capturable=True`` the same value and gradient are computed from the shared traces
+    of :mod:`pvae.inference.traces` without any host synchronization (Pyro's ELBOs call
+    ``.item()`` at every site), so that the whole training step can run on any device and be
+    captured as a CUDA graph: the sum over sites of their scaled, masked log-densities (or,
+    with ``analytic_kl``, minus the closed-form KL where torch knows it), averaged over the
+    particles. It needs reparameterizable guide sites.
+    """
+
+    def __init__(self, num_particles: int = 1, analytic_kl: bool = False,
+                 capturable: bool = False):
         super().__init__()
         cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
         self.elbo = cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
+        self.num_particles, self.analytic_kl, self.capturable = num_particles, analytic_kl, capturable
+        self._nesting = None  # found by tracing once, on the first capturable call
 
     def forward(self, model, guide, *args):
-        loss = self.elbo.differentiable_loss(model, guide, *args)
-        return -loss.detach(), loss
+        if not self.capturable:
+            loss = self.elbo.differentiable_loss(model, guide, *args)
+            return -loss.detach(), loss
+        elbo = self._trace_elbo(model, guide, args)
+        return elbo.detach(), -elbo
+
+    def _trace_elbo(self, model, guide, args) -> torch.Tensor:
+        """Trace_ELBO's (TraceMeanField_ELBO's) particle sum, site by site in the same order."""
+        K = self.num_particles
+        if K > 1 and self._nesting is None:
+            self._nesting = max_plate_nesting(model, guide, args)
+        guide_tr, model_tr = traces(model, guide, args, K if K > 1 else None, self._nesting or 0,
+                                    block=False)
+        guide_sites = dict(sites(guide_tr, False))
+        for name, q_site in guide_sites.items():
+            if not q_site["fn"].has_rsample:
+                raise ValueError(f"the capturable reparam ELBO needs reparameterizable guide "
+                                 f"sites; {name!r} is {type(base_dist(q_site['fn'])).__name__}: "
+                                 "use estimator='score' (eager) for discrete latents")
+        elbo = 0.0
+        for name, site in sites(model_tr, None):
+            q_site = guide_sites.get(name)
+            if self.analytic_kl and q_site is not None:
+                try:  # as TraceMeanField_ELBO: torch's pairs only (no Normal -> MVN promotion)
+                    kl = kl_divergence(q_site["fn"], site["fn"])
+                except NotImplementedError:
+                    pass
+                else:
+                    elbo = elbo - _scaled_sum(q_site, kl)
+                    guide_sites[name] = None  # its log q is inside the KL
+                    continue
+            elbo = elbo + _scaled_sum(site, site["fn"].log_prob(site["value"]))
+        for q_site in guide_sites.values():
+            if q_site is not None:
+                elbo = elbo - _scaled_sum(q_site, q_site["fn"].log_prob(q_site["value"]))
+        return elbo / K
+
+
+def _scaled_sum(site, lp) -> torch.Tensor:
+    """A site's log-density (or KL) with its scale and mask applied, summed: Pyro's
+    ``log_prob_sum``."""
+    return scale_and_mask(lp, site["scale"], site["mask"]).sum()
 
 
 class _TraceGraphSurrogate(TraceGraph_ELBO):
@@ -143,7 +197,7 @@ class IWAEEstimator(nn.Module):
         if self._nesting is None:
             self._nesting = max_plate_nesting(model, guide, args)
         nesting = self._nesting
-        guide_tr, model_tr = traces(model, guide, args, K, nesting)
+        guide_tr, model_tr = traces(model, guide, args, K, nesting, block=False)
         obs_scale = None
         log_w = args[0].new_zeros(K, N)
         for name, site in sites(model_tr, True):
@@ -183,11 +237,13 @@ class IWAEEstimator(nn.Module):
 ESTIMATORS = {"reparam": ReparamEstimator, "score": ScoreEstimator, "iwae": IWAEEstimator}
 _OPTIONS = {"reparam": "analytic_kl", "score": "baseline", "iwae": "gradient"}
 _DEFAULTS = {"analytic_kl": False, "baseline": None, "gradient": "standard"}
+#: Estimators whose step runs without host synchronization (see ``capturable``).
+CAPTURABLE = ("reparam", "iwae")
 
 
 def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
                    analytic_kl: bool = False, baseline: str | None = None,
-                   gradient: str = "standard") -> nn.Module:
+                   gradient: str = "standard", capturable: bool = False) -> nn.Module:
     """Build an estimator by name.
 
     :param str estimator: ``"reparam"``, ``"score"`` or ``"iwae"``.
@@ -195,8 +251,11 @@ def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
     :param bool analytic_kl: closed-form KL (``reparam`` only).
     :param baseline: ``None``, ``"average"`` or ``"neural"`` (``score`` only).
     :param str gradient: ``"standard"`` or ``"dreg"`` (``iwae`` only).
-    :raises ValueError: unknown names, ``num_particles < 1``, or options that do not apply to
-        the estimator.
+    :param bool capturable: an estimator whose step has no host synchronization (runs on any
+        device, can be captured as a CUDA graph): ``reparam`` computed from pvae's traces, and
+        ``iwae`` (always capturable).
+    :raises ValueError: unknown names, ``num_particles < 1``, options that do not apply to the
+        estimator, or ``capturable`` with ``score`` (its baselines need the ELBO on the host).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
@@ -208,7 +267,12 @@ def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
             owner = next(k for k, v in _OPTIONS.items() if v == name)
             raise ValueError(f"{name} applies to estimator={owner!r} only (got {name}={value!r} "
                              f"with estimator={estimator!r})")
+    if capturable and estimator not in CAPTURABLE:
+        raise ValueError(f"estimator={estimator!r} cannot be captured (it reads the ELBO on the "
+                         f"host every step); capturable estimators: {CAPTURABLE}")
     option = _OPTIONS[estimator]
+    if estimator == "reparam":
+        return ReparamEstimator(num_particles, analytic_kl, capturable=capturable)
     return ESTIMATORS[estimator](num_particles, options[option])
 
 
@@ -255,12 +319,25 @@ class SVIObjective(nn.Module):
         return value / n, surrogate / n
 
     def set_step(self, step: int) -> None:
-        """Set beta for optimizer step ``step`` (counted from 0 over the whole run)."""
-        self.kl_scale.beta = self.schedule(step)
+        """Set beta for optimizer step ``step`` (counted from 0 over the whole run); in place
+        when beta is a device tensor (:meth:`capturable_`)."""
+        beta = self.schedule(step)
+        if isinstance(self.kl_scale.beta, torch.Tensor):
+            self.kl_scale.beta.fill_(beta)
+        else:
+            self.kl_scale.beta = beta
+
+    def capturable_(self, like: torch.Tensor):
+        """Hold a scheduled beta in a 0-dim tensor with ``like``'s device and dtype, updated in
+        place by :meth:`set_step`, so that a captured step reads the current value. Returns
+        ``self``."""
+        if not isinstance(self.schedule, Constant):
+            self.kl_scale.beta = like.new_full((), float(self.kl_scale.beta))
+        return self
 
     def metrics(self) -> dict:
         """Settings of the current step worth recording in the history."""
-        return {"beta": self.kl_scale.beta}
+        return {"beta": float(self.kl_scale.beta)}
 
     def trainable_parameters(self, *batch) -> list[torch.Tensor]:
         """The model's ``nn.Module`` parameters, this objective's own (neural baselines) and

@@ -55,11 +55,13 @@ def _data_frame(name, site):
 
 
 def traces(model, guide, args: tuple, num_particles: int | None = None,
-           nesting: int = 0):
+           nesting: int = 0, block: bool = True):
     """``(guide_trace, model_trace)``: the guide traced and the model replayed against it,
     with ``num_particles`` vectorized particles in a plate at dim ``-(nesting + 1)`` (none when
-    ``num_particles`` is ``None``); the param store sees no new registrations."""
-    with poutine.block():
+    ``num_particles`` is ``None``). With ``block`` (evaluation) handlers outside see none of
+    the programs' sites; objectives pass ``block=False`` so that a param-only trace around them
+    finds the parameters they use, as around Pyro's own ELBOs."""
+    with poutine.block() if block else contextlib.nullcontext():
         particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
                      if num_particles is not None else contextlib.nullcontext())
         with particles:

@@ -11,7 +11,7 @@ import pyro
 import torch
 from torch import nn
 
-from pvae.contract import inputs_trusted
+from pvae.contract import inputs_trusted, to_placement
 
 __all__ = ["LatentVariableModel"]
 
@@ -73,6 +73,21 @@ class LatentVariableModel(nn.Module):
                              f"among {sorted(allowed)}")
         return cls(**config)
 
+    def check_data(self, x: torch.Tensor | None, c=None) -> None:
+        """Check a whole dataset once (a training loop then trusts its batches): ``x`` inside
+        the likelihood's support (finite for models without a ``likelihood``); ``x=None``
+        skips that (data binarized on the fly).
+
+        :raises ValueError: what is wrong and how to fix it.
+        """
+        if x is None:
+            return
+        likelihood = getattr(self, "likelihood", None)
+        if likelihood is not None:
+            likelihood.check(x)
+        elif not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf values; drop or impute them first")
+
     def _register(self) -> None:
         if not inputs_trusted():
             pyro.module(self._pyro_name, self)
@@ -84,6 +99,12 @@ class LatentVariableModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def _place(self, t):
+        """A tensor argument of a convenience method (``encode``, ``decode``...) on the
+        model's device, floating point in its dtype; anything else unchanged (and checked by
+        the caller)."""
+        return to_placement(t, self.device, self.dtype) if isinstance(t, torch.Tensor) else t
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         """Shape, dtype and device checks shared by every built-in model."""

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.nn import functional as F
 
 from pvae.contract import inputs_trusted
 from pvae.distributions import ReparamNormal
@@ -87,13 +86,25 @@ class CVAE(LatentVariableModel):
             if c.is_floating_point() or c.dim() != 1:
                 raise ValueError(f"c must be int64 class labels of shape (batch,), got dtype "
                                  f"{c.dtype} and shape {tuple(c.shape)}")
-            if len(c) and (c.min() < 0 or c.max() >= self.num_classes):
+            if not inputs_trusted() and len(c) and (c.min() < 0 or c.max() >= self.num_classes):
                 raise ValueError(f"class labels must lie in [0, {self.num_classes}), got values "
                                  f"in [{c.min().item()}, {c.max().item()}]")
-            return F.one_hot(c.long(), self.num_classes).to(like)
+            # one-hot by comparison: no host synchronization (F.one_hot checks the range)
+            classes = torch.arange(self.num_classes, device=c.device)
+            return (c.unsqueeze(-1) == classes).to(like)
         if c.dim() != 2 or c.shape[-1] != self.c_dim:
             raise ValueError(f"c must have shape (batch, {self.c_dim}), got {tuple(c.shape)}")
         return c.to(like)
+
+    def check_data(self, x: torch.Tensor | None, c=None) -> None:
+        """Check a whole dataset once (a training loop then trusts its batches): ``x`` inside
+        the likelihood's support (unless ``None``: binarized on the fly), ``c`` of the right
+        shape and, for labels, in range.
+
+        :raises ValueError: what is wrong and how to fix it.
+        """
+        super().check_data(x, c)
+        self.embed(c, torch.empty(0, device=c.device if c is not None else None))
 
     def prior(self, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``loc, scale`` of p(z | c) for embedded ``ce`` ``(batch, c_width)``."""
@@ -143,13 +154,14 @@ class CVAE(LatentVariableModel):
 
     @torch.no_grad()
     def encode(self, x, c=None):
-        """``loc, scale`` of q(z | x, c), each ``(batch, latent_dim)``."""
-        x = self._check_x(x)
+        """``loc, scale`` of q(z | x, c), each ``(batch, latent_dim)``, on the model's device."""
+        x = self._check_x(self._place(x))
         return self.encoder(torch.cat([x, self.embed(c, x)], -1))
 
     @torch.no_grad()
     def decode(self, z, c=None):
         """E[x | z, c]: ``(batch, latent_dim) -> (batch, x_dim)``."""
+        z = self._place(z)
         return self.likelihood.mean(self._decode_out(z, self.embed(c, z)))
 
     @torch.no_grad()

@@ -101,8 +101,8 @@ class PPCA(LatentVariableModel):
         if not inputs_trusted():
             _check_finite(x)
         with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0)
-                            .to_event(1))
+            loc = x.new_zeros(x.shape[0], self.latent_dim)
+            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             loc = z @ self.W.T + self.mu
             pyro.sample("x", dist.Normal(loc, self.log_sigma.exp()).to_event(1), obs=x)
 
@@ -222,13 +222,13 @@ class PPCA(LatentVariableModel):
     @torch.no_grad()
     def encode(self, x, c=None):
         """``loc, scale`` of q(z | x): ``(N, q)`` each (scale: marginal standard deviations)."""
-        qd = self.guide_distribution(self._check_x(x))
+        qd = self.guide_distribution(self._check_x(self._place(x)))
         return qd.mean, qd.variance.sqrt()
 
     @torch.no_grad()
     def decode(self, z, c=None):
         """E[x | z] = W z + mu: ``(N, q) -> (N, D)``."""
-        return z @ self.W.T + self.mu
+        return self._place(z) @ self.W.T + self.mu
 
     @torch.no_grad()
     def reconstruct(self, x, c=None):

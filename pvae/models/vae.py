@@ -73,7 +73,7 @@ class VAE(LatentVariableModel):
             self.likelihood.check(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc = x.new_zeros(x.shape[0], self.latent_dim)
-            z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, c=None) -> None:
@@ -103,15 +103,16 @@ class VAE(LatentVariableModel):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, c=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``loc, scale`` of q(z | x), each ``(batch, latent_dim)``."""
+        """``loc, scale`` of q(z | x), each ``(batch, latent_dim)``, on the model's device
+        (``x`` may be anywhere)."""
         self._check_c(c)
-        return self.encoder(self._check_x(x))
+        return self.encoder(self._check_x(self._place(x)))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, c=None) -> torch.Tensor:
         """E[x | z] under the likelihood: ``(batch, latent_dim) -> (batch, x_dim)``."""
         self._check_c(c)
-        return self.likelihood.mean(self.decoder(z))
+        return self.likelihood.mean(self.decoder(self._place(z)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, c=None) -> torch.Tensor:

@@ -14,13 +14,17 @@ from pvae.train.checkpoint import (
 from pvae.train.data import TrainingData
 from pvae.train.fit import fit
 from pvae.train.history import History
-from pvae.train.loop import TrainingDivergedError, mean_value, run_epochs, train_epoch
+from pvae.train.loop import mean_value, run_epochs, train_epoch
 from pvae.train.optim import make_adam
 from pvae.train.state import TrainState, seed_all
+from pvae.train.steps import CapturedStep, CUDAGraph, EagerStep, TrainingDivergedError
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CUDAGraph",
+    "CapturedStep",
     "CheckpointError",
+    "EagerStep",
     "History",
     "TrainState",
     "TrainingData",

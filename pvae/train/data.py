@@ -50,7 +50,7 @@ class TrainingData:
                 if len(c) != len(x):
                     raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
                 c = to_placement(c, device, dtype)
-            _check(model, x, binarize)
+            _check(model, x, c, binarize)
         self.x, self.c = x, c
 
     def __len__(self) -> int:
@@ -60,25 +60,30 @@ class TrainingData:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.x) / self.batch_size)
 
-    def _args(self, xb, cb) -> tuple:
+    def _placed(self, xb, cb) -> tuple:
         if not isinstance(self.x, torch.Tensor):
             xb = to_placement(xb, self.device, self.dtype)
             cb = None if cb is None else to_placement(cb, self.device, self.dtype)
-        if self.binarize == "dynamic":
-            xb = bernoulli_sample(xb)
         return (xb,) if cb is None else (xb, cb)
 
+    def transform(self, batch: tuple) -> tuple:
+        """A placed batch as the model's positional arguments: with dynamic binarization a
+        fresh Bernoulli draw of ``x`` (a device operation, part of a captured step)."""
+        if self.binarize != "dynamic":
+            return batch
+        return (bernoulli_sample(batch[0]), *batch[1:])
+
     def shuffled(self, generator: torch.Generator):
-        """One epoch of mini-batches in an order drawn from ``generator``, each a tuple of the
-        model's positional arguments ``(x,)`` or ``(x, c)``."""
+        """One epoch of placed mini-batches ``(x,)`` or ``(x, c)`` in an order drawn from
+        ``generator``; pass each through :meth:`transform` before the model."""
         for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=True,
                               generator=generator, pin_memory=self.device.type == "cuda"):
-            yield self._args(xb, cb)
+            yield self._placed(xb, cb)
 
     def in_order(self, batch_size: int):
-        """Mini-batches in stored order (for evaluation), as :meth:`shuffled`."""
+        """Mini-batches in stored order (for evaluation), transformed: the model's arguments."""
         for xb, cb in batches(self.x, self.c, batch_size=batch_size):
-            yield self._args(xb, cb)
+            yield self.transform(self._placed(xb, cb))
 
     def probe(self, seed: int, size: int = 8) -> tuple:
         """A few datapoints drawn with their own generator (seeded with ``seed``), to run the
@@ -87,15 +92,17 @@ class TrainingData:
         generator = torch.Generator().manual_seed(seed)
         xb, cb = next(batches(self.x, self.c, batch_size=min(self.batch_size, size),
                               shuffle=True, generator=generator))
-        return self._args(xb, cb)
+        return self.transform(self._placed(xb, cb))
 
 
-def _check(model, x, binarize) -> None:
+def _check(model, x, c, binarize) -> None:
+    """The whole dataset, once: finite; intensities in [0, 1] for dynamic binarization, else
+    the model's own ``check_data(x, c)`` where it has one (built-in models)."""
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).any(-1).nonzero()[:5].flatten().tolist()
         raise ValueError(f"x contains NaN or inf values (e.g. rows {bad}); drop or impute them "
                          "before training")
     if binarize == "dynamic":
-        check_intensities(x, "binarize='dynamic'")
-    elif callable(getattr(getattr(model, "likelihood", None), "check", None)):
-        model.likelihood.check(x)
+        check_intensities(x, "binarize='dynamic'")  # the model sees binary draws of x
+    if callable(getattr(model, "check_data", None)):
+        model.check_data(None if binarize == "dynamic" else x, c)

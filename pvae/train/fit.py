@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from pvae.contract import check_model, placement
-from pvae.inference import ReparamEstimator, SVIObjective, make_estimator
+from pvae.inference import CAPTURABLE, ReparamEstimator, SVIObjective, make_estimator
 from pvae.train.checkpoint import CHECKPOINT_NAME
 from pvae.train.data import TrainingData
 from pvae.train.history import History
 from pvae.train.loop import run_epochs
 from pvae.train.optim import make_adam
 from pvae.train.state import TrainState, seed_all
+from pvae.train.steps import CapturedStep, capture_blocker, log
 
 __all__ = ["fit"]
 
@@ -26,7 +27,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         beta=1.0, baseline: str | None = None, gradient: str = "standard",
         device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
-        progress: bool = True, config: dict | None = None) -> History:
+        progress: bool = True, config: dict | None = None, cuda_graph="auto") -> History:
     r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
     mini-batches.
 
@@ -82,13 +83,21 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :param bool resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists.
     :param bool progress: show a tqdm bar with the running ELBO.
     :param dict config: extra configuration saved in checkpoints and checked on resume.
+    :param cuda_graph: ``"auto"`` (default), ``True`` or ``False``: capture the whole training
+        step (binarization, the model and guide as Pyro programs, backward, Adam) once as a CUDA
+        graph and replay it for every full batch (:class:`~pvae.train.steps.CapturedStep`); the
+        objective is then computed from pvae's traces without host synchronization (same value
+        and gradient as Pyro's ELBO), and a non-finite loss is detected every 100 steps and at
+        epoch ends. ``"auto"`` captures on CUDA when the estimator allows it (``reparam``,
+        ``iwae``) and otherwise trains eagerly, saying why in one logged line on CUDA.
     :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
         beta-weighted ELBO, or the K-sample IWAE bound for ``iwae``) and ``val_elbo`` in nats
         per datapoint, ``beta``, ``seconds`` and ``images_per_s``.
     :raises TypeError: ``model`` does not meet the model contract, or ``x_train`` is not a
         tensor or ``Dataset``.
-    :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), or a
-        checkpoint written with another configuration.
+    :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), a
+        checkpoint written with another configuration, or ``cuda_graph=True`` where the step
+        cannot be captured (not on CUDA, score-function estimator).
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """
@@ -106,20 +115,41 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
                 "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
                 "binarize": binarize, "beta": beta if not callable(beta) else repr(beta),
                 "baseline": baseline, "gradient": gradient, **(config or {})}
+    capture = _capture(cuda_graph, device, estimator)
     objective = SVIObjective(model, make_estimator(
         estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
-        gradient=gradient), beta)
+        gradient=gradient, capturable=capture), beta)
     seed_all(seed)
     generator = torch.Generator().manual_seed(seed)
-    params = objective.trainable_parameters(*data.probe(seed))
+    probe = data.probe(seed)
+    params = objective.trainable_parameters(*probe)
     objective.trusted = True  # the data were checked once above
-    state = TrainState(model, objective, make_adam(params, lr), lr_decay, generator, settings)
+    if capture:
+        objective.capturable_(probe[0])
+    state = TrainState(model, objective, make_adam(params, lr, capturable=capture), lr_decay,
+                       generator, settings)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if resume and checkpoint.is_file():
         state.resume(checkpoint, map_location=device)
     return run_epochs(state, data, num_epochs, checkpoint=checkpoint, progress=progress,
                       val_objective=SVIObjective(model, ReparamEstimator(1, analytic_kl)),
-                      val_data=val_data)
+                      val_data=val_data,
+                      step=CapturedStep(state, data, fallback=cuda_graph == "auto") if capture
+                      else None)
+
+
+def _capture(cuda_graph, device: torch.device, estimator: str) -> bool:
+    """Whether the training step is captured as a CUDA graph (see ``fit``'s ``cuda_graph``)."""
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if cuda_graph is False:
+        return False
+    why = capture_blocker(device, estimator, CAPTURABLE)
+    if why is not None and cuda_graph is True:
+        raise ValueError(f"cuda_graph=True, but {why}; pass cuda_graph='auto' or False")
+    if why is not None and device.type == "cuda":
+        log.warning("pvae: training eagerly, not as a CUDA graph: %s", why)
+    return why is None
 
 
 def _check_settings(num_epochs, batch_size, lr_decay, binarize, resume, checkpoint_dir) -> None:

@@ -14,46 +14,30 @@ from pvae.train.checkpoint import save_checkpoint
 from pvae.train.data import TrainingData
 from pvae.train.history import History
 from pvae.train.state import TrainState
+from pvae.train.steps import EagerStep
 
-__all__ = ["TrainingDivergedError", "mean_value", "run_epochs", "train_epoch"]
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+__all__ = ["mean_value", "run_epochs", "train_epoch"]
 
 
-def _diverged(state: TrainState, loss, step: int, checkpoint: Path | None):
-    where = (f"{checkpoint} (end of epoch {state.history[-1]['epoch']})"
-             if checkpoint is not None and len(state.history) else "none was written")
-    lr = state.optimizer.param_groups[0]["lr"]
-    return TrainingDivergedError(
-        f"the loss became {loss.item()} at epoch {state.epoch + 1}, step {step + 1}; last good "
-        f"checkpoint: {where}. Lower the learning rate (lr={lr:g}) or check the data and the "
-        "likelihood's scale")
-
-
-def train_epoch(state: TrainState, data: TrainingData, bar=None,
-                checkpoint: Path | None = None) -> dict:
+def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> dict:
     """One pass over ``data``; returns the epoch's history row (without validation).
 
-    :raises TrainingDivergedError: the loss became NaN or inf (nothing is stepped then).
+    :param step: how a step runs (:class:`~pvae.train.steps.EagerStep` by default, or
+        :class:`~pvae.train.steps.CapturedStep`).
+    :raises TrainingDivergedError: the loss became NaN or inf.
     """
+    step = EagerStep(state, data) if step is None else step
     state.set_training(True)
     t0, values, seen = time.perf_counter(), [], 0
-    for step, batch in enumerate(data.shuffled(state.generator)):
-        state.objective.set_step(state.epoch * data.steps_per_epoch + step)
-        value, loss = state.objective(*batch)
-        if not torch.isfinite(loss):
-            raise _diverged(state, loss, step, checkpoint)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
+    for i, batch in enumerate(data.shuffled(state.generator)):
+        value = step(batch, state.epoch * data.steps_per_epoch + i)
         values.append(value * len(batch[0]))
         seen += len(batch[0])
         if bar is not None:
             bar.update()
-            if step % 25 == 0:
+            if i % 25 == 0:
                 bar.set_postfix_str(f"epoch {state.epoch + 1} elbo {value.item():.2f}")
+    step.check()
     seconds = time.perf_counter() - t0
     state.scheduler.step()
     total = torch.stack(values).double().sum().item() if values else float("nan")
@@ -73,15 +57,16 @@ def mean_value(objective, data: TrainingData, batch_size: int = 1000) -> float:
 
 def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,
                val_objective=None, val_data: TrainingData | None = None,
-               checkpoint: Path | None = None, progress: bool = True) -> History:
-    """Train from ``state.epoch`` up to ``num_epochs``: per epoch :func:`train_epoch`, the
-    validation value, a history row and (with ``checkpoint``) an atomic checkpoint."""
-    state.num_epochs = num_epochs
+               checkpoint: Path | None = None, progress: bool = True, step=None) -> History:
+    """Train from ``state.epoch`` up to ``num_epochs``: per epoch :func:`train_epoch` (with
+    ``step``, see there), the validation value, a history row and (with ``checkpoint``) an
+    atomic checkpoint."""
+    state.num_epochs, state.checkpoint = num_epochs, checkpoint
     bar = tqdm(total=max(num_epochs - state.epoch, 0) * data.steps_per_epoch,
                disable=not progress, desc="fit", unit="batch", dynamic_ncols=True)
     try:
         while state.epoch < num_epochs:
-            row = train_epoch(state, data, bar if progress else None, checkpoint)
+            row = train_epoch(state, data, step, bar if progress else None)
             if val_data is not None:
                 state.set_training(False)
                 row["val_elbo"] = mean_value(val_objective, val_data)

@@ -44,6 +44,7 @@ class TrainState:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
         self.generator, self.settings = generator, settings
         self.epoch, self.num_epochs, self.history = 0, 0, History()
+        self.checkpoint: Path | None = None  # where run_epochs writes it
 
     def set_training(self, mode: bool) -> None:
         """``train()`` / ``eval()`` on the model and the objective."""

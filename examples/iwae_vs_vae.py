@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pvae import data, plots
+from pvae.contract import resolve_device
 from pvae.inference import fit, gradient_variance, iw_log_likelihood
 from pvae.models import VAE
 
@@ -60,7 +61,7 @@ def main(args):
         t0 = time.perf_counter()
         history = fit(model, x_train, num_epochs=args.num_epochs, batch_size=args.batch_size,
                       lr=args.lr, estimator=estimator, num_particles=k, binarize="dynamic",
-                      device=args.device, seed=args.seed, progress=not args.smoke)
+                      device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
         seconds = time.perf_counter() - t0
         iw = iw_log_likelihood(model, x_test, num_samples=args.num_samples)
         results["models"][label] = {
@@ -108,7 +109,7 @@ def main(args):
     # throughput of the score-function estimator for the table
     torch.manual_seed(args.seed)
     h = fit(make_model(ds.x_dim, args.smoke), x_train, num_epochs=1, batch_size=args.batch_size,
-            estimator="score", baseline="average", binarize="dynamic", device=args.device,
+            estimator="score", baseline="average", binarize="dynamic", device=resolve_device(args.device),
             progress=False)
     results["score_images_per_s"] = h[-1]["images_per_s"]
     print(f"score-function (average baseline) training: {h[-1]['images_per_s']:.0f} images/s")

@@ -1,4 +1,4 @@
-"""The model contract of ``DESIGN.md`` in code: the checks and conventions that models,
+"""The model contract (README, "Your own model") in code: the checks and conventions that models,
 inference and the training engine share, in one place.
 
 - :func:`check_model`: an object with ``model`` and ``guide`` Pyro programs.
@@ -16,8 +16,8 @@ import contextvars
 import torch
 from torch import nn
 
-__all__ = ["check_model", "inputs_trusted", "placement", "resolve_device", "to_placement",
-           "trusted_inputs"]
+__all__ = ["check_model", "inputs_trusted", "place_data", "placement", "resolve_device",
+           "to_placement", "trusted_inputs"]
 
 _TRUSTED = contextvars.ContextVar("pvae_trusted_inputs", default=False)
 
@@ -98,3 +98,20 @@ def to_placement(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def place_data(x: torch.Tensor, c, device: torch.device, dtype: torch.dtype):
+    """``(x, c)`` placed with :func:`to_placement`, ``c`` (optional) checked to be a tensor
+    with one row per row of ``x``.
+
+    :raises TypeError: ``c`` is not a tensor.
+    :raises ValueError: ``c`` and ``x`` differ in length.
+    """
+    x = to_placement(x, device, dtype)
+    if c is None:
+        return x, None
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"c must be a tensor, got {type(c).__name__}")
+    if len(c) != len(x):
+        raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
+    return x, to_placement(c, device, dtype)

@@ -3,7 +3,7 @@
 - :class:`ReparamNormal` and :class:`IndependentBernoulli`: densities that cost less inside a
   training step than torch's defaults, with the same values and gradients (the guide's Gaussian
   and the Bernoulli likelihood of the built-in models).
-- :func:`base_dist`, :func:`detached`, :func:`as_mvn` and :func:`kl`: unwrapping, parameter
+- :func:`base_dist`, :func:`detached`, :func:`as_mvn` and :func:`closed_form_kl`: unwrapping, parameter
   detaching and closed-form KL with broadcasting, for the objectives and evaluation.
 """
 

@@ -1,4 +1,4 @@
-"""Run folders (``DESIGN.md``, "Runs on disk"): one folder per trained model.
+"""Run folders: one folder per trained model.
 
 ``config.json``
     everything that defines the run: the data (``dataset``, ``data_dir``, ``binarize``,
@@ -21,7 +21,7 @@ from pathlib import Path
 from pvae import data
 from pvae.contract import resolve_device
 from pvae.models import MODELS
-from pvae.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from pvae.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint, settings_diff
 
 __all__ = ["CONFIG_NAME", "RunError", "build_model", "load_data", "load_run", "prepare_run",
            "write_json"]
@@ -41,25 +41,27 @@ def write_json(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run(out: str | os.PathLike, config: dict, resume: bool = False) -> Path:
+def prepare_run(out: str | os.PathLike, config: dict, resume: bool = False,
+                resumable: bool = True) -> Path:
     """Create (or, with ``resume``, check) the run folder ``out`` for ``config`` and write its
     ``config.json``.
 
+    :param bool resumable: whether the command can continue a run (``--resume``); only says
+        what the error message suggests.
     :raises RunError: ``out`` already holds a run and ``resume`` is false, or ``resume`` with
         settings other than the folder's (``num_epochs`` may change).
     """
     out = Path(out)
     config_path = out / CONFIG_NAME
     if config_path.is_file() and not resume:
-        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose "
-                       "another --out")
+        hint = "pass --resume to continue it or " if resumable else ""
+        raise RunError(f"{out} already holds a run; {hint}choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if resume and config_path.is_file():
-        old = json.loads(config_path.read_text())
-        diff = {k: (old.get(k), config.get(k)) for k in config
-                if k != "num_epochs" and old.get(k) != config.get(k)}
+        diff = settings_diff(json.loads(config_path.read_text()), config)
         if diff:
-            raise RunError(f"--resume with other settings than {config_path}: {diff}")
+            raise RunError(f"--resume with other settings than {config_path} (before vs now: "
+                           f"{diff})")
     write_json(config_path, config)
     return out
 
@@ -100,8 +102,7 @@ def load_run(run_dir, device="auto"):
     device = resolve_device(device)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
     saved = state.get("config", {})
-    mismatch = {k: (saved.get(k), v) for k, v in config.items()
-                if k != "num_epochs" and saved.get(k) != v}
+    mismatch = settings_diff({k: saved.get(k) for k in config}, config)
     if mismatch:
         raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} was written for another config than "
                               f"{config_path} (checkpoint vs config: {mismatch}); retrain or "

@@ -1,9 +1,9 @@
 """The ``pvae`` command line: ``pvae train``, ``pvae evaluate``, ``pvae ppca``.
 
-Each command parses its arguments, works through :mod:`pvae.runs` (run folders), the training
-engine and evaluation, and prints a summary. A run lives in one folder (``DESIGN.md``, "Runs
-on disk"). Expected errors (bad input, missing data, refused checkpoints) end the command with
-a one-line ``pvae: <message>`` on stderr and a non-zero exit, not a traceback.
+Each command parses its arguments, works through :mod:`pvae.runs` (run folders: one folder
+per run), the training engine and evaluation, and prints a summary. Expected errors (bad
+input, missing data, refused checkpoints) end the command with a one-line ``pvae: <message>``
+on stderr and a non-zero exit, not a traceback.
 """
 
 from __future__ import annotations

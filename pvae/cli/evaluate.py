@@ -105,7 +105,7 @@ def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> N
                                   device=model.device, dtype=model.dtype)
     if kl_per_dim is not None:
         plots.kl_per_dim(kl_per_dim, path=folder / "kl_per_dim.png")
-    if state["history"] and not (folder / "training_curve.png").is_file():
+    if (folder.parent / "history.csv").is_file() and not (folder / "training_curve.png").is_file():
         plots.training_curve(History(state["history"]), folder / "training_curve.png")
 
 

@@ -1,6 +1,7 @@
 """``pvae ppca``: probabilistic PCA by SVI against the closed-form maximum-likelihood fit and
 the exact posterior. Writes an ordinary run folder (``pvae evaluate`` reads it) plus
-``report.json``."""
+``report.json`` and ``reference.pt`` (the closed-form fit: ``PPCA.from_config`` of its
+``model_config``, then its ``model`` state)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pvae import data, plots
 from pvae.contract import resolve_device
 from pvae.inference import compare_posteriors, iw_log_likelihood, principal_angles, to_inference_data
 from pvae.models import PPCA
-from pvae.runs import load_data, prepare_run, write_json
+from pvae.runs import RunError, load_data, prepare_run, write_json
 from pvae.stats import mean_stderr
-from pvae.train import fit
+from pvae.train import fit, save_checkpoint
 
 from .common import table
 
@@ -47,18 +48,20 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     config = {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
               "binarize": None, "seed": args.seed, "num_train": args.num_train,
-              "model": "ppca", "latent_dim": args.latent_dim, "guide": args.guide,
-              "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "model": "ppca", "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
               "final_lr_factor": args.final_lr_factor, "num_particles": args.num_particles}
     ds = load_data(config)
     x_train = ds.x_train[: args.num_train] if args.num_train else ds.x_train
     x_test = ds.x_test
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = PPCA(ds.x_dim, args.latent_dim, args.guide)
+    try:
+        model = PPCA(ds.x_dim, args.latent_dim, args.guide)
+    except ValueError as e:
+        raise RunError(str(e)) from e
     config.update(image_shape=list(ds.image_shape) if ds.image_shape else None,
                   model_config=model.config)
-    out = prepare_run(args.out, config)
+    out = prepare_run(args.out, config, resumable=False)
 
     t0 = time.perf_counter()
     history = fit(model, x_train, x_val=x_test[:1000], num_epochs=args.num_epochs,
@@ -72,6 +75,8 @@ def run(args) -> None:
     t0 = time.perf_counter()
     reference = PPCA.closed_form(x_train.to(device), args.latent_dim, guide=args.guide)
     closed_form_seconds = time.perf_counter() - t0
+    save_checkpoint(out / "reference.pt", {"model": reference.state_dict(),
+                                           "model_config": reference.config})
 
     x_eval = x_test.to(device)
     comparison = compare_posteriors(model, x_eval, reference=reference)

@@ -88,22 +88,23 @@ def run(args) -> None:
     binarize = None if args.binarize == "none" else args.binarize
     config = {
         "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
-        "binarize": binarize, "model": args.model, "latent_dim": args.latent_dim,
-        "hidden_dims": args.hidden_dims, "likelihood": args.likelihood,
-        "likelihood_scale": args.likelihood_scale, "activation": args.activation,
-        "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "binarize": binarize, "model": args.model, "num_epochs": args.num_epochs,
+        "batch_size": args.batch_size, "lr": args.lr,
         "estimator": args.estimator, "num_particles": args.num_particles,
         "analytic_kl": args.analytic_kl, "beta": args.beta,
         "kl_warmup_steps": args.kl_warmup_steps, "kl_cycle_steps": args.kl_cycle_steps,
         "baseline": None if args.baseline == "none" else args.baseline,
         "gradient": args.gradient, "seed": args.seed, "num_train": args.num_train,
-        "num_val": args.num_val, "condition": args.condition, "prior": args.prior,
-    }
+        "num_val": args.num_val, "condition": args.condition,
+    }  # + image_shape and model_config (the model's recorded constructor arguments)
     ds = load_data(config)
     config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
     kwargs = model_arguments(args, ds)
     torch.manual_seed(args.seed)
-    model = MODELS[args.model](**kwargs)
+    try:
+        model = MODELS[args.model](**kwargs)
+    except ValueError as e:  # the model's own checks of its arguments
+        raise RunError(str(e)) from e
     config["model_config"] = model.config
     out = prepare_run(args.out, config, resume=args.resume)
 

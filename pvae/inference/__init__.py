@@ -1,4 +1,4 @@
-"""Inference for any model meeting the model contract of ``DESIGN.md``: shared trace code,
+"""Inference for any model meeting the model contract (README, "Your own model"): shared trace code,
 objectives (ELBO, score function, IWAE) with beta schedules, evaluation (IW log-likelihood,
 ELBO terms), posterior comparison, imputation and diagnostics.
 

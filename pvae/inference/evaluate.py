@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pvae.contract import check_model, placement, to_placement
+from pvae.contract import check_model, place_data, placement
 from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.sizes import default_sizes, pass_rows
@@ -56,13 +56,7 @@ def _prepare(model, x, c, device):
         raise ValueError("x contains NaN or inf values; drop or impute them before evaluating")
     if isinstance(model, nn.Module):
         model.eval()
-    device, dtype = placement(model, device, x)
-    x = to_placement(x, device, dtype)
-    if c is not None:
-        if len(c) != len(x):
-            raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
-        c = to_placement(c, device, dtype)
-    return x, c
+    return place_data(x, c, *placement(model, device, x))
 
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Normal
 
+from pvae import stats
 from pvae.contract import placement, to_placement
 from pvae.inference.sizes import pass_rows
 
@@ -137,7 +138,7 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
         w = torch.softmax(log_w, 0)
         mean = (w.unsqueeze(-1) * torch.cat(means)).sum(0)
         fill = torch.where(mask, x_obs, mean)
-    ess = 1.0 / (w**2).sum(0)
+    ess = stats.ess(log_w, 0)
     log_evidence = torch.logsumexp(log_w, 0) - math.log(num_samples)
     # draws: resample z by weight, then x_m ~ p(x_m | z)
     idx = torch.multinomial(w.T, num_draws, replacement=True, generator=generator).T  # (S, N)

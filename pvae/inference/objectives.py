@@ -232,11 +232,8 @@ class IWAEEstimator(nn.Module):
         return objective.detach(), surrogate
 
 
-#: Registry of estimators by name (``--estimator`` on the command line), with the options
-#: each one takes besides ``num_particles``.
+#: Registry of estimators by name (``--estimator`` on the command line).
 ESTIMATORS = {"reparam": ReparamEstimator, "score": ScoreEstimator, "iwae": IWAEEstimator}
-_OPTIONS = {"reparam": "analytic_kl", "score": "baseline", "iwae": "gradient"}
-_DEFAULTS = {"analytic_kl": False, "baseline": None, "gradient": "standard"}
 #: Estimators whose step runs without host synchronization (see ``capturable``).
 CAPTURABLE = ("reparam", "iwae")
 
@@ -261,19 +258,20 @@ def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
     if not (isinstance(num_particles, int) and num_particles >= 1):
         raise ValueError(f"Expected num_particles >= 1, got {num_particles!r}")
-    options = {"analytic_kl": analytic_kl, "baseline": baseline, "gradient": gradient}
-    for name, value in options.items():
-        if value != _DEFAULTS[name] and _OPTIONS[estimator] != name:
-            owner = next(k for k, v in _OPTIONS.items() if v == name)
-            raise ValueError(f"{name} applies to estimator={owner!r} only (got {name}={value!r} "
-                             f"with estimator={estimator!r})")
+    if analytic_kl and estimator != "reparam":
+        raise ValueError("analytic_kl applies to estimator='reparam' only")
+    if baseline is not None and estimator != "score":
+        raise ValueError("baseline applies to estimator='score' only")
+    if gradient != "standard" and estimator != "iwae":
+        raise ValueError("gradient='dreg' applies to estimator='iwae' only")
     if capturable and estimator not in CAPTURABLE:
         raise ValueError(f"estimator={estimator!r} cannot be captured (it reads the ELBO on the "
                          f"host every step); capturable estimators: {CAPTURABLE}")
-    option = _OPTIONS[estimator]
     if estimator == "reparam":
         return ReparamEstimator(num_particles, analytic_kl, capturable=capturable)
-    return ESTIMATORS[estimator](num_particles, options[option])
+    if estimator == "score":
+        return ScoreEstimator(num_particles, baseline)
+    return IWAEEstimator(num_particles, gradient)
 
 
 class SVIObjective(nn.Module):

@@ -118,7 +118,7 @@ def site_shaped(t: torch.Tensor, site, nesting: int) -> torch.Tensor:
     K, N = t.shape
     rank = nesting + 1
     shape = [1] * rank
-    shape[0], shape[rank + _data_frame("?", site).dim] = K, N
+    shape[0], shape[rank + _data_frame(site["name"], site).dim] = K, N
     return t.reshape(shape + [1] * len(site["fn"].event_shape))
 
 
@@ -128,7 +128,7 @@ def features(site, t: torch.Tensor, nesting: int) -> torch.Tensor:
     event_dims = len(site["fn"].event_shape)
     rank = nesting + 1
     t = t.reshape((1,) * (rank + event_dims - t.dim()) + t.shape)
-    t = t.movedim(rank + _data_frame("?", site).dim, 1)
+    t = t.movedim(rank + _data_frame(site["name"], site).dim, 1)
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 

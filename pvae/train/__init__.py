@@ -16,7 +16,7 @@ from pvae.train.fit import fit
 from pvae.train.history import History
 from pvae.train.loop import mean_value, run_epochs, train_epoch
 from pvae.train.optim import make_adam
-from pvae.train.state import TrainState, seed_all
+from pvae.train.state import TrainState, seed_all, settings_diff
 from pvae.train.steps import CapturedStep, CUDAGraph, EagerStep, TrainingDivergedError
 
 __all__ = [
@@ -39,5 +39,6 @@ __all__ = [
     "save_checkpoint",
     "seed_all",
     "set_rng_state",
+    "settings_diff",
     "train_epoch",
 ]

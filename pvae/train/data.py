@@ -8,7 +8,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from pvae.contract import to_placement
+from pvae.contract import place_data, to_placement
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
 
 __all__ = ["TrainingData"]
@@ -43,13 +43,7 @@ class TrainingData:
         self.device, self.dtype, self.binarize = device, dtype, binarize
         self.batch_size = batch_size
         if isinstance(x, torch.Tensor):
-            x = to_placement(x, device, dtype)
-            if c is not None:
-                if not isinstance(c, torch.Tensor):
-                    raise TypeError(f"c must be a tensor, got {type(c).__name__}")
-                if len(c) != len(x):
-                    raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
-                c = to_placement(c, device, dtype)
+            x, c = place_data(x, c, device, dtype)
             _check(model, x, c, binarize)
         self.x, self.c = x, c
 

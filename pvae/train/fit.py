@@ -32,12 +32,12 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     mini-batches.
 
     Works for any object with ``model(x, c=None)`` and ``guide(x, c=None)`` Pyro programs
-    (the model contract of ``DESIGN.md``), built-in or user-written. The loss is the
-    estimator's surrogate divided by the batch size (see :mod:`pvae.inference.estimators`:
+    (the model contract, README "Your own model"), built-in or user-written. The loss is the
+    estimator's surrogate divided by the batch size (see :mod:`pvae.inference.objectives`:
     Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, ``TraceGraph_ELBO`` with score-function
     gradients, or the IWAE bound), differentiated by autograd and stepped by
     ``torch.optim.Adam``; parameters are the model's ``nn.Module`` parameters plus any Pyro
-    param-store parameters its programs use (neural baselines included). Adam uses its fused
+    param-store parameters its programs use, and the objective's own (neural baselines). Adam uses its fused
     kernel where torch has one for the parameters' device (CPU from torch 2.4, CUDA), and
     dynamic binarization compares uniforms with ``x`` (:func:`pvae.data.bernoulli_sample`):
     per-step costs outside the Pyro program that a default plain PyTorch loop pays in full.

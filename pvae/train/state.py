@@ -13,7 +13,14 @@ from torch import nn
 from pvae.train.checkpoint import CheckpointError, get_rng_state, load_checkpoint, set_rng_state
 from pvae.train.history import History
 
-__all__ = ["TrainState", "seed_all"]
+__all__ = ["TrainState", "seed_all", "settings_diff"]
+
+
+def settings_diff(before: dict, now: dict, ignore=("num_epochs",)) -> dict:
+    """``{key: (before, now)}`` for every setting that differs (a key missing on one side reads
+    as ``None``), ``ignore`` left out: ``num_epochs`` may grow when a run is continued."""
+    keys = (set(before) | set(now)) - set(ignore)
+    return {k: (before.get(k), now.get(k)) for k in sorted(keys) if before.get(k) != now.get(k)}
 
 
 def seed_all(seed: int) -> None:
@@ -81,11 +88,8 @@ class TrainState:
             checkpoints lack the objective's state.
         """
         state = load_checkpoint(path, map_location=map_location)
-        saved = {k: v for k, v in state.get("config", {}).items() if k != "num_epochs"}
-        now = {k: v for k, v in self.settings.items() if k != "num_epochs"}
-        if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-                    if saved.get(k) != now.get(k)}
+        diff = settings_diff(state.get("config", {}), self.settings)
+        if diff:
             raise CheckpointError(f"{path} was written with another configuration "
                                   f"(saved vs now: {diff}); use a new checkpoint_dir or the "
                                   "same settings")

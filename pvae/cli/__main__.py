@@ -1,0 +1,5 @@
+"""``python -m pvae.cli ...``: the ``pvae`` command."""
+
+from pvae.cli import main
+
+main()

@@ -18,15 +18,19 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from pvae import data
 from pvae.contract import resolve_device
 from pvae.models import MODELS
 from pvae.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint, settings_diff
 
 __all__ = ["CONFIG_NAME", "RunError", "build_model", "load_data", "load_run", "prepare_run",
-           "write_json"]
+           "read_config", "write_json"]
 
 CONFIG_NAME = "config.json"
+#: Keys that every run's ``config.json`` holds.
+REQUIRED_KEYS = ("dataset", "seed", "model", "model_config")
 
 
 class RunError(ValueError):
@@ -44,26 +48,60 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def prepare_run(out: str | os.PathLike, config: dict, resume: bool = False,
                 resumable: bool = True) -> Path:
     """Create (or, with ``resume``, check) the run folder ``out`` for ``config`` and write its
-    ``config.json``.
+    ``config.json``. A folder holds a run once its checkpoint exists: a start that failed
+    before the first checkpoint leaves nothing that blocks a corrected retry.
 
     :param bool resumable: whether the command can continue a run (``--resume``); only says
         what the error message suggests.
-    :raises RunError: ``out`` already holds a run and ``resume`` is false, or ``resume`` with
-        settings other than the folder's (``num_epochs`` may change).
+    :raises RunError: ``out`` is a file; it already holds a run and ``resume`` is false;
+        ``resume`` without a run there; or ``resume`` with settings other than the run's
+        (``num_epochs`` may change).
     """
     out = Path(out)
-    config_path = out / CONFIG_NAME
-    if config_path.is_file() and not resume:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; pass a folder for the run")
+    holds_run = (out / CHECKPOINT_NAME).is_file()
+    if holds_run and not resume:
         hint = "pass --resume to continue it or " if resumable else ""
         raise RunError(f"{out} already holds a run; {hint}choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and config_path.is_file():
-        diff = settings_diff(json.loads(config_path.read_text()), config)
+    if resume and not holds_run:
+        raise RunError(f"--resume: {out} holds no run yet (no {CHECKPOINT_NAME}); drop --resume "
+                       "to start one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out} cannot be created ({e.strerror})") from e
+    config_path = out / CONFIG_NAME
+    if resume:
+        diff = settings_diff(read_config(config_path), config)
         if diff:
             raise RunError(f"--resume with other settings than {config_path} (before vs now: "
                            f"{diff})")
     write_json(config_path, config)
     return out
+
+
+def read_config(path: Path) -> dict:
+    """A run's ``config.json``.
+
+    :raises FileNotFoundError: no such file.
+    :raises CheckpointError: not a JSON object with the keys every run has.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a folder written by "
+                                "`pvae train --out ...`?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the run's "
+                              "checkpoint or retrain") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (the run's settings), got a "
+                              f"{type(config).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{path} lacks the keys {missing}; restore it or retrain")
+    return config
 
 
 def build_model(config: dict):
@@ -92,13 +130,7 @@ def load_run(run_dir, device="auto"):
     """
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a folder written by "
-                                "`pvae train --out ...`?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from e
+    config = read_config(config_path)
     device = resolve_device(device)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
     saved = state.get("config", {})
@@ -107,6 +139,7 @@ def load_run(run_dir, device="auto"):
         raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} was written for another config than "
                               f"{config_path} (checkpoint vs config: {mismatch}); retrain or "
                               "restore the matching config.json")
+    _check_state(state, run_dir / CHECKPOINT_NAME)
     model = build_model(config).to(device)
     try:
         model.load_state_dict(state["model"])
@@ -114,6 +147,19 @@ def load_run(run_dir, device="auto"):
         raise CheckpointError(f"checkpoint does not fit the model in {config_path}: {e}") from e
     model.eval()
     return model, config, state
+
+
+def _check_state(state: dict, path: Path) -> None:
+    if not isinstance(state.get("epoch"), int):
+        raise CheckpointError(f"{path} has no epoch count; it is not a complete pvae checkpoint")
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: its model state is a {type(state['model']).__name__}, "
+                              "not a dict of tensors")
+    bad = [k for k, v in state["model"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or inf weights ({', '.join(bad[:3])}); "
+                              "use an earlier checkpoint or retrain")
 
 
 def load_data(config: dict) -> data.Splits:

@@ -68,9 +68,11 @@ def test_resume_continues(digits_run, tmp_path):
     assert state["epoch"] == 4
 
 
-def test_existing_run_not_overwritten(digits_run):
-    with pytest.raises(SystemExit, match="--resume"):
+def test_existing_run_not_overwritten(digits_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--dataset", "digits", "--out", str(digits_run), "--num-epochs", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"pvae: {digits_run} already holds a run; pass --resume")
 
 
 def test_train_with_iwae_and_annealing(tmp_path):

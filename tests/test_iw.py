@@ -336,3 +336,16 @@ def test_log_weights_have_gradients(lg):
     assert lw.shape == (3, 4)
     lw.sum().backward()
     assert w.grad is not None
+
+
+def test_default_evaluation_sizes_by_device():
+    """Cache-sized passes on a CPU (measured best: ~5,000 rows of 784 pixels, see
+    benchmarks/bench_iwll.py --sweep), never more particles than K nor datapoints than N."""
+    from pvae.inference.sizes import default_sizes, pass_rows
+
+    cpu = torch.device("cpu")
+    assert default_sizes(10_000, 5000, cpu, 784) == (250, 20)
+    assert default_sizes(3, 5000, cpu, 784) == (3, 5000 // 3)
+    assert default_sizes(10_000, 7, cpu, 784) == (250, 7)
+    assert default_sizes(10_000, 5000, cpu, 784, batch_size=10, chunk_size=3) == (10, 3)
+    assert pass_rows(cpu, 64) == 5000 * 784 // 64  # narrower data: more rows per pass

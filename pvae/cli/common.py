@@ -1,8 +1,45 @@
-"""What the ``pvae`` commands share: the table printer."""
+"""What the ``pvae`` commands share: argument types that check values where they are parsed,
+and the table printer."""
 
 from __future__ import annotations
 
-__all__ = ["table"]
+import argparse
+
+from pvae.validation import check_count, check_float
+
+__all__ = ["count", "likelihood_scale", "number", "table"]
+
+
+def count(minimum: int = 1):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            return check_count("value", int(text), minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}, got {text!r}") from None
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def number(minimum: float | None = None, strict: bool = False):
+    """An argparse type: a finite number >= ``minimum`` (> with ``strict``)."""
+    def parse(text: str) -> float:
+        try:
+            return check_float("value", float(text), minimum=minimum, strict=strict)
+        except ValueError:
+            bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number{bound}, got {text!r}") from None
+    parse.__name__ = "number"
+    return parse
+
+
+def likelihood_scale(text: str):
+    """An argparse type: ``learned`` or a positive number."""
+    if text == "learned":
+        return text
+    return number(0.0, strict=True)(text)
 
 
 def table(rows) -> str:

@@ -12,7 +12,7 @@ from pvae.runs import load_data, load_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import History
 
-from .common import table
+from .common import count, table
 
 __all__ = ["add_parser", "run"]
 
@@ -20,12 +20,13 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="evaluate a trained run: metrics.json and figures")
     e.add_argument("run", help="run folder written by pvae train or pvae ppca")
-    e.add_argument("--num-samples", type=int, default=5000,
+    e.add_argument("--num-samples", type=count(0), default=5000,
                    help="K for the IW log-likelihood (0 = skip it)")
-    e.add_argument("--iw-num-test", type=int, default=1000,
+    e.add_argument("--iw-num-test", type=count(0), default=1000,
                    help="test images for the IW estimate (0 = all)")
-    e.add_argument("--num-test", type=int, default=0, help="test images for the ELBO (0 = all)")
-    e.add_argument("--num-elbo-samples", type=int, default=1)
+    e.add_argument("--num-test", type=count(0), default=0,
+                   help="test images for the ELBO (0 = all)")
+    e.add_argument("--num-elbo-samples", type=count(1), default=1)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=run)
 

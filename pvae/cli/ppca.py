@@ -17,7 +17,7 @@ from pvae.runs import RunError, load_data, prepare_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import fit, save_checkpoint
 
-from .common import table
+from .common import count, number, table
 
 __all__ = ["add_parser", "run"]
 
@@ -27,19 +27,20 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", default="digits", choices=sorted(data.DATASETS))
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true")
-    p.add_argument("--latent-dim", type=int, default=10)
+    p.add_argument("--latent-dim", type=count(1), default=10)
     p.add_argument("--guide", default="full", choices=["full", "diagonal"])
-    p.add_argument("--num-epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--final-lr-factor", type=float, default=1e-3,
+    p.add_argument("--num-epochs", type=count(0), default=30)
+    p.add_argument("--batch-size", type=count(1), default=256)
+    p.add_argument("--lr", type=number(0.0, strict=True), default=2e-2)
+    p.add_argument("--final-lr-factor", type=number(0.0, strict=True), default=1e-3,
                    help="the learning rate decays exponentially to lr * this by the last epoch")
-    p.add_argument("--num-particles", type=int, default=1)
-    p.add_argument("--num-train", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1000, help="K for the IW check (0 = skip)")
-    p.add_argument("--iw-num-test", type=int, default=500)
+    p.add_argument("--num-particles", type=count(1), default=1)
+    p.add_argument("--num-train", type=count(0), default=0)
+    p.add_argument("--num-samples", type=count(0), default=1000,
+                   help="K for the IW check (0 = skip)")
+    p.add_argument("--iw-num-test", type=count(1), default=500)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

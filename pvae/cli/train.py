@@ -12,6 +12,8 @@ from pvae.nn import ACTIVATIONS
 from pvae.runs import RunError, load_data, prepare_run
 from pvae.train import fit
 
+from .common import count, likelihood_scale, number
+
 __all__ = ["add_parser", "run"]
 
 #: The models ``pvae train`` builds (``pvae ppca`` trains PPCA).
@@ -26,36 +28,40 @@ def add_parser(sub) -> None:
                    help="download the dataset's official files if they are found nowhere")
     t.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
     t.add_argument("--model", default="vae", choices=TRAINABLE)
-    t.add_argument("--latent-dim", type=int, default=50)
-    t.add_argument("--hidden-dims", type=int, nargs="+", default=[400])
+    t.add_argument("--latent-dim", type=count(1), default=50)
+    t.add_argument("--hidden-dims", type=count(1), nargs="+", default=[400])
     t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
     t.add_argument("--condition", default="none", choices=["none", "label", *data.CONDITIONS],
                    help="cvae: condition on the class label or on part of the image")
     t.add_argument("--prior", default="standard", choices=["standard", "learned"],
                    help="cvae: N(0, I) or a learned p(z | c)")
-    t.add_argument("--likelihood-scale", default="learned",
+    t.add_argument("--likelihood-scale", default="learned", type=likelihood_scale,
                    help="'learned' or a fixed float (gaussian/laplace)")
     t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
-    t.add_argument("--num-epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--num-epochs", type=count(0), default=10)
+    t.add_argument("--batch-size", type=count(1), default=256)
+    t.add_argument("--lr", type=number(0.0, strict=True), default=1e-3)
     t.add_argument("--estimator", default="reparam", choices=sorted(ESTIMATORS))
-    t.add_argument("--num-particles", type=int, default=1)
+    t.add_argument("--num-particles", type=count(1), default=1)
     t.add_argument("--analytic-kl", action="store_true")
-    t.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
-    t.add_argument("--kl-warmup-steps", type=int, default=0,
+    t.add_argument("--beta", type=number(0.0), default=1.0, help="KL weight (beta-VAE)")
+    t.add_argument("--kl-warmup-steps", type=count(0), default=0,
                    help="anneal beta linearly from 0 over this many steps")
-    t.add_argument("--kl-cycle-steps", type=int, default=0,
+    t.add_argument("--kl-cycle-steps", type=count(0), default=0,
                    help="cyclical annealing of beta with this period (steps)")
     t.add_argument("--baseline", default="none", choices=["none", *[b for b in BASELINES if b]],
                    help="score-function baseline (--estimator score)")
     t.add_argument("--gradient", default="standard", choices=list(GRADIENTS),
                    help="IWAE gradient: standard or dreg (--estimator iwae)")
-    t.add_argument("--num-train", type=int, default=0, help="use the first N images (0 = all)")
-    t.add_argument("--num-val", type=int, default=1000,
+    t.add_argument("--num-train", type=count(0), default=0,
+                   help="use the first N images (0 = all)")
+    t.add_argument("--num-val", type=count(0), default=1000,
                    help="validation ELBO on the first N test images each epoch (0 = none)")
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda...")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                   help="capture the training step as a CUDA graph (auto: on CUDA when the "
+                   "estimator allows it)")
+    t.add_argument("--seed", type=count(0), default=0)
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--no-progress", action="store_true")
@@ -115,15 +121,19 @@ def run(args) -> None:
                                         ds.y_test[: args.num_val], ds.image_shape)
     if not args.num_val:
         x_val = c_val = None
-    history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
-                  num_epochs=args.num_epochs, batch_size=args.batch_size, lr=args.lr,
-                  estimator=args.estimator, num_particles=args.num_particles,
-                  analytic_kl=args.analytic_kl,
-                  beta=make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps),
-                  baseline=config["baseline"], gradient=args.gradient,
-                  device=resolve_device(args.device), seed=args.seed, binarize=fit_binarize,
-                  checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
-                  config=config)
+    try:
+        history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
+                      num_epochs=args.num_epochs, batch_size=args.batch_size, lr=args.lr,
+                      estimator=args.estimator, num_particles=args.num_particles,
+                      analytic_kl=args.analytic_kl,
+                      beta=make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps),
+                      baseline=config["baseline"], gradient=args.gradient,
+                      device=resolve_device(args.device), seed=args.seed, binarize=fit_binarize,
+                      checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
+                      config=config,
+                      cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
+    except ValueError as e:  # fit's checks of its arguments and data
+        raise RunError(str(e)) from e
     history.to_csv(out / "history.csv")
     plots.training_curve(history, out / "figures" / "training_curve.png")
     last = history[-1] if len(history) else {}

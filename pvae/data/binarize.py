@@ -28,6 +28,9 @@ def bernoulli_sample(probs: torch.Tensor, generator: torch.Generator | None = No
 def check_intensities(x: torch.Tensor, who: str = "binarize") -> None:
     """Raise a :class:`ValueError` naming ``who`` unless every entry of ``x`` lies in [0, 1]
     (the Bernoulli probabilities of stochastic binarization)."""
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{who} needs intensities in [0, 1], got NaN or inf values; drop or "
+                         "impute them first")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"{who} needs intensities in [0, 1], got values in "
                          f"[{x.min().item():.3g}, {x.max().item():.3g}]; rescale the data "

@@ -93,7 +93,12 @@ def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[P
 
     ``data_dir`` (and ``data_dir/<name>``), ``$PVAE_DATA_DIR`` (and ``$PVAE_DATA_DIR/<name>``),
     ``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist``), ``~/.cache/pvae/<name>``.
+
+    :raises ValueError: ``data_dir`` exists but is not a folder.
     """
+    if data_dir and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ValueError(f"data_dir={str(data_dir)!r} is a file, not a folder; pass the folder "
+                         "that holds the IDX files")
     paths = []
     for root in (data_dir, os.environ.get("PVAE_DATA_DIR")):
         if root:

@@ -118,7 +118,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``.
     :param int num_samples: K >= 1 (5000 for reported test log-likelihoods).
     :param batch_size: datapoints per pass (default: chosen for the device, see
-        :mod:`pvae.inference.sizes`: up to 100 on a CPU, 500 on a GPU).
+        :mod:`pvae.inference.sizes`: up to 250 on a CPU, 500 on a GPU).
     :param chunk_size: particles per pass (default: so that ``batch * chunk`` is what suits the
         device: a few thousand rows on a CPU, as many as memory allows on a GPU); memory is
         bounded by ``batch_size * chunk_size``, not by K: chunks are combined with a streaming

@@ -29,6 +29,7 @@ from torch.distributions import Normal
 from pvae import stats
 from pvae.contract import placement, to_placement
 from pvae.inference.sizes import pass_rows
+from pvae.validation import check_count, check_probability
 
 __all__ = ["Imputation", "impute"]
 
@@ -86,8 +87,12 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     if x.shape != mask.shape or x.dim() != 2:
         raise ValueError(f"x and mask must both have shape (N, D), got {tuple(x.shape)} and "
                          f"{tuple(mask.shape)}")
-    if not 0.0 <= prior_fraction <= 1.0:
-        raise ValueError(f"prior_fraction must lie in [0, 1], got {prior_fraction}")
+    num_samples, num_draws = check_count("num_samples", num_samples), check_count("num_draws",
+                                                                                  num_draws)
+    num_gibbs = check_count("num_gibbs", num_gibbs, 0)
+    prior_fraction = check_probability("prior_fraction", prior_fraction)
+    if chunk_size is not None:
+        check_count("chunk_size", chunk_size)
     device, dtype = placement(model, "auto", x)
     x, mask = to_placement(x, device, dtype), mask.to(device)
     if mask.dtype != torch.bool:

@@ -85,6 +85,11 @@ def compare_posteriors(model, x: torch.Tensor, reference=None) -> PosteriorCompa
     _check_exact(model, "compare_posteriors")
     if reference is not None:
         _check_exact(reference, "compare_posteriors' reference")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or len(x) == 0:
+        raise ValueError(f"x must be a tensor of shape (N, D) with N >= 1, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf values; drop or impute them before comparing")
     x = to_placement(x, *placement(model, "auto", x))
     p = model.exact_posterior(x)
     q = model.guide_distribution(x)

@@ -14,11 +14,11 @@ import torch
 __all__ = ["default_sizes", "pass_rows"]
 
 #: Rows per pass on a CPU for data of 784 dimensions (scaled inversely with the width).
-CPU_ROWS_AT_784 = 2_500
+CPU_ROWS_AT_784 = 5_000
 #: Rows per pass on a GPU, at most (then bounded by free memory).
 GPU_ROWS = 500_000
 #: Datapoints per pass, at most, on each kind of device.
-BATCH = {"cpu": 100, "cuda": 500}
+BATCH = {"cpu": 250, "cuda": 500}
 
 
 def pass_rows(device: torch.device, x_dim: int, itemsize: int = 4) -> int:

@@ -72,14 +72,23 @@ def traces(model, guide, args: tuple, num_particles: int | None = None,
 
 def max_plate_nesting(model, guide, args: tuple) -> int:
     """Trace once without particles: check that every sample site lies in the ``"data"``
-    plate and return the deepest plate nesting.
+    plate and that the guide samples every latent site of the model, and return the deepest
+    plate nesting.
 
-    :raises ValueError: a sample site outside the ``"data"`` plate.
+    :raises ValueError: a sample site outside the ``"data"`` plate, or a latent site of the
+        model that the guide does not sample (the model would draw it from its prior and the
+        estimate would score that draw as if the guide had proposed it: biased, silently).
     """
     guide_tr, model_tr = traces(model, guide, args)
     for tr in (guide_tr, model_tr):
         for name, site in sites(tr, None):
             _data_frame(name, site)
+    proposed = {name for name, _ in sites(guide_tr, False)}
+    for name, _ in sites(model_tr, False):
+        if name not in proposed:
+            raise ValueError(f"the model's latent site {name!r} is not sampled by the guide; "
+                             "importance weights and ELBO terms need a guide site of the same "
+                             "name for every latent site of the model")
     dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in sites(tr, None)
             for f in s["cond_indep_stack"] if f.vectorized]
     return max(dims, default=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import numbers
 
 import pyro
 import torch
@@ -121,6 +122,10 @@ class LatentVariableModel(nn.Module):
 
 
 def _jsonable(value):
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)  # numpy integers
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
     return value

@@ -13,6 +13,7 @@ from pvae.distributions import ReparamNormal
 from pvae.models.base import LatentVariableModel
 from pvae.models.likelihoods import make_likelihood
 from pvae.nn import MLP, GaussianEncoder
+from pvae.validation import check_choice, check_count, check_sizes
 
 __all__ = ["CVAE"]
 
@@ -53,14 +54,15 @@ class CVAE(LatentVariableModel):
         if (num_classes is None) == (c_dim is None):
             raise ValueError("give exactly one of num_classes (c is a class label) or c_dim "
                              "(c is a real vector)")
-        width = num_classes if num_classes is not None else c_dim
-        if not (isinstance(width, int) and width >= 1):
-            raise ValueError(f"Expected num_classes / c_dim to be a positive int, got {width!r}")
-        if prior not in PRIORS:
-            raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+        x_dim, latent_dim = check_count("x_dim", x_dim), check_count("latent_dim", latent_dim)
+        if num_classes is not None:
+            width = num_classes = check_count("num_classes", num_classes)
+        else:
+            width = c_dim = check_count("c_dim", c_dim)
+        self.prior_type = check_choice("prior", prior, PRIORS)
         self.x_dim, self.latent_dim = x_dim, latent_dim
         self.num_classes, self.c_dim, self.c_width = num_classes, c_dim, width
-        self.hidden_dims, self.prior_type = tuple(hidden_dims), prior
+        self.hidden_dims = check_sizes("hidden_dims", hidden_dims)
         self.likelihood = make_likelihood(likelihood, x_dim, likelihood_scale)
         #: q(z | x, c)
         self.encoder = GaussianEncoder(x_dim + width, self.hidden_dims, latent_dim, activation)

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from pvae.contract import inputs_trusted
 from pvae.models.base import LatentVariableModel
+from pvae.validation import check_choice, check_count
 
 __all__ = ["PPCA"]
 
@@ -53,12 +54,11 @@ class PPCA(LatentVariableModel):
 
     def __init__(self, x_dim: int, latent_dim: int, guide: str = "full"):
         super().__init__()
-        if not (isinstance(x_dim, int) and isinstance(latent_dim, int)
-                and 1 <= latent_dim < x_dim):
-            raise ValueError(f"PPCA needs integers 1 <= latent_dim < x_dim, got latent_dim="
-                             f"{latent_dim!r}, x_dim={x_dim!r}")
-        if guide not in GUIDES:
-            raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES}")
+        x_dim, latent_dim = check_count("x_dim", x_dim, 2), check_count("latent_dim", latent_dim, 0)
+        if not 1 <= latent_dim < x_dim:
+            raise ValueError(f"PPCA needs 1 <= latent_dim < x_dim, got latent_dim={latent_dim!r}, "
+                             f"x_dim={x_dim!r}")
+        check_choice("guide", guide, GUIDES)
         self.x_dim, self.latent_dim, self.guide_type = x_dim, latent_dim, guide
         q, D = latent_dim, x_dim
         self.W = nn.Parameter(torch.randn(D, q) / math.sqrt(D))

@@ -13,6 +13,7 @@ from pvae.distributions import ReparamNormal
 from pvae.models.base import LatentVariableModel
 from pvae.models.likelihoods import make_likelihood
 from pvae.nn import MLP, GaussianEncoder
+from pvae.validation import check_count, check_sizes
 
 __all__ = ["VAE"]
 
@@ -50,11 +51,9 @@ class VAE(LatentVariableModel):
                  likelihood: str = "bernoulli", likelihood_scale: float | str = "learned",
                  activation: str = "relu"):
         super().__init__()
-        for name, v in (("x_dim", x_dim), ("latent_dim", latent_dim)):
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"Expected {name} to be a positive int, got {v!r}")
-        self.x_dim, self.latent_dim = x_dim, latent_dim
-        self.hidden_dims = tuple(int(h) for h in hidden_dims)
+        self.x_dim, self.latent_dim = check_count("x_dim", x_dim), check_count("latent_dim",
+                                                                                latent_dim)
+        self.hidden_dims = check_sizes("hidden_dims", hidden_dims)
         self.likelihood = make_likelihood(likelihood, x_dim, likelihood_scale)
         #: q(z | x)
         self.encoder = GaussianEncoder(x_dim, self.hidden_dims, latent_dim, activation)

@@ -40,7 +40,7 @@ class TrainingData:
             raise TypeError(f"{name} must be a tensor or a torch Dataset, got {type(x)}")
         if len(x) == 0:
             raise ValueError(f"{name} is empty; pass at least one datapoint")
-        self.device, self.dtype, self.binarize = device, dtype, binarize
+        self.device, self.dtype, self.binarize, self.model = device, dtype, binarize, model
         self.batch_size = batch_size
         if isinstance(x, torch.Tensor):
             x, c = place_data(x, c, device, dtype)
@@ -55,9 +55,10 @@ class TrainingData:
         return math.ceil(len(self.x) / self.batch_size)
 
     def _placed(self, xb, cb) -> tuple:
-        if not isinstance(self.x, torch.Tensor):
+        if not isinstance(self.x, torch.Tensor):  # streamed: each batch gets the checks here
             xb = to_placement(xb, self.device, self.dtype)
             cb = None if cb is None else to_placement(cb, self.device, self.dtype)
+            _check(self.model, xb, cb, self.binarize)
         return (xb,) if cb is None else (xb, cb)
 
     def transform(self, batch: tuple) -> tuple:

@@ -17,6 +17,7 @@ from pvae.train.loop import run_epochs
 from pvae.train.optim import make_adam
 from pvae.train.state import TrainState, seed_all
 from pvae.train.steps import CapturedStep, capture_blocker, log
+from pvae.validation import check_count, check_float
 
 __all__ = ["fit"]
 
@@ -102,7 +103,8 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         step, and the last good checkpoint is left intact.
     """
     check_model(model, "fit")
-    _check_settings(num_epochs, batch_size, lr_decay, binarize, resume, checkpoint_dir)
+    num_epochs, batch_size, lr, lr_decay, seed = _check_settings(
+        num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume, checkpoint_dir)
     device, dtype = placement(model, device, x_train)
     if isinstance(model, nn.Module):
         model.to(device)
@@ -152,15 +154,18 @@ def _capture(cuda_graph, device: torch.device, estimator: str) -> bool:
     return why is None
 
 
-def _check_settings(num_epochs, batch_size, lr_decay, binarize, resume, checkpoint_dir) -> None:
-    if not (isinstance(num_epochs, int) and num_epochs >= 0):
-        raise ValueError(f"Expected num_epochs >= 0, got {num_epochs!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"Expected batch_size >= 1, got {batch_size!r}")
+def _check_settings(num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume,
+                    checkpoint_dir) -> tuple:
+    """The numeric settings checked and converted (numpy numbers welcome)."""
+    settings = (check_count("num_epochs", num_epochs, 0), check_count("batch_size", batch_size),
+                check_float("lr", lr, minimum=0.0, strict=True),
+                check_float("lr_decay", lr_decay, minimum=0.0, maximum=1.0, strict=True),
+                check_count("seed", seed, 0))
+    if not callable(beta):
+        check_float("beta", beta, minimum=0.0)
     if binarize not in (None, "dynamic"):
         raise ValueError(f"fit's binarize must be None or 'dynamic', got {binarize!r} (static "
                          "binarization is done once when loading: pvae.data.load(binarize=...))")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"Expected 0 < lr_decay <= 1, got {lr_decay!r}")
+    return settings

@@ -182,6 +182,8 @@ def cases(tmp):
          ValueError, "empty"),
         ("fit-x-width", "fit", lambda: fit(vae(), torch.ones(4, 3), num_epochs=1), ValueError,
          r"shape \(batch, 12\)"),
+        ("fit-dataset-empty", "fit", lambda: fit(vae(), TensorDataset(torch.zeros(0, 12)),
+                                                 num_epochs=1), ValueError, "empty"),
         ("fit-x-list", "fit", lambda: fit(vae(), [[0.0] * 12], num_epochs=1), TypeError,
          "x_train"),
         ("fit-splits", "fit", lambda: fit(VAE(64, 2), data.load("digits"), num_epochs=1),
@@ -266,6 +268,8 @@ def cases(tmp):
          lambda: data.load("mnist", data_dir=_a_file(tmp)), ValueError, "data_dir"),
         ("idx-truncated", "data", lambda: data.read_idx(_truncated_idx(tmp)), data.IDXError,
          "truncated"),
+        ("idx-test-size", "data", lambda: data.load("mnist", data_dir=_mixed_sizes(tmp)),
+         data.IDXError, "test images"),
         ("condition-unknown", "data", lambda: data.condition_mask((8, 8), "diagonal"),
          ValueError, "condition"),
         # -- command line --------------------------------------------------------------------
@@ -279,6 +283,8 @@ def cases(tmp):
          "beta"),
         ("cli-lr-0", "cli", lambda: cli([*train, "--lr", "0", "--out", out]), 2, "lr"),
         ("cli-out-is-file", "cli", lambda: cli([*train, "--out", _a_file(tmp)]), 2, "--out"),
+        ("cli-out-under-file", "cli", lambda: cli([*train, "--out", _a_file(tmp) + "/run"]), 2,
+         "--out"),
         ("cli-resume-nothing", "cli",
          lambda: cli([*train, "--resume", "--out", str(tmp / "never")]), 2, "resume"),
         ("cli-evaluate-missing", "cli", lambda: cli(["evaluate", str(tmp / "nowhere")]), 2,
@@ -307,6 +313,8 @@ def cases(tmp):
         ("cli-checkpoint-nan", "cli",
          lambda: cli(["evaluate", str(edited_run(tmp, "nan", lambda r: _checkpoint(
              r, _nan_weights)))]), 2, "NaN"),
+        ("cli-evaluate-num-test-negative", "cli",
+         lambda: cli(["evaluate", str(digits_run(tmp)), "--num-test", "-5"]), 2, "num-test"),
         ("cli-evaluate-samples-negative", "cli",
          lambda: cli(["evaluate", str(digits_run(tmp)), "--num-samples", "-3"]), 2,
          "num-samples"),
@@ -323,6 +331,24 @@ def _a_file(tmp):
     path = tmp / "a-file"
     path.write_text("not a folder")
     return str(path)
+
+
+def _idx(path, array):
+    kinds = {np.dtype(np.uint8): 8}
+    header = bytes([0, 0, kinds[array.dtype], array.ndim])
+    with gzip.open(path, "wb") as f:
+        f.write(header + b"".join(n.to_bytes(4, "big") for n in array.shape) + array.tobytes())
+
+
+def _mixed_sizes(tmp):
+    """MNIST-named IDX files whose test images (5x5) differ from the training images (4x4)."""
+    folder = tmp / "mixed"
+    folder.mkdir(exist_ok=True)
+    _idx(folder / "train-images-idx3-ubyte.gz", np.zeros((3, 4, 4), np.uint8))
+    _idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(3, np.uint8))
+    _idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((2, 5, 5), np.uint8))
+    _idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(2, np.uint8))
+    return folder
 
 
 def _truncated_idx(tmp):

@@ -33,3 +33,59 @@ def test_bad_input(case_id, scratch):
     else:
         with pytest.raises(expected, match=pattern):
             call()
+
+
+def test_numpy_integers_are_sizes():
+    import numpy as np
+    import torch
+
+    from pvae.inference import fit
+    from pvae.models import VAE
+
+    model = VAE(np.int64(12), np.int64(2), (np.int32(8),))
+    x = torch.bernoulli(torch.full((32, 12), 0.5))
+    history = fit(model, x, num_epochs=np.int64(1), batch_size=np.int64(16), progress=False)
+    assert len(history) == 1 and model.config["x_dim"] == 12 and type(model.config["x_dim"]) is int
+
+
+def test_failed_start_does_not_block_the_retry(tmp_path, capsys):
+    """A folder holds a run only once a checkpoint exists: a start that failed before it (here
+    a CUDA graph asked for on a CPU) leaves config.json, and the corrected retry goes through."""
+    from pvae.cli import main
+
+    out = str(tmp_path / "run")
+    argv = ["train", "--dataset", "digits", "--latent-dim", "2", "--hidden-dims", "8",
+            "--num-epochs", "1", "--num-val", "20", "--no-progress", "--out", out,
+            "--device", "cpu"]
+    with pytest.raises(SystemExit) as failed:
+        main([*argv, "--cuda-graph", "on"])
+    assert failed.value.code == 2 and "cuda_graph" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").is_file()
+    main(argv)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_checkpoint_write_survives_ctrl_c_and_clears_stale_temp_files(tmp_path, monkeypatch):
+    """Ctrl-C during torch.save takes effect after the file is complete; temporary files left
+    by earlier killed saves are removed."""
+    import os
+    import signal
+
+    import torch
+
+    from pvae.train import checkpoint
+
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a killed save")
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path / "checkpoint.pt", {"model": {"w": torch.ones(3)}})
+    monkeypatch.undo()
+    state = checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert torch.equal(state["model"]["w"], torch.ones(3))
+    assert not list(tmp_path.glob(".*.tmp"))

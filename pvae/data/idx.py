@@ -155,6 +155,9 @@ def load_idx_dataset(name: str, data_dir=None, download: bool = False) -> Splits
         if nx != ny:
             raise IDXError(f"{name}: {split} split has {nx} images but {ny} labels")
     image_shape = tuple(arrays["x_train"].shape[1:])
+    if tuple(arrays["x_test"].shape[1:]) != image_shape:
+        raise IDXError(f"{name}: test images are {tuple(arrays['x_test'].shape[1:])} but training "
+                       f"images are {image_shape}; the files belong to different datasets")
 
     def images(a):
         return torch.from_numpy(a.reshape(len(a), -1).astype(np.float32) / 255.0)

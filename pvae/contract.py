@@ -16,7 +16,7 @@ import contextvars
 import torch
 from torch import nn
 
-__all__ = ["check_model", "inputs_trusted", "place_data", "placement", "resolve_device",
+__all__ = ["check_model", "fixed_parameters", "inputs_trusted", "place_data", "placement", "resolve_device",
            "to_placement", "trusted_inputs"]
 
 _TRUSTED = contextvars.ContextVar("pvae_trusted_inputs", default=False)
@@ -115,3 +115,24 @@ def place_data(x: torch.Tensor, c, device: torch.device, dtype: torch.dtype):
     if len(c) != len(x):
         raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
     return x, to_placement(c, device, dtype)
+
+
+@contextlib.contextmanager
+def fixed_parameters(model):
+    """The model's ``nn.Module`` parameters as constants (``requires_grad`` off, eval mode:
+    no dropout, batch-norm statistics fixed), restored on exit."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    training = [m for m in model.modules() if m.training]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for m in training:
+            m.train(True)

@@ -203,3 +203,23 @@ def class_grids(model, image_shape, *, num_styles: int = 6, per_class: int = 10,
     by_class = image_grid(rows, image_shape, row_labels=[f"class {i}" for i in range(k)],
                           path=paths[1], title="each row: one class, z ~ p(z | c)")
     return style, by_class
+
+
+def inference_gap(gap, path=None, max_images: int = 50):
+    """Per-image bars of the inference gap split into its approximation part (log p(x) -
+    ELBO(q*)) and its amortization part (ELBO(q*) - ELBO(q_phi)), nats, for the first
+    ``max_images`` images of a :class:`pvae.inference.InferenceGap`."""
+    approx = gap.approximation_gap[:max_images].detach().cpu().double().numpy()
+    amort = gap.amortization_gap[:max_images].detach().cpu().double().numpy()
+    index = np.arange(len(approx))
+    fig = Figure(figsize=(max(5, len(approx) * 0.18), 3.4))
+    ax = fig.subplots()
+    ax.bar(index, approx, color="tab:blue", label="approximation gap")
+    ax.bar(index, amort, bottom=approx, color="tab:orange", label="amortization gap")
+    ax.set_xlabel("test image")
+    ax.set_ylabel("nats")
+    s = gap.summary()
+    ax.set_title(f"inference gap {s['total_gap']:.2f}: approximation {s['approximation_gap']:.2f}"
+                 f" + amortization {s['amortization_gap']:.2f} (means)")
+    ax.legend()
+    return _finish(fig, path)

@@ -85,3 +85,17 @@ def test_train_with_iwae_and_annealing(tmp_path):
     assert float(history[1].split(",")[2]) < 1.0 and float(history[2].split(",")[2]) == 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["estimator"] == "iwae" and config["gradient"] == "dreg"
+
+
+def test_evaluate_inference_gap(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(digits_run, run)
+    main(["evaluate", str(run), "--num-samples", "20", "--iw-num-test", "20", "--num-test", "50",
+          "--inference-gap", "5"])
+    gap = json.loads((run / "metrics.json").read_text())["inference_gap"]
+    assert gap["num_datapoints"] == 5
+    assert gap["total_gap"] == pytest.approx(gap["approximation_gap"] + gap["amortization_gap"])
+    assert gap["amortization_gap"] > -3 * gap["amortization_gap_stderr"] - 0.05  # q* >= q_phi
+    assert (run / "figures" / "inference_gap.png").stat().st_size > 1000

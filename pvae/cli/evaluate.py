@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pvae import data, plots
-from pvae.inference import elbo_terms, impute, iw_log_likelihood
+from pvae.inference import elbo_terms, impute, inference_gap, iw_log_likelihood
 from pvae.runs import load_data, load_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import History
@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     e.add_argument("--num-test", type=count(0), default=0,
                    help="test images for the ELBO (0 = all)")
     e.add_argument("--num-elbo-samples", type=count(1), default=1)
+    e.add_argument("--inference-gap", type=count(0), default=0, metavar="N",
+                   help="split the IW - ELBO gap of the first N test images into approximation "
+                   "and amortization gaps (Cremer et al. 2018; log p(x) with K = --num-samples; "
+                   "0 = skip)")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=run)
 
@@ -75,6 +79,19 @@ def run(args) -> None:
                  ("IW − ELBO gap (same images)",
                   f"{metrics['iw_minus_elbo']:.2f} ± {metrics['iw_minus_elbo_stderr']:.2f}"),
                  ("median ESS", f"{metrics['iw_median_ess']:.1f} of {args.num_samples}")]
+    if args.inference_gap:
+        n_gap = min(args.inference_gap, len(x_test))
+        gap = inference_gap(model, x_test[:n_gap], c=None if c_test is None else c_test[:n_gap],
+                            num_samples=args.num_samples or 5000)
+        metrics["inference_gap"] = gap.summary()
+        g = metrics["inference_gap"]
+        rows += [(f"inference gap ({n_gap} images)",
+                  f"{g['total_gap']:.2f} ± {g['total_gap_stderr']:.2f}"),
+                 ("  approximation: log p(x) − ELBO(q*)",
+                  f"{g['approximation_gap']:.2f} ± {g['approximation_gap_stderr']:.2f}"),
+                 ("  amortization: ELBO(q*) − ELBO(q)",
+                  f"{g['amortization_gap']:.2f} ± {g['amortization_gap_stderr']:.2f}")]
+        plots.inference_gap(gap, path=run_dir / "figures" / "inference_gap.png")
     print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs "
           "(nats per image):")
     print(table(rows))

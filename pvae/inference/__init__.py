@@ -1,6 +1,7 @@
 """Inference for any model meeting the model contract (README, "Your own model"): shared trace code,
 objectives (ELBO, score function, IWAE) with beta schedules, evaluation (IW log-likelihood,
-ELBO terms), posterior comparison, imputation and diagnostics.
+ELBO terms), the inference gap, NUTS reference posteriors, posterior comparison, imputation
+and diagnostics.
 
 The training engine is :mod:`pvae.train`; :func:`fit` and the names that moved there with it
 (``History``, checkpoints, ``resolve_device``) are also reachable from here, resolved when first
@@ -17,8 +18,17 @@ from pvae.inference.evaluate import (
     iw_log_likelihood,
     log_weights,
 )
+from pvae.inference.gap import InferenceGap, RefinedGuide, inference_gap
 from pvae.inference.handlers import BASELINES, scale_latents, score_function
 from pvae.inference.impute import Imputation, impute
+from pvae.inference.mcmc import (
+    PosteriorSamples,
+    SampleComparison,
+    compare_samples,
+    energy_distance,
+    guide_samples,
+    nuts_posterior,
+)
 from pvae.inference.objectives import (
     CAPTURABLE,
     ESTIMATORS,
@@ -61,22 +71,31 @@ __all__ = [
     "IWAEEstimator",
     "IWResult",
     "Imputation",
+    "InferenceGap",
     "LinearWarmup",
     "PosteriorComparison",
+    "PosteriorSamples",
+    "RefinedGuide",
     "ReparamEstimator",
     "SVIObjective",
+    "SampleComparison",
     "ScoreEstimator",
     "TrainingDivergedError",
     "compare_posteriors",
+    "compare_samples",
     "elbo_terms",
+    "energy_distance",
     "fit",
     "gradient_variance",
+    "guide_samples",
     "impute",
+    "inference_gap",
     "iw_log_likelihood",
     "load_checkpoint",
     "log_weights",
     "make_estimator",
     "make_schedule",
+    "nuts_posterior",
     "principal_angles",
     "resolve_device",
     "save_checkpoint",

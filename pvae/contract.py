@@ -16,7 +16,8 @@ import contextvars
 import torch
 from torch import nn
 
-__all__ = ["check_model", "fixed_parameters", "inputs_trusted", "place_data", "placement", "resolve_device",
+__all__ = ["check_model", "fixed_parameters", "inputs_trusted", "place_data", "prepare_data",
+           "program_args", "placement", "resolve_device",
            "to_placement", "trusted_inputs"]
 
 _TRUSTED = contextvars.ContextVar("pvae_trusted_inputs", default=False)
@@ -136,3 +137,34 @@ def fixed_parameters(model):
             p.requires_grad_(True)
         for m in training:
             m.train(True)
+
+
+def program_args(x: torch.Tensor, c=None) -> tuple:
+    """The positional arguments of a model's programs: ``(x,)`` or ``(x, c)``."""
+    return (x,) if c is None else (x, c)
+
+
+def prepare_data(model, x, c=None, device="auto", who: str = "evaluation",
+                 eval_mode: bool = True):
+    """Check a model and the datapoints an evaluation runs on, put the model in eval mode
+    (unless ``eval_mode`` is false: the caller restores the mode itself) and return ``(x, c)``
+    placed where the model is (see :func:`placement`).
+
+    :raises TypeError: ``model`` does not meet the contract, or ``x`` is not a tensor.
+    :raises ValueError: ``x`` is empty, not finite, or not ``(N, x_dim)`` for a model that has
+        an ``x_dim``; ``c`` of another length.
+    """
+    check_model(model, who)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
+    x_dim = getattr(model, "x_dim", None)
+    if x_dim is not None and (x.dim() != 2 or x.shape[-1] != x_dim):
+        raise ValueError(f"x must have shape (N, {x_dim}) for this model, got {tuple(x.shape)}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf values (it must be finite); drop or impute them "
+                         "first")
+    if eval_mode and isinstance(model, nn.Module):
+        model.eval()
+    return place_data(x, c, *placement(model, device, x))

@@ -10,10 +10,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from pvae.contract import check_model, place_data, placement
+from pvae.contract import prepare_data, program_args
 from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.sizes import default_sizes, pass_rows
@@ -30,34 +29,13 @@ from pvae.stats import mean_stderr
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
 
 
-def _args(x, c):
-    return (x,) if c is None else (x, c)
-
-
 def _nesting(model, x, c) -> int:
     """Plate nesting of the model and guide, from one trace of the first datapoint."""
-    return max_plate_nesting(model.model, model.guide, _args(x[:1], None if c is None else c[:1]))
+    return max_plate_nesting(model.model, model.guide, program_args(x[:1], None if c is None else c[:1]))
 
 
 def _weights(model, x, c, num_particles, nesting):
-    return weights(model.model, model.guide, _args(x, c), num_particles, nesting)
-
-
-def _prepare(model, x, c, device):
-    check_model(model, "evaluation")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
-    x_dim = getattr(model, "x_dim", None)
-    if x_dim is not None and (x.dim() != 2 or x.shape[-1] != x_dim):
-        raise ValueError(f"x must have shape (N, {x_dim}) for this model, got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf values; drop or impute them before evaluating")
-    if isinstance(model, nn.Module):
-        model.eval()
-    return place_data(x, c, *placement(model, device, x))
-
+    return weights(model.model, model.guide, program_args(x, c), num_particles, nesting)
 
 
 def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
@@ -66,7 +44,7 @@ def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
 
     :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
     """
-    x, c = _prepare(model, x, c, "auto")
+    x, c = prepare_data(model, x, c, "auto")
     return _weights(model, x, c, num_samples, _nesting(model, x, c)).log_weight
 
 
@@ -134,7 +112,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if v is not None and not (isinstance(v, int) and v >= 1):
             raise ValueError(f"Expected {name} >= 1 or None, got {v!r}")
-    x, c = _prepare(model, x, c, device)
+    x, c = prepare_data(model, x, c, device)
     batch_size, chunk_size = default_sizes(len(x), num_samples, x.device, x[0].numel(),
                                            x.element_size(), batch_size, chunk_size)
     nesting = _nesting(model, x, c)
@@ -244,7 +222,7 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     """
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"Expected num_samples >= 1, got {num_samples!r}")
-    x, c = _prepare(model, x, c, device)
+    x, c = prepare_data(model, x, c, device)
     batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
                                                             x.element_size()) // num_samples))
     nesting = _nesting(model, x, c)

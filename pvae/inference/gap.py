@@ -24,17 +24,13 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal
 
-from pvae.contract import check_model, fixed_parameters, place_data, placement
+from pvae.contract import fixed_parameters, prepare_data, program_args
 from pvae.distributions import base_dist
 from pvae.inference.traces import max_plate_nesting, sites, traces, weights
 from pvae.stats import mean_stderr
 from pvae.validation import check_choice, check_count, check_float
 
 __all__ = ["InferenceGap", "RefinedGuide", "inference_gap"]
-
-
-def _args(x, c):
-    return (x,) if c is None else (x, c)
 
 
 class RefinedGuide(nn.Module):
@@ -215,17 +211,12 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     :raises TypeError: a guide site that is neither Normal nor MultivariateNormal.
     :raises ValueError: bad sizes or data.
     """
-    check_model(model, "inference_gap")
     for name, value in (("num_steps", num_steps), ("num_particles", num_particles),
                         ("num_elbo_samples", num_elbo_samples), ("num_samples", num_samples)):
         check_count(name, value, 0 if name == "num_steps" else 1)
     check_float("lr", lr, minimum=0.0, strict=True)
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0 or not torch.isfinite(x).all():
-        raise ValueError("x must be a finite tensor (N, D) with N >= 1")
-    if isinstance(model, nn.Module):
-        model.eval()
-    x, c = place_data(x, c, *placement(model, device, x))
-    args = _args(x, c)
+    x, c = prepare_data(model, x, c, device, "inference_gap")
+    args = program_args(x, c)
     pyro.set_rng_seed(seed)
     nesting = max_plate_nesting(model.model, model.guide, args)
     refined = RefinedGuide(model, args, family)

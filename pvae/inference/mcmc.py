@@ -44,7 +44,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.ops.stats import effective_sample_size
 
-from pvae.contract import check_model, fixed_parameters, place_data, placement, trusted_inputs
+from pvae.contract import fixed_parameters, prepare_data, program_args, trusted_inputs
 from pvae.inference.traces import PARTICLE_PLATE, max_plate_nesting, sites
 from pvae.stats import mean_stderr
 from pvae.validation import check_count
@@ -124,21 +124,6 @@ class PosteriorSamples:
 
         kwargs.setdefault("round_to", "none")
         return az.summary(self.to_inference_data(), var_names=list(self.draws), **kwargs)
-
-
-def _args(x, c):
-    return (x,) if c is None else (x, c)
-
-
-def _check_inputs(model, x, c, who):
-    check_model(model, who)
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a tensor (N, ...) of N >= 1 datapoints, e.g. x[:5], got "
-                         f"{shape}")
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf values; drop or impute them first")
-    return place_data(x, c, *placement(model, "auto", x))
 
 
 def _data_pos(name, site, value_dim: int) -> int:
@@ -250,12 +235,12 @@ def nuts_posterior(model, x: torch.Tensor, c=None, *, num_samples: int = 500,
                          f"{target_accept_prob!r}")
     if num_threads is not None:
         num_threads = check_count("num_threads", num_threads)
-    x, c = _check_inputs(model, x, c, "nuts_posterior")
+    x, c = prepare_data(model, x, c, "auto", "nuts_posterior", eval_mode=False)
     N = len(x)
     start = time.perf_counter()
     chains, diverging = [], torch.zeros(num_chains, num_samples, N, dtype=torch.bool)
     for n in range(N):
-        args = _args(x[n:n + 1], None if c is None else c[n:n + 1])
+        args = program_args(x[n:n + 1], None if c is None else c[n:n + 1])
         # the model's own checks, once; also refuses sites outside the "data" plate
         nesting = max_plate_nesting(model.model, model.guide, args)
         with poutine.block():
@@ -317,8 +302,8 @@ def guide_samples(model, x: torch.Tensor, c=None, *, num_samples: int = 2000,
         plate, or a latent site of the model that the guide does not sample.
     """
     num_samples = check_count("num_samples", num_samples)
-    x, c = _check_inputs(model, x, c, "guide_samples")
-    args = _args(x, c)
+    x, c = prepare_data(model, x, c, "auto", "guide_samples", eval_mode=False)
+    args = program_args(x, c)
     start = time.perf_counter()
     pyro.set_rng_seed(seed)
     with fixed_parameters(model):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import MultivariateNormal
 
-from pvae.contract import placement, to_placement
+from pvae.contract import placement, prepare_data, to_placement
 from pvae.distributions import closed_form_kl
 from pvae.stats import mean_stderr
 
@@ -85,12 +85,7 @@ def compare_posteriors(model, x: torch.Tensor, reference=None) -> PosteriorCompa
     _check_exact(model, "compare_posteriors")
     if reference is not None:
         _check_exact(reference, "compare_posteriors' reference")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or len(x) == 0:
-        raise ValueError(f"x must be a tensor of shape (N, D) with N >= 1, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf values; drop or impute them before comparing")
-    x = to_placement(x, *placement(model, "auto", x))
+    x, _ = prepare_data(model, x, None, "auto", "compare_posteriors")
     p = model.exact_posterior(x)
     q = model.guide_distribution(x)
     kl_q_p, kl_p_q = closed_form_kl(q, p), closed_form_kl(p, q)

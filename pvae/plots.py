@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torch.distributions import Normal
 
 __all__ = ["gradient_variance", "image_grid", "kl_per_dim", "latent_manifold", "posterior_ellipses",
@@ -144,6 +145,49 @@ def posterior_forest(idata: dict, path=None):
     az.plot_forest(list(idata.values()), model_names=list(idata), var_names=["z"],
                    combined=True, hdi_prob=0.94, ax=fig.subplots())
     fig.suptitle("94% HDI of z per datapoint and dimension")
+    return _finish(fig, path)
+
+
+def posterior_pairs(reference, approx, *, dims=(0, 1), datapoint: int = 0, site: str = "z",
+                    path=None):
+    """ArviZ pair plot (``az.plot_pair``, scatter and marginal densities) of two coordinates of
+    one latent site for one datapoint: reference draws (e.g. NUTS) and approximate draws (e.g.
+    the guide) overlaid. ``reference`` and ``approx`` are
+    :class:`pvae.inference.mcmc.PosteriorSamples`; ``dims`` index the site's flattened
+    coordinates (``(latent_dim,)`` for a VAE's ``z``).
+
+    :raises ValueError: ``site`` is not a site of both, or ``dims`` / ``datapoint`` out of range.
+    """
+    import arviz as az  # slow to import: only when this figure is drawn
+
+    for s in (reference, approx):
+        if site not in s.draws:
+            raise ValueError(f"no draws of site {site!r}; the sites are {sorted(s.draws)}")
+    width = math.prod(reference.draws[site].shape[3:])
+    i, j = dims
+    if not (0 <= i < width and 0 <= j < width and i != j):
+        raise ValueError(f"dims must be two different coordinates in [0, {width}), got {dims}")
+    if not 0 <= datapoint < reference.num_datapoints:
+        raise ValueError(f"datapoint must be in [0, {reference.num_datapoints}), got {datapoint}")
+    fig = Figure(figsize=(6, 6))
+    axes = fig.subplots(2, 2)
+    coords = {"datapoint": [datapoint], f"{site}_flat": [i, j]}
+    handles = []
+    # the approximation first, so that the reference's points lie on top
+    for s, label, color in ((approx, approx.method, "C1"),
+                            (reference, f"{reference.method} (reference)", "C0")):
+        d = s.draws[site]
+        idata = az.from_dict(posterior={site: d.reshape(*d.shape[:3], -1).numpy()},
+                             dims={site: ["datapoint", f"{site}_flat"]})
+        az.plot_pair(idata, var_names=[site], coords=coords, marginals=True, ax=axes,
+                     scatter_kwargs={"color": color, "alpha": 0.25},
+                     marginal_kwargs={"color": color})
+        handles.append(Line2D([], [], color=color, marker="o", ls="-",
+                              label=f"{label}: {s.num_chains} x {s.num_draws} draws"))
+    axes[1, 0].set_xlabel(f"{site}[{i}]")
+    axes[1, 0].set_ylabel(f"{site}[{j}]")
+    fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.95, 0.85), fontsize=8)
+    fig.suptitle(f"posterior of datapoint {datapoint}: {site}[{i}] and {site}[{j}]")
     return _finish(fig, path)
 
 

@@ -99,3 +99,20 @@ def test_evaluate_inference_gap(digits_run, tmp_path):
     assert gap["total_gap"] == pytest.approx(gap["approximation_gap"] + gap["amortization_gap"])
     assert gap["amortization_gap"] > -3 * gap["amortization_gap_stderr"] - 0.05  # q* >= q_phi
     assert (run / "figures" / "inference_gap.png").stat().st_size > 1000
+
+
+@pytest.mark.filterwarnings("ignore:NUTS had")  # short chains may diverge; reported in metrics
+def test_evaluate_nuts(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(digits_run, run)
+    main(["evaluate", str(run), "--num-samples", "0", "--num-test", "50", "--nuts", "2",
+          "--nuts-samples", "40"])
+    nuts = json.loads((run / "metrics.json").read_text())["nuts"]
+    assert nuts["num_datapoints"] == 2 and nuts["num_chains"] == 4 and nuts["num_draws"] == 40
+    assert len(nuts["per_datapoint"]) == 2 and len(nuts["variance_ratio_per_dim"][0]) == 2
+    assert nuts["max_r_hat"] >= 1.0 and nuts["min_ess_bulk"] > 0 and nuts["divergences"] >= 0
+    assert nuts["variance_ratio"] == pytest.approx(
+        sum(r["variance_ratio"] for r in nuts["per_datapoint"]) / 2)
+    assert (run / "figures" / "posterior_pairs.png").stat().st_size > 1000

@@ -105,6 +105,36 @@ def test_exact_guide_agrees_with_nuts(ppca):
     assert summary["num_datapoints"] == len(xs) and summary["num_coordinates"] == 2
     # energy distance of two samples of one distribution: about 0 (U-statistic)
     assert abs(summary["energy_distance"]) < 0.02, summary
+    rows = cmp.per_datapoint()
+    assert len(rows) == len(xs)
+    for n, row in enumerate(rows):
+        assert row["variance_ratio_min"] <= row["variance_ratio"] <= row["variance_ratio_max"]
+        assert row["energy_distance"] == cmp.energy_distance[n].item()
+    assert summary["variance_ratio"] == pytest.approx(
+        sum(r["variance_ratio"] for r in rows) / len(rows))
+
+
+def test_convergence_and_pair_plot(ppca):
+    from pvae import plots
+
+    model, xs, nuts = ppca
+    conv = nuts.convergence()
+    summary = nuts.summary()
+    assert conv["max_r_hat"] == summary["r_hat"].max() and 1 <= conv["max_r_hat"] <= 1.02
+    assert conv["min_ess_bulk"] == summary["ess_bulk"].min() and conv["divergences"] == 0
+    assert (conv["num_chains"], conv["num_draws"]) == (NUM_CHAINS, NUM_SAMPLES)
+    guide = guide_samples(model, xs, num_samples=500, seed=1)
+    fig = plots.posterior_pairs(nuts, guide, dims=(1, 0), datapoint=1)
+    joint = fig.axes[1]  # marginal, joint, marginal (ArviZ removes the upper-right panel)
+    # the guide's points, then NUTS's on top
+    assert [len(c.get_offsets()) for c in joint.collections] == [500, NUM_CHAINS * NUM_SAMPLES]
+    assert joint.get_xlabel() == "z[1]" and joint.get_ylabel() == "z[0]"
+    with pytest.raises(ValueError, match="two different coordinates"):
+        plots.posterior_pairs(nuts, guide, dims=(0, 0))
+    with pytest.raises(ValueError, match="datapoint must be in"):
+        plots.posterior_pairs(nuts, guide, datapoint=len(xs))
+    with pytest.raises(ValueError, match="no draws of site 'w'"):
+        plots.posterior_pairs(nuts, guide, site="w")
 
 
 def _wrong_guide(model, scale=2.0, shift_sd=1.0):

@@ -8,6 +8,7 @@ import torch
 
 from pvae import data, plots
 from pvae.inference import elbo_terms, impute, inference_gap, iw_log_likelihood
+from pvae.inference.mcmc import compare_samples, guide_samples, nuts_posterior
 from pvae.runs import load_data, load_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import History
@@ -31,6 +32,12 @@ def add_parser(sub) -> None:
                    help="split the IW - ELBO gap of the first N test images into approximation "
                    "and amortization gaps (Cremer et al. 2018; log p(x) with K = --num-samples; "
                    "0 = skip)")
+    e.add_argument("--nuts", type=count(0), default=0, metavar="N",
+                   help="draw the exact posterior of the first N test images by NUTS (4 chains) "
+                   "and compare the guide with it: R-hat, ESS, variance ratios, energy distance "
+                   "(slow: minutes per image on a CPU; 0 = skip)")
+    e.add_argument("--nuts-samples", type=count(1), default=500, metavar="S",
+                   help="NUTS draws kept per chain, after as many warmup steps")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=run)
 
@@ -92,12 +99,47 @@ def run(args) -> None:
                  ("  amortization: ELBO(q*) − ELBO(q)",
                   f"{g['amortization_gap']:.2f} ± {g['amortization_gap_stderr']:.2f}")]
         plots.inference_gap(gap, path=run_dir / "figures" / "inference_gap.png")
+    if args.nuts:
+        rows += _nuts_check(model, x_test, c_test, args, metrics, run_dir / "figures")
     print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs "
           "(nats per image):")
     print(table(rows))
     write_json(run_dir / "metrics.json", metrics)
     figures(model, config, state, x_test, c_test, metrics["kl_per_dim"], run_dir / "figures")
     print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'figures'}/")
+
+
+def _nuts_check(model, x_test, c_test, args, metrics: dict, folder: Path) -> list:
+    """NUTS reference posteriors of the first ``args.nuts`` test images against the guide:
+    fills ``metrics["nuts"]``, draws the pair plot, returns the table rows."""
+    n = min(args.nuts, len(x_test))
+    x, c = x_test[:n], None if c_test is None else c_test[:n]
+    nuts = nuts_posterior(model, x, c, num_samples=args.nuts_samples,
+                          warmup_steps=args.nuts_samples, num_chains=4, progress=True)
+    guide = guide_samples(model, x, c, num_samples=2000)
+    cmp = compare_samples(nuts, guide)
+    conv = nuts.convergence()
+    metrics["nuts"] = {**conv, **cmp.summary(), "seconds": nuts.seconds,
+                       "per_datapoint": cmp.per_datapoint(),
+                       "variance_ratio_per_dim": cmp.variance_ratio.tolist()}
+    s = metrics["nuts"]
+    # the pair plot: the two coordinates of the first site, image 0, where the guide's width
+    # is most off (the first site's coordinates come first in the comparison)
+    name, width = cmp.sites[0]
+    if width >= 2:
+        log_ratio = cmp.variance_ratio[0, :width].log().abs()
+        worst = tuple(log_ratio.argsort(descending=True)[:2].tolist())
+        plots.posterior_pairs(nuts, guide, dims=worst, site=name,
+                              path=folder / "posterior_pairs.png")
+    return [(f"NUTS vs guide ({n} images, 4 chains x {args.nuts_samples})",
+             f"max R-hat {conv['max_r_hat']:.3f}, min bulk ESS {conv['min_ess_bulk']:.0f}, "
+             f"{conv['divergences']} divergences"),
+            ("  guide mean error (posterior sd)",
+             f"{s['mean_abs_error_sd']:.2f} mean, {s['max_abs_error_sd']:.2f} max"),
+            ("  variance ratio guide / NUTS",
+             f"{s['variance_ratio']:.2f} mean (log ratio {s['log_variance_ratio']:.2f})"),
+            ("  energy distance (standardized)",
+             f"{s['energy_distance']:.3f} ± {s['energy_distance_stderr']:.3f}")]
 
 
 def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> None:

@@ -125,6 +125,17 @@ class PosteriorSamples:
         kwargs.setdefault("round_to", "none")
         return az.summary(self.to_inference_data(), var_names=list(self.draws), **kwargs)
 
+    def convergence(self) -> dict:
+        """The convergence checks of the draws, over all sites, datapoints and coordinates:
+        ``max_r_hat`` (rank-normalized split R-hat, Vehtari et al. 2021, which should be at
+        most 1.01; NaN for one chain), ``min_ess_bulk`` and ``min_ess_tail`` (ArviZ's), and
+        ``divergences`` (total divergent transitions after warmup; 0 for guide draws)."""
+        s = self.summary()
+        return {"max_r_hat": float(s["r_hat"].max()), "min_ess_bulk": float(s["ess_bulk"].min()),
+                "min_ess_tail": float(s["ess_tail"].min()),
+                "divergences": 0 if self.divergences is None else int(self.divergences.sum()),
+                "num_chains": self.num_chains, "num_draws": self.num_draws}
+
 
 def _data_pos(name, site, value_dim: int) -> int:
     """Position of the ``"data"`` plate's dim in the site's value (``value_dim`` dims)."""
@@ -367,6 +378,19 @@ class SampleComparison:
             "num_datapoints": self.energy_distance.numel(),
             "num_coordinates": self.variance_ratio.shape[-1],
         }
+
+    def per_datapoint(self) -> list[dict]:
+        """One row per datapoint: ``mean_abs_error_sd`` and ``max_abs_error_sd`` over its
+        coordinates, the ``variance_ratio`` mean, min and max, ``log_variance_ratio`` (mean)
+        and the ``energy_distance``."""
+        vr = self.variance_ratio
+        return [{"mean_abs_error_sd": self.mean_error_sd[n].abs().mean().item(),
+                 "max_abs_error_sd": self.mean_error_sd[n].abs().max().item(),
+                 "variance_ratio": vr[n].mean().item(),
+                 "variance_ratio_min": vr[n].min().item(),
+                 "variance_ratio_max": vr[n].max().item(),
+                 "log_variance_ratio": vr[n].log().mean().item(),
+                 "energy_distance": self.energy_distance[n].item()} for n in range(len(vr))]
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

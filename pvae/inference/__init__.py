@@ -10,6 +10,7 @@ used so that this layer never imports the one above it.
 
 import importlib
 
+from pvae.inference.autoguide import AutoAmortizedNormal
 from pvae.inference.diagnostics import gradient_variance
 from pvae.inference.evaluate import (
     ElboTerms,
@@ -60,6 +61,7 @@ def __getattr__(name):
 
 __all__ = [
     "BASELINES",
+    "AutoAmortizedNormal",
     "CAPTURABLE",
     "ESTIMATORS",
     "GRADIENTS",

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from pvae.contract import place_data, to_placement
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
+from pvae.parallel import shard
 
 __all__ = ["TrainingData"]
 
@@ -24,14 +25,23 @@ class TrainingData:
         outside the likelihood's support.
     :param binarize: ``None`` or ``"dynamic"``: every batch is a fresh Bernoulli draw of the
         [0, 1] intensities ``x``.
+    :param int rank: this process's rank in data-parallel training (0 in one process).
+    :param int world_size: the number of processes; with more than one, each shuffled global
+        mini-batch (the same on every rank: one shuffle drawn from a generator seeded alike on
+        every rank) is split into ``world_size`` contiguous slices and this rank gets slice
+        ``rank`` (:func:`pvae.parallel.shard`), so that the ranks' slices together are the batch
+        one process would draw; evaluation (:meth:`in_order`) covers the rank's contiguous
+        share of the data.
     :raises TypeError: ``x`` is neither a tensor nor a ``Dataset`` (a :class:`pvae.data.Splits`
         gets a message saying which of its fields to pass), or ``c`` is not a tensor.
-    :raises ValueError: empty data, ``c`` of another length than ``x``, NaN or inf values, or
-        values outside the likelihood's support (or outside [0, 1] for dynamic binarization).
+    :raises ValueError: empty data, ``c`` of another length than ``x``, NaN or inf values,
+        values outside the likelihood's support (or outside [0, 1] for dynamic binarization),
+        or a training mini-batch with fewer datapoints than processes.
     """
 
     def __init__(self, x, c=None, *, model=None, batch_size: int, device: torch.device,
-                 dtype: torch.dtype, binarize: str | None = None, name: str = "x_train"):
+                 dtype: torch.dtype, binarize: str | None = None, name: str = "x_train",
+                 rank: int = 0, world_size: int = 1):
         if isinstance(x, Splits):
             raise TypeError(f"{name} is a pvae.data.Splits (train and test sets); pass its "
                             f"tensors: fit(model, splits.x_train, c=splits.y_train) for a "
@@ -41,11 +51,18 @@ class TrainingData:
         if len(x) == 0:
             raise ValueError(f"{name} is empty; pass at least one datapoint")
         self.device, self.dtype, self.binarize, self.model = device, dtype, binarize, model
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         if isinstance(x, torch.Tensor):
             x, c = place_data(x, c, device, dtype)
             _check(model, x, c, binarize)
         self.x, self.c = x, c
+        last = len(x) % batch_size or batch_size
+        if name == "x_train" and min(batch_size, last) < world_size:
+            raise ValueError(
+                f"with {world_size} processes every mini-batch needs at least {world_size} "
+                f"datapoints (one slice per process), but batch_size={batch_size} over {len(x)} "
+                f"datapoints leaves a last batch of {last}; choose batch_size (or the number of "
+                "training datapoints) so that both are at least the number of processes")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -53,6 +70,12 @@ class TrainingData:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.x) / self.batch_size)
+
+    def global_batch_size(self, step: int) -> int:
+        """Datapoints in step ``step``'s global mini-batch (all ranks together); the last
+        batch of an epoch may be smaller."""
+        i = step % self.steps_per_epoch
+        return min(self.batch_size, len(self.x) - i * self.batch_size)
 
     def _placed(self, xb, cb) -> tuple:
         if not isinstance(self.x, torch.Tensor):  # streamed: each batch gets the checks here
@@ -73,12 +96,30 @@ class TrainingData:
         ``generator``; pass each through :meth:`transform` before the model."""
         for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=True,
                               generator=generator, pin_memory=self.device.type == "cuda"):
+            if self.world_size > 1:  # this rank's slice of the global batch
+                mine = shard(len(xb), self.rank, self.world_size)
+                xb, cb = xb[mine], None if cb is None else cb[mine]
             yield self._placed(xb, cb)
 
     def in_order(self, batch_size: int):
-        """Mini-batches in stored order (for evaluation), transformed: the model's arguments."""
-        for xb, cb in batches(self.x, self.c, batch_size=batch_size):
+        """Mini-batches in stored order (for evaluation), transformed: the model's arguments;
+        with several processes, of this rank's contiguous share of the data."""
+        x, c = self.x, self.c
+        if self.world_size > 1:
+            mine = shard(len(x), self.rank, self.world_size)
+            if isinstance(x, torch.Tensor):
+                x, c = x[mine], None if c is None else c[mine]
+            else:
+                x = Subset(x, range(mine.start, mine.stop))
+        for xb, cb in batches(x, c, batch_size=batch_size):
             yield self.transform(self._placed(xb, cb))
+
+    def local_size(self) -> int:
+        """Datapoints that :meth:`in_order` serves on this rank."""
+        if self.world_size == 1:
+            return len(self.x)
+        mine = shard(len(self.x), self.rank, self.world_size)
+        return mine.stop - mine.start
 
     def probe(self, seed: int, size: int = 8) -> tuple:
         """A few datapoints drawn with their own generator (seeded with ``seed``), to run the

@@ -1,0 +1,132 @@
+r"""Data-parallel training with ``torch.nn.parallel.DistributedDataParallel`` (DDP) over the
+``torch.distributed`` process group that ``torchrun`` sets up (NCCL on GPUs, gloo on CPUs).
+
+How a step runs on ``W`` processes (:class:`DistributedStep`):
+
+- Every rank draws the same shuffled global mini-batch ``B`` of ``b`` datapoints (one shuffling
+  generator seeded alike everywhere, advanced every epoch: ``DistributedSampler`` with
+  ``set_epoch`` in effect) and keeps its contiguous slice ``B_r``
+  (:class:`~pvae.train.data.TrainingData` with ``rank`` and ``world_size``): the ranks' slices
+  together are exactly the batch one process would draw.
+- Each rank runs the objective on its slice with its own sampling noise (torch's RNGs seeded
+  with ``seed + rank`` after the identical initialization), through :class:`Replica`, the model
+  and its objective in one ``nn.Module`` whose ``forward`` returns the loss, so that DDP's
+  hooks average the gradients during ``backward``.
+- **Loss scaling.** The objective returns the surrogate per datapoint of the slice,
+  :math:`\ell_r = \frac{1}{|B_r|}\sum_{n \in B_r} f_n` (its plate scale is the slice's size,
+  or ``N / |B_r|`` in a user model that subsamples). The step differentiates
+  :math:`L_r = \ell_r \, W |B_r| / b`, i.e. the slice's sum with the plate size set to the
+  global batch ``b``, times ``W``; DDP averages over ranks, so every rank applies
+
+  .. math:: \frac{1}{W} \sum_r \nabla L_r = \frac{1}{b} \sum_{n \in B} \nabla f_n,
+
+  the gradient of the global mini-batch ELBO per datapoint, also when the slices differ in size
+  (the last batch of an epoch). Adam then takes the same step everywhere, so the replicas stay
+  identical.
+- The training ELBO of an epoch and the validation ELBO (each rank evaluates its share) are
+  sums all-reduced over ranks; the divergence rule is checked on the all-reduced loss, so that
+  every rank stops together.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pvae import parallel
+from pvae.train.data import TrainingData
+from pvae.train.state import TrainState
+from pvae.train.steps import EagerStep, _diverged, _healthy
+
+__all__ = ["DistributedStep", "Replica", "check_module_parameters", "use_distributed", "wrap"]
+
+
+class Replica(nn.Module):
+    """The model and its objective as one module, what DDP wraps: the objective
+    (:class:`~pvae.inference.SVIObjective`) keeps the model outside its ``state_dict``, so
+    here the model is a registered submodule beside it and DDP sees every parameter of both.
+    ``forward(*batch)`` returns the objective's ``(value, loss)`` per datapoint."""
+
+    def __init__(self, model, objective: nn.Module):
+        super().__init__()
+        if isinstance(model, nn.Module):
+            self.model = model
+        self.objective = objective
+
+    def forward(self, *batch):
+        return self.objective(*batch)
+
+
+def check_module_parameters(model, objective, params: list[torch.Tensor]) -> None:
+    """Refuse trainable tensors that are not ``nn.Module`` parameters of the model or the
+    objective (``pyro.param`` values of a user model): DDP averages the gradients of module
+    parameters only, so such tensors would drift apart between processes.
+
+    :raises ValueError: naming the parameters and the fix.
+    """
+    own = {id(p) for p in objective.parameters()}
+    if isinstance(model, nn.Module):
+        own |= {id(p) for p in model.parameters()}
+    foreign = [p for p in params if id(p) not in own]
+    if foreign:
+        names = getattr(objective, "_store_names", None) or [f"{len(foreign)} tensor(s)"]
+        raise ValueError(
+            f"distributed training needs every trainable tensor to be a parameter of an "
+            f"nn.Module (DistributedDataParallel averages their gradients), but the model's "
+            f"programs train Pyro param-store parameters {names}; make them parameters of the "
+            "model (a torch.nn.Module or pyro.nn.PyroModule holding them, e.g. "
+            "self.loc = nn.Parameter(...)) or train in one process")
+
+
+def wrap(model, objective: nn.Module, params: list[torch.Tensor],
+         device: torch.device) -> DistributedDataParallel:
+    """:class:`Replica` wrapped in DDP. DDP broadcasts rank 0's parameters and buffers when it
+    is built, so every rank starts from the same initialization.
+
+    :raises ValueError: see :func:`check_module_parameters`.
+    """
+    check_module_parameters(model, objective, params)
+    replica = Replica(model, objective)
+    return DistributedDataParallel(replica, device_ids=[device] if device.type == "cuda" else None)
+
+
+class DistributedStep(EagerStep):
+    """One data-parallel step: this rank's slice through the DDP-wrapped :class:`Replica`, the
+    loss scaled as the module docstring derives, ``backward`` (DDP all-reduces the gradients)
+    and the optimizer step."""
+
+    def __init__(self, state: TrainState, data: TrainingData, replica: DistributedDataParallel):
+        super().__init__(state, data)
+        self.replica = replica
+
+    def __call__(self, batch: tuple, global_step: int) -> torch.Tensor:
+        state, data = self.state, self.data
+        state.objective.set_step(global_step)
+        value, loss = self.replica(*data.transform(batch))
+        loss = loss * (data.world_size * len(batch[0]) / data.global_batch_size(global_step))
+        mean_loss = loss.detach().clone()  # sum over ranks / W: the global batch's loss
+        torch.distributed.all_reduce(mean_loss)
+        mean_loss /= data.world_size
+        if not _healthy(mean_loss):
+            raise _diverged(state, str(mean_loss.item()), global_step, data.steps_per_epoch)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        return value
+
+
+def use_distributed(distributed, device: torch.device) -> bool:
+    """Whether ``fit`` trains data-parallel: ``"auto"`` when a process group is initialized,
+    ``True`` always (initializing the group from ``torchrun``'s environment if needed),
+    ``False`` never.
+
+    :raises ValueError: another value.
+    :raises RuntimeError: ``True`` outside ``torchrun`` without a process group.
+    """
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if distributed is True:
+        parallel.init_from_env(device)
+        return True
+    return distributed == "auto" and parallel.is_distributed()

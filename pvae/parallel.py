@@ -9,6 +9,7 @@ launches processes itself. Backends: NCCL for CUDA tensors, gloo for CPU tensors
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 __all__ = ["all_gather", "all_reduce_sum", "backend_for", "broadcast", "gather_in_order",
            "init_from_env", "is_distributed", "launched_by_torchrun", "local_device", "main_only",
-           "rank", "shard", "world_size"]
+           "process_group", "rank", "shard", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -70,6 +71,20 @@ def init_from_env(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device))
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device):
+    """A context under ``torchrun``: the process group initialized from the environment (see
+    :func:`init_from_env`) and destroyed on exit, unless it existed before (then it is left as
+    it was)."""
+    owned = not is_distributed()
+    init_from_env(device)
+    try:
+        yield
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 def shard(n: int, rank_: int | None = None, size: int | None = None) -> slice:

@@ -1,7 +1,8 @@
 """Worker of ``tests/test_distributed.py``, launched as ``torchrun --nproc_per_node 2
 tests/ddp_worker.py OUT`` (gloo, CPU): trains the default VAE data-parallel, once for two
 epochs and once stopped after one epoch and resumed, evaluates the IW log-likelihood sharded
-over the ranks, and writes what the test compares to ``OUT/results.pt`` (rank 0).
+over the ranks, trains through ``pvae train`` (``CLI_TRAIN``), and writes what the test
+compares to ``OUT/results.pt`` (rank 0).
 
 The settings live here and are imported by the test, so that its one-process references use
 the same ones.
@@ -16,10 +17,15 @@ import torch
 import torch.distributed as dist
 
 from pvae import data, parallel
+from pvae.cli import main as cli
 from pvae.inference import iw_log_likelihood
 from pvae.models import VAE
 from pvae.train import fit
 
+#: ``pvae train`` as ``torchrun -m pvae.cli train`` runs it (the group already exists here).
+CLI_TRAIN = ["train", "--dataset", "digits", "--num-train", "300", "--num-val", "50",
+             "--latent-dim", "2", "--hidden-dims", "16", "--num-epochs", "1", "--batch-size",
+             "64", "--no-progress"]
 #: Processes the test launches.
 WORLD = 2
 #: 1001 training images in batches of 96: ten full batches and a last one of 41, split 21/20.
@@ -52,6 +58,7 @@ def main(out: Path) -> None:
     resumed_history = fit(resumed, x, x_val=x_val, num_epochs=2, resume=True,
                           checkpoint_dir=out / "resumed", **FIT)
     iw = iw_log_likelihood(full, x_iw, **IW)
+    cli([*CLI_TRAIN, "--out", str(out / "cli")])
     results = {"params": full.state_dict(), "history": history.rows,
                "resumed_params": resumed.state_dict(), "resumed_history": resumed_history.rows,
                "iw": iw.per_datapoint, "iw_ess": iw.ess, "world_size": parallel.world_size()}

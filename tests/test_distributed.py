@@ -13,6 +13,7 @@ of the gradients, the all-reduced sums of the history), about 1e-16 relative per
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -152,6 +153,22 @@ def test_resume_with_another_number_of_processes_is_refused(two_processes, tmp_p
     with pytest.raises(CheckpointError, match="written by 2 process.*this run has 1"):
         fit(worker.build_model(), x, num_epochs=3, resume=True,
             checkpoint_dir=two_processes["out"] / "full", **worker.FIT)
+
+
+def test_cli_rank_0_writes_the_run_and_a_one_process_resume_is_refused(two_processes, capsys):
+    from pvae.cli import main
+
+    run = two_processes["out"] / "cli"
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert len((run / "history.csv").read_text().splitlines()) == 2  # header + 1 epoch
+    assert (run / "figures" / "training_curve.png").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        main([*worker.CLI_TRAIN[:-4], "2", *worker.CLI_TRAIN[-3:], "--out", str(run),
+              "--resume"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "written by 2 process(es), this run has 1" in err
 
 
 def test_param_store_parameters_are_refused_with_the_fix():

@@ -96,11 +96,8 @@ def run(args) -> None:
     (:func:`pvae.train.fit`'s ``distributed``), and rank 0 alone writes the run folder."""
     if not parallel.launched_by_torchrun():
         return _run(args)
-    parallel.init_from_env(resolve_device(args.device))
-    try:
+    with parallel.process_group(resolve_device(args.device)):
         _run(args)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _run(args) -> None:

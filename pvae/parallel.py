@@ -59,14 +59,14 @@ def init_from_env(device: torch.device) -> None:
     """Initialize the default process group from ``torchrun``'s environment variables (NCCL
     on CUDA, gloo on CPU), unless one is initialized already.
 
-    :raises RuntimeError: not started by ``torchrun`` and no group initialized.
+    :raises ValueError: not started by ``torchrun`` and no group initialized.
     """
     if is_distributed():
         return
     if not launched_by_torchrun():
-        raise RuntimeError("distributed training needs a torch.distributed process group: launch "
-                           "with `torchrun --nproc_per_node N ...`, or call "
-                           "torch.distributed.init_process_group(...) before fit")
+        raise ValueError("distributed=True needs a torch.distributed process group: launch with "
+                         "`torchrun --nproc_per_node N ...`, or call "
+                         "torch.distributed.init_process_group(...) first")
     device = local_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

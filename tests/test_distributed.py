@@ -190,6 +190,18 @@ def test_param_store_parameters_are_refused_with_the_fix():
         check_module_parameters(user, objective, params)
 
 
+def test_distributed_without_a_process_group_is_refused_clearly(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    x, _, x_iw = worker.datasets()
+    with pytest.raises(ValueError, match="distributed=True needs a torch.distributed process"):
+        fit(worker.build_model(), x[:8], num_epochs=1, distributed=True, **worker.FIT)
+    with pytest.raises(ValueError, match="distributed=True needs a torch.distributed process"):
+        iw_log_likelihood(worker.build_model(), x_iw[:2], num_samples=2, distributed=True)
+    with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):
+        fit(worker.build_model(), x[:8], num_epochs=1, distributed="yes", **worker.FIT)
+
+
 def test_batches_smaller_than_the_world_are_refused():
     with pytest.raises(ValueError, match="last batch of 1"):
         TrainingData(torch.zeros(9, 2), batch_size=4, device=torch.device("cpu"),

@@ -121,8 +121,8 @@ def use_distributed(distributed, device: torch.device) -> bool:
     ``True`` always (initializing the group from ``torchrun``'s environment if needed),
     ``False`` never.
 
-    :raises ValueError: another value.
-    :raises RuntimeError: ``True`` outside ``torchrun`` without a process group.
+    :raises ValueError: another value, or ``True`` outside ``torchrun`` without a process
+        group.
     """
     if distributed not in ("auto", True, False):
         raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")

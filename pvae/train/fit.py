@@ -114,8 +114,8 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         checkpoint written with another configuration or number of processes, or
         ``cuda_graph=True`` where the step cannot be captured (not on CUDA, score-function
         estimator, data-parallel training); with several processes, a mini-batch with fewer
-        datapoints than processes or param-store parameters.
-    :raises RuntimeError: ``distributed=True`` outside ``torchrun`` without a process group.
+        datapoints than processes or param-store parameters; ``distributed=True`` outside
+        ``torchrun`` without a process group.
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """

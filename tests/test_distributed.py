@@ -27,7 +27,7 @@ import torch
 from pvae import parallel
 from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, make_estimator
 from pvae.train import CheckpointError, TrainingData, fit, make_adam, seed_all
-from pvae.train.distributed import check_module_parameters
+from pvae.train.distributed import Replica, check_module_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker as worker  # noqa: E402  (the worker's settings: one place for both sides)
@@ -188,6 +188,29 @@ def test_param_store_parameters_are_refused_with_the_fix():
     params = objective.trainable_parameters(torch.zeros(3, 1))
     with pytest.raises(ValueError, match=r"param-store parameters \['loc'\].*nn.Parameter"):
         check_module_parameters(user, objective, params)
+
+
+def test_networks_of_a_plain_model_object_are_collected_for_ddp():
+    class PlainObjectModel:  # not an nn.Module: its network is registered with pyro.module
+        def __init__(self):
+            self.net = torch.nn.Linear(1, 1)
+
+        def model(self, x):
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", pyro.distributions.Normal(0., 1.))
+                pyro.sample("x", pyro.distributions.Normal(z, 1.), obs=x[:, 0])
+
+        def guide(self, x):
+            pyro.module("plain_object_net", self.net)
+            with pyro.plate("data", len(x)):
+                pyro.sample("z", pyro.distributions.Normal(self.net(x)[:, 0], 1.))
+
+    user = PlainObjectModel()
+    objective = SVIObjective(user, make_estimator("reparam"))
+    params = objective.trainable_parameters(torch.zeros(3, 1))
+    check_module_parameters(user, objective, params)  # no refusal: they are module parameters
+    replica = Replica(user, objective)
+    assert {id(p) for p in replica.parameters()} == {id(p) for p in params}
 
 
 def test_distributed_without_a_process_group_is_refused_clearly(monkeypatch):

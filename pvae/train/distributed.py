@@ -39,19 +39,32 @@ from pvae.train.data import TrainingData
 from pvae.train.state import TrainState
 from pvae.train.steps import EagerStep, _diverged, _healthy
 
-__all__ = ["DistributedStep", "Replica", "check_module_parameters", "use_distributed", "wrap"]
+__all__ = ["DistributedStep", "Replica", "check_module_parameters", "model_modules",
+           "use_distributed", "wrap"]
+
+
+def model_modules(model) -> nn.Module | None:
+    """The model as an ``nn.Module``: itself, or for a plain object the modules among
+    its attributes (networks it registers with ``pyro.module``) collected in a
+    ``ModuleDict``; ``None`` when it holds none."""
+    if isinstance(model, nn.Module):
+        return model
+    found = {k: v for k, v in vars(model).items() if isinstance(v, nn.Module)}
+    return nn.ModuleDict(found) if found else None
 
 
 class Replica(nn.Module):
     """The model and its objective as one module, what DDP wraps: the objective
     (:class:`~pvae.inference.SVIObjective`) keeps the model outside its ``state_dict``, so
-    here the model is a registered submodule beside it and DDP sees every parameter of both.
-    ``forward(*batch)`` returns the objective's ``(value, loss)`` per datapoint."""
+    here the model (:func:`model_modules`) is a registered submodule beside it and DDP sees
+    every parameter of both. ``forward(*batch)`` returns the objective's ``(value, loss)`` per
+    datapoint."""
 
     def __init__(self, model, objective: nn.Module):
         super().__init__()
-        if isinstance(model, nn.Module):
-            self.model = model
+        modules = model_modules(model)
+        if modules is not None:
+            self.model = modules
         self.objective = objective
 
     def forward(self, *batch):
@@ -59,15 +72,17 @@ class Replica(nn.Module):
 
 
 def check_module_parameters(model, objective, params: list[torch.Tensor]) -> None:
-    """Refuse trainable tensors that are not ``nn.Module`` parameters of the model or the
-    objective (``pyro.param`` values of a user model): DDP averages the gradients of module
+    """Refuse trainable tensors that are not ``nn.Module`` parameters of the model (or of the
+    networks a plain model object holds) or of the objective (``pyro.param`` values of a user
+    model): DDP averages the gradients of module
     parameters only, so such tensors would drift apart between processes.
 
     :raises ValueError: naming the parameters and the fix.
     """
     own = {id(p) for p in objective.parameters()}
-    if isinstance(model, nn.Module):
-        own |= {id(p) for p in model.parameters()}
+    modules = model_modules(model)
+    if modules is not None:
+        own |= {id(p) for p in modules.parameters()}
     foreign = [p for p in params if id(p) not in own]
     if foreign:
         names = getattr(objective, "_store_names", None) or [f"{len(foreign)} tensor(s)"]

@@ -117,6 +117,15 @@ def test_two_processes_train_as_one_on_the_same_global_batches(two_processes, re
     assert history[1]["train_elbo"] > history[0]["train_elbo"]
 
 
+def test_replicas_stay_identical_even_when_built_differently(two_processes):
+    for key in ("replicas", "apart_replicas"):
+        first, second = two_processes[key]
+        for name in first:  # bitwise: every rank applied the same averaged gradient
+            assert torch.equal(first[name], second[name]), (key, name)
+    # (without DDP's broadcast of rank 0's parameters, the replicas built with different
+    # seeds would keep their different starting points: equal steps do not remove them)
+
+
 def test_stopped_and_resumed_two_process_run_equals_uninterrupted(two_processes):
     _assert_same_params(two_processes["resumed_params"], two_processes["params"])
     for a, b in zip(two_processes["resumed_history"], two_processes["history"], strict=True):

@@ -27,7 +27,7 @@ import torch
 from pvae import parallel
 from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, make_estimator
 from pvae.train import CheckpointError, TrainingData, fit, make_adam, seed_all
-from pvae.train.distributed import Replica, check_module_parameters
+from pvae.train.distributed import Replica, check_batches, check_module_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker as worker  # noqa: E402  (the worker's settings: one place for both sides)
@@ -246,8 +246,8 @@ def test_distributed_without_a_process_group_is_refused_clearly(monkeypatch):
 
 def test_batches_smaller_than_the_world_are_refused():
     with pytest.raises(ValueError, match="last batch of 1"):
-        TrainingData(torch.zeros(9, 2), batch_size=4, device=torch.device("cpu"),
-                     dtype=torch.float32, rank=0, world_size=2)
+        check_batches(TrainingData(torch.zeros(9, 2), batch_size=4, device=torch.device("cpu"),
+                                   dtype=torch.float32, rank=0, world_size=2))
 
 
 def test_shards_partition_in_order():

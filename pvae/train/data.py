@@ -34,9 +34,8 @@ class TrainingData:
         share of the data.
     :raises TypeError: ``x`` is neither a tensor nor a ``Dataset`` (a :class:`pvae.data.Splits`
         gets a message saying which of its fields to pass), or ``c`` is not a tensor.
-    :raises ValueError: empty data, ``c`` of another length than ``x``, NaN or inf values,
-        values outside the likelihood's support (or outside [0, 1] for dynamic binarization),
-        or a training mini-batch with fewer datapoints than processes.
+    :raises ValueError: empty data, ``c`` of another length than ``x``, NaN or inf values, or
+        values outside the likelihood's support (or outside [0, 1] for dynamic binarization).
     """
 
     def __init__(self, x, c=None, *, model=None, batch_size: int, device: torch.device,
@@ -56,13 +55,6 @@ class TrainingData:
             x, c = place_data(x, c, device, dtype)
             _check(model, x, c, binarize)
         self.x, self.c = x, c
-        last = len(x) % batch_size or batch_size
-        if name == "x_train" and min(batch_size, last) < world_size:
-            raise ValueError(
-                f"with {world_size} processes every mini-batch needs at least {world_size} "
-                f"datapoints (one slice per process), but batch_size={batch_size} over {len(x)} "
-                f"datapoints leaves a last batch of {last}; choose batch_size (or the number of "
-                "training datapoints) so that both are at least the number of processes")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -113,13 +105,6 @@ class TrainingData:
                 x = Subset(x, range(mine.start, mine.stop))
         for xb, cb in batches(x, c, batch_size=batch_size):
             yield self.transform(self._placed(xb, cb))
-
-    def local_size(self) -> int:
-        """Datapoints that :meth:`in_order` serves on this rank."""
-        if self.world_size == 1:
-            return len(self.x)
-        mine = shard(len(self.x), self.rank, self.world_size)
-        return mine.stop - mine.start
 
     def probe(self, seed: int, size: int = 8) -> tuple:
         """A few datapoints drawn with their own generator (seeded with ``seed``), to run the

@@ -13,10 +13,11 @@ How a step runs on ``W`` processes (:class:`DistributedStep`):
   and its objective in one ``nn.Module`` whose ``forward`` returns the loss, so that DDP's
   hooks average the gradients during ``backward``.
 - **Loss scaling.** The objective returns the surrogate per datapoint of the slice,
-  :math:`\ell_r = \frac{1}{|B_r|}\sum_{n \in B_r} f_n` (its plate scale is the slice's size,
-  or ``N / |B_r|`` in a user model that subsamples). The step differentiates
-  :math:`L_r = \ell_r \, W |B_r| / b`, i.e. the slice's sum with the plate size set to the
-  global batch ``b``, times ``W``; DDP averages over ranks, so every rank applies
+  :math:`\ell_r = \frac{1}{|B_r|}\sum_{n \in B_r} f_n`, where :math:`f_n` is datapoint
+  ``n``'s term (under the model contract the data plate has the mini-batch's size, so no
+  subsampling scale enters it). The step differentiates :math:`L_r = \ell_r \, W |B_r| / b`,
+  i.e. the slice's sum divided by the global batch size ``b`` (as if the plate had the global
+  batch's size), times ``W``; DDP averages over ranks, so every rank applies
 
   .. math:: \frac{1}{W} \sum_r \nabla L_r = \frac{1}{b} \sum_{n \in B} \nabla f_n,
 
@@ -39,7 +40,7 @@ from pvae.train.data import TrainingData
 from pvae.train.state import TrainState
 from pvae.train.steps import EagerStep, _diverged, _healthy
 
-__all__ = ["DistributedStep", "Replica", "check_module_parameters", "model_modules",
+__all__ = ["DistributedStep", "Replica", "check_batches", "check_module_parameters", "model_modules",
            "use_distributed", "wrap"]
 
 
@@ -94,6 +95,23 @@ def check_module_parameters(model, objective, params: list[torch.Tensor]) -> Non
             "self.loc = nn.Parameter(...)) or train in one process")
 
 
+def check_batches(data: TrainingData) -> None:
+    """Every global mini-batch must give each process at least one datapoint (an empty slice
+    would leave that process without a backward pass, on which DDP waits).
+
+    :raises ValueError: the batch size, or the last batch of an epoch, is smaller than the
+        number of processes; the message says what to change.
+    """
+    n, size, world = len(data), data.batch_size, data.world_size
+    last = n % size or size
+    if min(size, last) < world:
+        raise ValueError(
+            f"with {world} processes every mini-batch needs at least {world} datapoints (one "
+            f"slice per process), but batch_size={size} over {n} datapoints leaves a last batch "
+            f"of {last}; choose batch_size (or the number of training datapoints) so that both "
+            "are at least the number of processes")
+
+
 def wrap(model, objective: nn.Module, params: list[torch.Tensor],
          device: torch.device) -> DistributedDataParallel:
     """:class:`Replica` wrapped in DDP. DDP broadcasts rank 0's parameters and buffers when it
@@ -142,6 +160,6 @@ def use_distributed(distributed, device: torch.device) -> bool:
     if distributed not in ("auto", True, False):
         raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
     if distributed is True:
-        parallel.init_from_env(device)
+        parallel.init_from_env(torch.device(device.type))  # cuda -> cuda:LOCAL_RANK
         return True
     return distributed == "auto" and parallel.is_distributed()

@@ -13,7 +13,7 @@ from pvae.contract import check_model, placement
 from pvae.inference import CAPTURABLE, ReparamEstimator, SVIObjective, make_estimator
 from pvae.train.checkpoint import CHECKPOINT_NAME
 from pvae.train.data import TrainingData
-from pvae.train.distributed import DistributedStep, use_distributed, wrap
+from pvae.train.distributed import DistributedStep, check_batches, use_distributed, wrap
 from pvae.train.history import History
 from pvae.train.loop import run_epochs
 from pvae.train.optim import make_adam
@@ -135,6 +135,8 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     val_data = None if x_val is None else TrainingData(
         x_val, c_val, model=model, batch_size=batch_size, device=device, dtype=dtype,
         name="x_val", rank=rank, world_size=world)
+    if ddp:
+        check_batches(data)
     settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "estimator": estimator,
                 "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
                 "binarize": binarize, "beta": beta if not callable(beta) else repr(beta),

@@ -41,8 +41,8 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
     seconds = time.perf_counter() - t0
     state.scheduler.step()
     total = torch.stack(values).double().sum().item() if values else float("nan")
-    if data.world_size > 1:  # every rank's datapoints (a rank's share may be empty)
-        total, seen = all_reduce_sum(total if values else 0.0, seen)
+    if data.world_size > 1:  # every rank's datapoints
+        total, seen = all_reduce_sum(total, seen)
     return {"epoch": state.epoch + 1, "train_elbo": total / max(seen, 1),
             **state.objective.metrics(), "val_elbo": float("nan"), "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else float("nan")}

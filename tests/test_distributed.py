@@ -1,7 +1,7 @@
 """Data-parallel training and sharded IW evaluation on ``torch.distributed`` (gloo, CPU, two
 processes launched by ``torchrun``), against one-process references.
 
-The two-process run is launched once per session (``tests/ddp_worker.py``); the references
+The two-process run is launched once for this module (``tests/ddp_worker.py``); the references
 run here. The one-process reference of training takes the same global mini-batches (one
 shuffle, same generator) and, for each, the two slices that the ranks get, each with the
 random stream its rank draws from (torch seeded with ``seed + rank`` after the probe batch),
@@ -29,8 +29,14 @@ from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, ma
 from pvae.train import CheckpointError, TrainingData, fit, make_adam, seed_all
 from pvae.train.distributed import Replica, check_batches, check_module_parameters
 
+from conftest import TEST_DEVICE
+
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker as worker  # noqa: E402  (the worker's settings: one place for both sides)
+
+#: gloo on CPU, in float64 (the two-process run is CPU-only whatever the test device).
+pytestmark = pytest.mark.skipif(TEST_DEVICE.type != "cpu",
+                                reason="the data-parallel tests compare CPU runs under gloo")
 
 #: Float64 after 2 epochs of Adam (22 steps): reduction-order differences (~1e-16 per
 #: operation; 6e-17 at most in the parameters when this was written) grow through Adam's

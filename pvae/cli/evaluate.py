@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from pvae import data, plots
+from pvae import data, parallel, plots
+from pvae.contract import resolve_device
 from pvae.inference import elbo_terms, impute, inference_gap, iw_log_likelihood
 from pvae.inference.mcmc import compare_samples, guide_samples, nuts_posterior
 from pvae.runs import load_data, load_run, write_json
@@ -43,6 +44,20 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    """``pvae evaluate``; under ``torchrun`` (``torchrun --nproc_per_node N -m pvae.cli evaluate
+    RUN``) the IW log-likelihood, the slow part, is sharded over the processes (each batch of
+    images seeded from one seed that rank 0 draws, see
+    :func:`pvae.inference.iw_log_likelihood`); every rank computes the ELBO terms, and rank 0
+    alone the rest, and prints and writes metrics and figures."""
+    if not parallel.launched_by_torchrun():
+        return _run(args)
+    device = parallel.local_device(resolve_device(args.device))
+    args.device = str(device)
+    with parallel.process_group(device):
+        _run(args)
+
+
+def _run(args) -> None:
     run_dir = Path(args.run)
     model, config, state = load_run(run_dir, args.device)
     ds = load_data(config)
@@ -86,6 +101,8 @@ def run(args) -> None:
                  ("IW − ELBO gap (same images)",
                   f"{metrics['iw_minus_elbo']:.2f} ± {metrics['iw_minus_elbo_stderr']:.2f}"),
                  ("median ESS", f"{metrics['iw_median_ess']:.1f} of {args.num_samples}")]
+    if parallel.rank() != 0:
+        return
     if args.inference_gap:
         n_gap = min(args.inference_gap, len(x_test))
         gap = inference_gap(model, x_test[:n_gap], c=None if c_test is None else c_test[:n_gap],

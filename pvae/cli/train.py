@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pvae import data, plots
+from pvae import data, parallel, plots
 from pvae.contract import resolve_device
 from pvae.inference import BASELINES, ESTIMATORS, GRADIENTS, make_schedule
 from pvae.models import LIKELIHOODS, MODELS
@@ -91,6 +91,16 @@ def model_arguments(args, ds: data.Splits) -> dict:
 
 
 def run(args) -> None:
+    """``pvae train``; under ``torchrun`` (``torchrun --nproc_per_node N -m pvae.cli train
+    ...``) every process joins the process group and trains its share of each mini-batch
+    (:func:`pvae.train.fit`'s ``distributed``), and rank 0 alone writes the run folder."""
+    if not parallel.launched_by_torchrun():
+        return _run(args)
+    with parallel.process_group(resolve_device(args.device)):
+        _run(args)
+
+
+def _run(args) -> None:
     binarize = None if args.binarize == "none" else args.binarize
     config = {
         "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
@@ -112,7 +122,9 @@ def run(args) -> None:
     except ValueError as e:  # the model's own checks of its arguments
         raise RunError(str(e)) from e
     config["model_config"] = model.config
-    out = prepare_run(args.out, config, resume=args.resume)
+    if parallel.is_distributed():
+        config["world_size"] = parallel.world_size()
+    out = parallel.main_only(prepare_run, args.out, config, resume=args.resume)
 
     n = args.num_train or len(ds.x_train)
     x_train, c_train, fit_binarize = data.training_pairs(
@@ -134,6 +146,8 @@ def run(args) -> None:
                       cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
     except ValueError as e:  # fit's checks of its arguments and data
         raise RunError(str(e)) from e
+    if parallel.rank() != 0:
+        return
     history.to_csv(out / "history.csv")
     plots.training_curve(history, out / "figures" / "training_curve.png")
     last = history[-1] if len(history) else {}

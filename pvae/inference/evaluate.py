@@ -6,12 +6,14 @@ log-likelihood and the ELBO's terms, from the shared trace code of
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from pvae import parallel
 from pvae.contract import prepare_data, program_args
 from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
@@ -25,6 +27,7 @@ from pvae.inference.traces import (
     weights,
 )
 from pvae.stats import mean_stderr
+from pvae.validation import check_count
 
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
 
@@ -78,8 +81,8 @@ class IWResult:
 
 @torch.no_grad()
 def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: int | None = None,
-                      chunk_size: int | None = None, device="auto", progress: bool = False
-                      ) -> IWResult:
+                      chunk_size: int | None = None, device="auto", progress: bool = False,
+                      seed: int | None = None, distributed="auto") -> IWResult:
     r"""Importance-weighted estimate of log p(x), per datapoint (Burda, Grosse & Salakhutdinov
     2015, "Importance Weighted Autoencoders", eq. 8, the bound :math:`\mathcal{L}_K`):
 
@@ -91,8 +94,19 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     discrete latents, and conditional models (then it estimates log p(x | c)). Log-probs are
     unscaled: ``poutine.scale`` (beta, subsampling) does not enter the log-mean-exp.
 
+    **Sharded over processes.** With a ``torch.distributed`` process group (under ``torchrun``)
+    the batches of datapoints are dealt out to the ranks in turn (batch ``b`` to rank
+    ``b % world_size``), each rank computes its batches, and the per-datapoint results are
+    gathered back in the order of ``x`` on every rank. Every batch then draws its particles from
+    torch's RNG seeded with ``seed + b`` (inside ``torch.random.fork_rng``, so the caller's RNG
+    streams are untouched): a datapoint's value depends only on ``seed``, its batch and the
+    pass sizes, not on which process computed it, so ``iw_log_likelihood(..., seed=s)`` in one
+    process gives the same per-datapoint values as on any number of processes. The same
+    ``batch_size`` and ``chunk_size`` must hold everywhere: the defaults depend on the device
+    type only on a CPU, but on free memory on a GPU, so pass them for bitwise agreement there.
+
     :param model: an object with ``model(x, c=None)`` and ``guide(x, c=None)``.
-    :param torch.Tensor x: ``(N, D)`` data.
+    :param torch.Tensor x: ``(N, D)`` data (the whole set on every rank).
     :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``.
     :param int num_samples: K >= 1 (5000 for reported test log-likelihoods).
     :param batch_size: datapoints per pass (default: chosen for the device, see
@@ -102,23 +116,36 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
         bounded by ``batch_size * chunk_size``, not by K: chunks are combined with a streaming
         log-sum-exp in float64.
     :param device: ``"auto"`` uses the model's device.
-    :param bool progress: tqdm bar over datapoint batches.
-    :returns: :class:`IWResult` (nats per datapoint).
-    :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``, data of the
-        wrong width or with NaNs, or a sample site outside the ``"data"`` plate.
+    :param bool progress: tqdm bar over datapoint batches (rank 0's).
+    :param seed: ``None`` (draw from torch's global RNG, as it stands) or an int: batch ``b``
+        draws after ``torch.manual_seed(seed + b)``. Sharded without a seed, rank 0 draws one
+        from its RNG and sends it to the others.
+    :param distributed: ``"auto"`` (shard when a process group is initialized), ``True``
+        (needs one) or ``False`` (every process computes everything).
+    :returns: :class:`IWResult` (nats per datapoint), the same on every rank.
+    :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``/``seed``/
+        ``distributed``, data of the wrong width or with NaNs, or a sample site outside the
+        ``"data"`` plate.
     """
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"Expected num_samples (K) >= 1, got {num_samples!r}")
     for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if v is not None and not (isinstance(v, int) and v >= 1):
             raise ValueError(f"Expected {name} >= 1 or None, got {v!r}")
+    if seed is not None:
+        seed = check_count("seed", seed, 0)
+    sharded = _sharded(distributed)
     x, c = prepare_data(model, x, c, device)
     batch_size, chunk_size = default_sizes(len(x), num_samples, x.device, x[0].numel(),
                                            x.element_size(), batch_size, chunk_size)
-    nesting = _nesting(model, x, c)
-    out, ess = [], []
-    for xb, cb in tqdm(batches(x, c, batch_size=batch_size), total=math.ceil(len(x) / batch_size),
-                       disable=not progress, desc="IW log-likelihood", unit="batch"):
+    if sharded and seed is None:
+        seed = parallel.broadcast(int(torch.randint(2**62, ())))
+    with _own_rng(seed, x.device):  # the trace that finds the nesting draws too
+        nesting = _nesting(model, x, c)
+    rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
+
+    def one_batch(xb, cb) -> torch.Tensor:
+        """``(2, n)``: the estimate and the ESS of the batch's datapoints."""
         lse = xb.new_full((len(xb),), -math.inf, dtype=torch.float64)
         lse2 = lse.clone()
         for start in range(0, num_samples, chunk_size):
@@ -126,14 +153,48 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
             logw = _weights(model, xb, cb, k, nesting).log_weight.double()
             lse = torch.logaddexp(lse, torch.logsumexp(logw, 0))
             lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * logw, 0))
-        out.append(lse - math.log(num_samples))
-        ess.append(torch.exp(2 * lse - lse2))
-    per_datapoint = torch.cat(out)
+        return torch.stack([lse - math.log(num_samples), torch.exp(2 * lse - lse2)])
+
+    results = {}
+    mine = [(b, xb, cb) for b, (xb, cb) in enumerate(batches(x, c, batch_size=batch_size))
+            if b % world == rank]
+    for b, xb, cb in tqdm(mine, disable=not progress or rank != 0, desc="IW log-likelihood",
+                          unit="batch"):
+        with _own_rng(None if seed is None else seed + b, x.device):
+            results[b] = one_batch(xb, cb)
+    both = torch.cat(parallel.gather_in_order(results) if sharded else
+                     [results[b] for b in sorted(results)], dim=1).to(x.device)
+    per_datapoint, ess = both[0], both[1]
     if not torch.isfinite(per_datapoint).all():
         raise FloatingPointError("the IW estimate is not finite for some datapoints: a log "
                                  "weight was NaN or -inf (data outside the likelihood's support?)")
     mean, stderr = mean_stderr(per_datapoint)
-    return IWResult(per_datapoint.to(x.dtype), mean, stderr, torch.cat(ess), num_samples)
+    return IWResult(per_datapoint.to(x.dtype), mean, stderr, ess, num_samples)
+
+
+def _own_rng(seed: int | None, device: torch.device):
+    """With a seed, a context in which torch's RNGs (CPU and ``device``) are seeded with it and
+    restored afterwards; without one, nothing (the global streams are used as they stand)."""
+    if seed is None:
+        return contextlib.nullcontext()
+    return _seeded(seed, device)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _sharded(distributed) -> bool:
+    """Whether evaluation is split over the ranks of a process group (see ``distributed``)."""
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if distributed is True and not parallel.is_distributed():
+        raise ValueError("distributed=True needs a torch.distributed process group: launch with "
+                         "torchrun, or call torch.distributed.init_process_group first")
+    return distributed is not False and parallel.is_distributed()
 
 
 # ---------------------------------------------------------------------------------------------

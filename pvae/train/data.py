@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from pvae.contract import place_data, to_placement
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
+from pvae.parallel import shard
 
 __all__ = ["TrainingData"]
 
@@ -24,6 +25,13 @@ class TrainingData:
         outside the likelihood's support.
     :param binarize: ``None`` or ``"dynamic"``: every batch is a fresh Bernoulli draw of the
         [0, 1] intensities ``x``.
+    :param int rank: this process's rank in data-parallel training (0 in one process).
+    :param int world_size: the number of processes; with more than one, each shuffled global
+        mini-batch (the same on every rank: one shuffle drawn from a generator seeded alike on
+        every rank) is split into ``world_size`` contiguous slices and this rank gets slice
+        ``rank`` (:func:`pvae.parallel.shard`), so that the ranks' slices together are the batch
+        one process would draw; evaluation (:meth:`in_order`) covers the rank's contiguous
+        share of the data.
     :raises TypeError: ``x`` is neither a tensor nor a ``Dataset`` (a :class:`pvae.data.Splits`
         gets a message saying which of its fields to pass), or ``c`` is not a tensor.
     :raises ValueError: empty data, ``c`` of another length than ``x``, NaN or inf values, or
@@ -31,7 +39,8 @@ class TrainingData:
     """
 
     def __init__(self, x, c=None, *, model=None, batch_size: int, device: torch.device,
-                 dtype: torch.dtype, binarize: str | None = None, name: str = "x_train"):
+                 dtype: torch.dtype, binarize: str | None = None, name: str = "x_train",
+                 rank: int = 0, world_size: int = 1):
         if isinstance(x, Splits):
             raise TypeError(f"{name} is a pvae.data.Splits (train and test sets); pass its "
                             f"tensors: fit(model, splits.x_train, c=splits.y_train) for a "
@@ -41,7 +50,7 @@ class TrainingData:
         if len(x) == 0:
             raise ValueError(f"{name} is empty; pass at least one datapoint")
         self.device, self.dtype, self.binarize, self.model = device, dtype, binarize, model
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         if isinstance(x, torch.Tensor):
             x, c = place_data(x, c, device, dtype)
             _check(model, x, c, binarize)
@@ -53,6 +62,12 @@ class TrainingData:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.x) / self.batch_size)
+
+    def global_batch_size(self, step: int) -> int:
+        """Datapoints in step ``step``'s global mini-batch (all ranks together); the last
+        batch of an epoch may be smaller."""
+        i = step % self.steps_per_epoch
+        return min(self.batch_size, len(self.x) - i * self.batch_size)
 
     def _placed(self, xb, cb) -> tuple:
         if not isinstance(self.x, torch.Tensor):  # streamed: each batch gets the checks here
@@ -73,11 +88,22 @@ class TrainingData:
         ``generator``; pass each through :meth:`transform` before the model."""
         for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=True,
                               generator=generator, pin_memory=self.device.type == "cuda"):
+            if self.world_size > 1:  # this rank's slice of the global batch
+                mine = shard(len(xb), self.rank, self.world_size)
+                xb, cb = xb[mine], None if cb is None else cb[mine]
             yield self._placed(xb, cb)
 
     def in_order(self, batch_size: int):
-        """Mini-batches in stored order (for evaluation), transformed: the model's arguments."""
-        for xb, cb in batches(self.x, self.c, batch_size=batch_size):
+        """Mini-batches in stored order (for evaluation), transformed: the model's arguments;
+        with several processes, of this rank's contiguous share of the data."""
+        x, c = self.x, self.c
+        if self.world_size > 1:
+            mine = shard(len(x), self.rank, self.world_size)
+            if isinstance(x, torch.Tensor):
+                x, c = x[mine], None if c is None else c[mine]
+            else:
+                x = Subset(x, range(mine.start, mine.stop))
+        for xb, cb in batches(x, c, batch_size=batch_size):
             yield self.transform(self._placed(xb, cb))
 
     def probe(self, seed: int, size: int = 8) -> tuple:

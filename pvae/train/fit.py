@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pvae import parallel
 from pvae.contract import check_model, placement
 from pvae.inference import CAPTURABLE, ReparamEstimator, SVIObjective, make_estimator
 from pvae.train.checkpoint import CHECKPOINT_NAME
 from pvae.train.data import TrainingData
+from pvae.train.distributed import DistributedStep, check_batches, use_distributed, wrap
 from pvae.train.history import History
 from pvae.train.loop import run_epochs
 from pvae.train.optim import make_adam
@@ -28,7 +30,8 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         beta=1.0, baseline: str | None = None, gradient: str = "standard",
         device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
-        progress: bool = True, config: dict | None = None, cuda_graph="auto") -> History:
+        progress: bool = True, config: dict | None = None, cuda_graph="auto",
+        distributed="auto") -> History:
     r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
     mini-batches.
 
@@ -91,14 +94,28 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         and gradient as Pyro's ELBO), and a non-finite loss is detected every 100 steps and at
         epoch ends. ``"auto"`` captures on CUDA when the estimator allows it (``reparam``,
         ``iwae``) and otherwise trains eagerly, saying why in one logged line on CUDA.
+    :param distributed: ``"auto"`` (default: data-parallel when a ``torch.distributed``
+        process group is initialized, as under ``torchrun``), ``True`` (initialize the group
+        from ``torchrun``'s environment if needed) or ``False`` (train in this process alone).
+        Data-parallel training (:mod:`pvae.train.distributed`) wraps the model and objective in
+        ``DistributedDataParallel``; each global mini-batch of ``batch_size`` datapoints is
+        split over the processes, and the loss is scaled so that the averaged gradient is that
+        of the global batch's ELBO; each process draws its noise from ``seed + rank``. History
+        rows are all-reduced (the same on every rank), checkpoints are written by rank 0, and
+        a run resumes only with the same number of processes. On CUDA each process uses
+        ``cuda:LOCAL_RANK``; CUDA-graph capture is not combined with it. The model's
+        trainable tensors must be ``nn.Module`` parameters (``pyro.param`` values are refused).
     :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
         beta-weighted ELBO, or the K-sample IWAE bound for ``iwae``) and ``val_elbo`` in nats
         per datapoint, ``beta``, ``seconds`` and ``images_per_s``.
     :raises TypeError: ``model`` does not meet the model contract, or ``x_train`` is not a
         tensor or ``Dataset``.
     :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), a
-        checkpoint written with another configuration, or ``cuda_graph=True`` where the step
-        cannot be captured (not on CUDA, score-function estimator).
+        checkpoint written with another configuration or number of processes, or
+        ``cuda_graph=True`` where the step cannot be captured (not on CUDA, score-function
+        estimator, data-parallel training); with several processes, a mini-batch with fewer
+        datapoints than processes or param-store parameters; ``distributed=True`` outside
+        ``torchrun`` without a process group.
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """
@@ -106,18 +123,27 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     num_epochs, batch_size, lr, lr_decay, seed = _check_settings(
         num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume, checkpoint_dir)
     device, dtype = placement(model, device, x_train)
+    ddp = use_distributed(distributed, device)
+    rank, world = (parallel.rank(), parallel.world_size()) if ddp else (0, 1)
+    if ddp and device.type == "cuda":  # one GPU per process
+        device = parallel.local_device(torch.device("cuda"))
+        torch.cuda.set_device(device)
     if isinstance(model, nn.Module):
         model.to(device)
     data = TrainingData(x_train, c, model=model, batch_size=batch_size, device=device,
-                        dtype=dtype, binarize=binarize)
+                        dtype=dtype, binarize=binarize, rank=rank, world_size=world)
     val_data = None if x_val is None else TrainingData(
         x_val, c_val, model=model, batch_size=batch_size, device=device, dtype=dtype,
-        name="x_val")
+        name="x_val", rank=rank, world_size=world)
+    if ddp:
+        check_batches(data)
     settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "estimator": estimator,
                 "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
                 "binarize": binarize, "beta": beta if not callable(beta) else repr(beta),
                 "baseline": baseline, "gradient": gradient, **(config or {})}
-    capture = _capture(cuda_graph, device, estimator)
+    if ddp:
+        settings["world_size"] = world
+    capture = _capture(cuda_graph, device, estimator, ddp)
     objective = SVIObjective(model, make_estimator(
         estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
         gradient=gradient, capturable=capture), beta)
@@ -128,25 +154,34 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     objective.trusted = True  # the data were checked once above
     if capture:
         objective.capturable_(probe[0])
+    step = None
+    if ddp:  # lazy parts exist now (the probe built them): wrap, then per-rank noise
+        replica = wrap(model, objective, params, device)
+        seed_all(seed + rank)
     state = TrainState(model, objective, make_adam(params, lr, capturable=capture), lr_decay,
-                       generator, settings)
+                       generator, settings, distributed=ddp)
+    if ddp:
+        step = DistributedStep(state, data, replica)
+    elif capture:
+        step = CapturedStep(state, data, fallback=cuda_graph == "auto")
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    if resume and checkpoint.is_file():
+    if resume:
         state.resume(checkpoint, map_location=device)
-    return run_epochs(state, data, num_epochs, checkpoint=checkpoint, progress=progress,
+    return run_epochs(state, data, num_epochs, checkpoint=checkpoint,
+                      progress=progress and rank == 0,
                       val_objective=SVIObjective(model, ReparamEstimator(1, analytic_kl)),
-                      val_data=val_data,
-                      step=CapturedStep(state, data, fallback=cuda_graph == "auto") if capture
-                      else None)
+                      val_data=val_data, step=step)
 
 
-def _capture(cuda_graph, device: torch.device, estimator: str) -> bool:
+def _capture(cuda_graph, device: torch.device, estimator: str, distributed: bool) -> bool:
     """Whether the training step is captured as a CUDA graph (see ``fit``'s ``cuda_graph``)."""
     if cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
     if cuda_graph is False:
         return False
     why = capture_blocker(device, estimator, CAPTURABLE)
+    if why is None and distributed:
+        why = "data-parallel training (DistributedDataParallel) runs its steps eagerly"
     if why is not None and cuda_graph is True:
         raise ValueError(f"cuda_graph=True, but {why}; pass cuda_graph='auto' or False")
     if why is not None and device.type == "cuda":

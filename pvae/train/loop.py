@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pvae.train.checkpoint import save_checkpoint
+from pvae.parallel import all_reduce_sum
 from pvae.train.data import TrainingData
 from pvae.train.history import History
 from pvae.train.state import TrainState
@@ -41,6 +41,8 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
     seconds = time.perf_counter() - t0
     state.scheduler.step()
     total = torch.stack(values).double().sum().item() if values else float("nan")
+    if data.world_size > 1:  # every rank's datapoints
+        total, seen = all_reduce_sum(total, seen)
     return {"epoch": state.epoch + 1, "train_elbo": total / max(seen, 1),
             **state.objective.metrics(), "val_elbo": float("nan"), "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else float("nan")}
@@ -48,10 +50,13 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
 
 @torch.no_grad()
 def mean_value(objective, data: TrainingData, batch_size: int = 1000) -> float:
-    """Mean over ``data`` of an objective's per-datapoint value (e.g. the validation ELBO)."""
+    """Mean over ``data`` of an objective's per-datapoint value (e.g. the validation ELBO);
+    with several processes each computes its share and the sums are all-reduced."""
     total = 0.0
     for batch in data.in_order(batch_size):
         total += objective(*batch)[0].item() * len(batch[0])
+    if data.world_size > 1:
+        (total,) = all_reduce_sum(total)
     return total / len(data)
 
 
@@ -73,7 +78,7 @@ def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,
             state.history.rows.append(row)
             state.epoch += 1
             if checkpoint is not None:
-                save_checkpoint(checkpoint, state.state_dict())
+                state.save(checkpoint)
     finally:
         bar.close()
     state.set_training(False)

@@ -24,6 +24,7 @@ from pvae.inference.traces import (
     max_plate_nesting,
     reduce_site,
     sites,
+    vectorizes,
     weights,
 )
 from pvae.stats import mean_stderr
@@ -32,13 +33,20 @@ from pvae.validation import check_count
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
 
 
-def _nesting(model, x, c) -> int:
-    """Plate nesting of the model and guide, from one trace of the first datapoint."""
-    return max_plate_nesting(model.model, model.guide, program_args(x[:1], None if c is None else c[:1]))
+def _layout(model, x, c) -> tuple[int, bool]:
+    """Plate nesting of the model and guide, from one trace of the first datapoint, and
+    whether they run with vectorized particles (tried on it with torch's RNG forked, so that
+    the caller's streams are those of a model that vectorizes without the try)."""
+    args = program_args(x[:1], None if c is None else c[:1])
+    nesting = max_plate_nesting(model.model, model.guide, args)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return nesting, vectorizes(model.model, model.guide, args, nesting)
 
 
-def _weights(model, x, c, num_particles, nesting):
-    return weights(model.model, model.guide, program_args(x, c), num_particles, nesting)
+def _weights(model, x, c, num_particles, layout):
+    nesting, vectorize = layout
+    return weights(model.model, model.guide, program_args(x, c), num_particles, nesting,
+                   vectorize)
 
 
 def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
@@ -48,7 +56,7 @@ def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
     :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
     """
     x, c = prepare_data(model, x, c, "auto")
-    return _weights(model, x, c, num_samples, _nesting(model, x, c)).log_weight
+    return _weights(model, x, c, num_samples, _layout(model, x, c)).log_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +149,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     if sharded and seed is None:
         seed = parallel.broadcast(int(torch.randint(2**62, ())))
     with _own_rng(seed, x.device):  # the trace that finds the nesting draws too
-        nesting = _nesting(model, x, c)
+        layout = _layout(model, x, c)
     rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
 
     def one_batch(xb, cb) -> torch.Tensor:
@@ -150,7 +158,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
         lse2 = lse.clone()
         for start in range(0, num_samples, chunk_size):
             k = min(chunk_size, num_samples - start)
-            logw = _weights(model, xb, cb, k, nesting).log_weight.double()
+            logw = _weights(model, xb, cb, k, layout).log_weight.double()
             lse = torch.logaddexp(lse, torch.logsumexp(logw, 0))
             lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * logw, 0))
         return torch.stack([lse - math.log(num_samples), torch.exp(2 * lse - lse2)])
@@ -286,11 +294,16 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     x, c = prepare_data(model, x, c, device)
     batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
                                                             x.element_size()) // num_samples))
-    nesting = _nesting(model, x, c)
+    layout = _layout(model, x, c)
+    nesting, vectorize = layout
+    if not vectorize and num_samples > 1:
+        raise ValueError("the model does not run with vectorized particles (see the warning), "
+                         "and elbo_terms keeps every particle's trace: pass num_samples=1, or "
+                         "let the model broadcast over extra leading dims")
     elbo, recon, kl, per_dim, means = [], [], [], [], []
     analytic = True
     for xb, cb in batches(x, c, batch_size=batch_size):
-        w = _weights(model, xb, cb, num_samples, nesting)
+        w = _weights(model, xb, cb, num_samples, layout)
         shape = (num_samples, len(xb))
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
         for name, q_site in sites(w.guide_trace, False):

@@ -15,6 +15,7 @@ Particles are vectorized with an outer plate to the left of the model's own plat
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -24,7 +25,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["PARTICLE_PLATE", "Weights", "features", "log_prob", "max_plate_nesting",
-           "reduce_site", "site_shaped", "sites", "traces", "weights"]
+           "reduce_site", "site_shaped", "sites", "traces", "vectorizes", "weights"]
 
 #: Name of the plate that vectorizes particles.
 PARTICLE_PLATE = "_pvae_particles"
@@ -157,13 +158,26 @@ class Weights:
         return self.log_likelihood + self.log_prior - self.log_guide
 
 
-def weights(model, guide, args: tuple, num_particles: int, nesting: int) -> Weights:
-    """Trace ``num_particles`` vectorized particles for the batch ``args`` (``args[0]`` is
-    ``(N, ...)``) and reduce every site to ``(K, N)``.
+def weights(model, guide, args: tuple, num_particles: int, nesting: int,
+            vectorize: bool = True) -> Weights:
+    """Trace ``num_particles`` particles for the batch ``args`` (``args[0]`` is ``(N, ...)``)
+    and reduce every site to ``(K, N)``: vectorized in a particle plate, or with
+    ``vectorize=False`` one particle at a time without it (for models that do not broadcast
+    over a leading dim; then the returned traces are those of the last particle).
 
     :raises ValueError: the model has no observed site, or a site is outside ``"data"``.
     """
-    guide_tr, model_tr = traces(model, guide, args, num_particles, nesting)
+    if vectorize:
+        return _reduce(*traces(model, guide, args, num_particles, nesting), args, num_particles,
+                       nesting)
+    parts = [_reduce(*traces(model, guide, args, None, nesting), args, 1, nesting)
+             for _ in range(num_particles)]
+    return Weights(*(torch.cat([getattr(w, f) for w in parts]) for f in
+                     ("log_likelihood", "log_prior", "log_guide")),
+                   parts[-1].guide_trace, parts[-1].model_trace)
+
+
+def _reduce(guide_tr, model_tr, args, num_particles, nesting) -> Weights:
     x = args[0]
     shape = (num_particles, x.shape[0])
     parts = {"obs": x.new_zeros(shape), "prior": x.new_zeros(shape), "guide": x.new_zeros(shape)}
@@ -175,3 +189,31 @@ def weights(model, guide, args: tuple, num_particles: int, nesting: int) -> Weig
         raise ValueError("the model has no observed site; condition the data with "
                          "pyro.sample('x', ..., obs=x)")
     return Weights(parts["obs"], parts["prior"], parts["guide"], guide_tr, model_tr)
+
+
+def vectorizes(model, guide, args: tuple, nesting: int) -> bool:
+    """Whether the programs run with vectorized particles (a plate left of their own plates):
+    tried with two particles on ``args``; when that fails and one particle without the plate
+    works, ``False``, with a warning (the model does not broadcast over a leading dim, e.g. it
+    indexes with a boolean mask or reshapes with explicit sizes: evaluation then loops over
+    particles, as Pyro's ``Trace_ELBO(vectorize_particles=False)`` does).
+
+    :raises Exception: the error of the vectorized run when the plain run fails too (the
+        model's own error, not a particle problem).
+    """
+    try:
+        weights(model, guide, args, 2, nesting)
+        return True
+    except Exception as vectorized_error:
+        try:
+            weights(model, guide, args, 1, nesting, vectorize=False)
+        except Exception:
+            raise vectorized_error from None
+        warnings.warn(
+            "the model does not run with vectorized particles (a plate of particles left of its "
+            f"own plates failed: {type(vectorized_error).__name__}: "
+            f"{str(vectorized_error).splitlines()[0][:200]}); evaluating one particle at a "
+            "time, which is slower for large K. To vectorize, let every tensor operation "
+            "broadcast over extra leading dims (index with ..., reshape with -1, x.shape[-2:])",
+            RuntimeWarning, stacklevel=3)
+        return False

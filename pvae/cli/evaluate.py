@@ -12,6 +12,7 @@ from pvae.runs import load_data, load_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import History
 
+from . import autoencoders
 from .common import count, table
 
 __all__ = ["add_parser", "run"]
@@ -32,6 +33,7 @@ def add_parser(sub) -> None:
                    "and amortization gaps (Cremer et al. 2018; log p(x) with K = --num-samples; "
                    "0 = skip)")
     e.add_argument("--device", default="auto")
+    autoencoders.add_evaluate_arguments(e)
     e.set_defaults(func=run)
 
 
@@ -39,6 +41,8 @@ def run(args) -> None:
     run_dir = Path(args.run)
     model, config, state = load_run(run_dir, args.device)
     ds = load_data(config)
+    if autoencoders.is_autoencoder(config["model"]):
+        return autoencoders.evaluate(args, run_dir, model, config, state, ds)
     n = args.num_test or len(ds.x_test)
     condition = config.get("condition") or "none"
     x_test, c_test = data.split_condition(condition, ds.x_test[:n], ds.y_test[:n],

@@ -151,8 +151,9 @@ def table(args, ds, out, results, device):
             xs = x_test[:10]
             recon, mask = model.reconstruct(xs)
             plots.image_grid([xs, model.masked_input(xs, mask), recon], ds.image_shape,
-                             row_labels=["input", "masked (75%)", "reconstruction"],
+                             row_labels=["input", f"masked ({model.mask_ratio:.0%})", "reconstruction"],
                              path=out / "figures" / "mae_reconstructions.png")
+            name = f"masked AE (MSE on the masked patches, {model.mask_ratio:.0%} masked)"
         else:
             mse = tuple(reconstruction_error(model, x_test).values())
         _row(results, out, name, mse, probe, stats, seconds)

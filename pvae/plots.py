@@ -28,16 +28,20 @@ def _finish(fig, path):
 
 
 def training_curve(history, path=None):
-    """Train and validation ELBO (nats per datapoint) against epoch."""
+    """Train and validation ELBO (nats per datapoint) against epoch; for a history that records
+    a loss instead (``train_loss``, an autoencoder's objective), the loss."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     epochs = history.column("epoch")
-    ax.plot(epochs, history.column("train_elbo"), "o-", label="train ELBO")
-    val = history.column("val_elbo")
+    first = history.rows[0] if len(history) else {}
+    name, short, label = (("loss", "loss", "loss per datapoint") if "train_loss" in first
+                          else ("elbo", "ELBO", "ELBO (nats per datapoint)"))
+    ax.plot(epochs, history.column(f"train_{name}"), "o-", label=f"train {short}")
+    val = history.column(f"val_{name}")
     if any(v == v for v in val):  # any non-NaN
-        ax.plot(epochs, val, "s-", label="validation ELBO")
+        ax.plot(epochs, val, "s-", label=f"validation {short}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats per datapoint)")
+    ax.set_ylabel(label)
     ax.legend()
     ax.grid(alpha=0.3)
     return _finish(fig, path)

@@ -3,8 +3,8 @@
 ``config.json``
     everything that defines the run: the data (``dataset``, ``data_dir``, ``binarize``,
     ``seed``, sizes, ``condition``), the model (``model``, its registry name in
-    :data:`pvae.models.MODELS`, and ``model_config``, the model's recorded constructor
-    arguments) and the training settings.
+    :data:`pvae.models.MODELS` or :data:`pvae.autoencoders.AUTOENCODERS`, and
+    ``model_config``, the model's recorded constructor arguments) and the training settings.
 ``checkpoint.pt``
     the training state (:class:`pvae.train.TrainState`), its ``config`` a copy of the above;
     a folder holds a run once this file exists.
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pvae import data
+from pvae.autoencoders import AUTOENCODERS
 from pvae.contract import resolve_device
 from pvae.models import MODELS
 from pvae.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint, settings_diff
@@ -29,6 +30,8 @@ __all__ = ["CONFIG_NAME", "RunError", "build_model", "load_data", "load_run", "p
            "read_config", "write_json"]
 
 CONFIG_NAME = "config.json"
+#: Every model a run folder can hold, by its ``"model"`` name.
+REGISTRY = {**MODELS, **AUTOENCODERS}
 #: Keys that every run's ``config.json`` holds.
 REQUIRED_KEYS = ("dataset", "seed", "model", "model_config")
 
@@ -105,17 +108,17 @@ def read_config(path: Path) -> dict:
 
 
 def build_model(config: dict):
-    """A fresh model of the run's architecture: ``MODELS[config["model"]]`` rebuilt from
-    ``config["model_config"]``.
+    """A fresh model of the run's architecture: ``REGISTRY[config["model"]]`` (a latent-variable
+    model or an autoencoder) rebuilt from ``config["model_config"]``.
 
     :raises CheckpointError: unknown model name or a ``model_config`` it does not accept.
     """
     name = config.get("model")
-    if name not in MODELS:
+    if name not in REGISTRY:
         raise CheckpointError(f"unknown model {name!r} in config.json; expected one of "
-                              f"{sorted(MODELS)}")
+                              f"{sorted(REGISTRY)}")
     try:
-        return MODELS[name].from_config(config["model_config"])
+        return REGISTRY[name].from_config(config["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"config.json cannot rebuild the {name} model ({e})") from e
 

@@ -14,6 +14,7 @@ from pvae.runs import load_data, load_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import History
 
+from . import autoencoders
 from .common import count, table
 
 __all__ = ["add_parser", "run"]
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
     e.add_argument("--nuts-samples", type=count(1), default=500, metavar="S",
                    help="NUTS draws kept per chain, after as many warmup steps")
     e.add_argument("--device", default="auto")
+    autoencoders.add_evaluate_arguments(e)
     e.set_defaults(func=run)
 
 
@@ -61,6 +63,8 @@ def _run(args) -> None:
     run_dir = Path(args.run)
     model, config, state = load_run(run_dir, args.device)
     ds = load_data(config)
+    if autoencoders.is_autoencoder(config["model"]):
+        return autoencoders.evaluate(args, run_dir, model, config, state, ds)
     n = args.num_test or len(ds.x_test)
     condition = config.get("condition") or "none"
     x_test, c_test = data.split_condition(condition, ds.x_test[:n], ds.y_test[:n],

@@ -12,12 +12,14 @@ from pvae.nn import ACTIVATIONS
 from pvae.runs import RunError, load_data, prepare_run
 from pvae.train import fit
 
+from . import autoencoders
 from .common import count, likelihood_scale, number
 
 __all__ = ["add_parser", "run"]
 
-#: The models ``pvae train`` builds (``pvae ppca`` trains PPCA).
-TRAINABLE = ("vae", "cvae")
+#: The models ``pvae train`` builds (``pvae ppca`` trains PPCA): VAEs and the deterministic
+#: autoencoders (:data:`pvae.autoencoders.AUTOENCODERS`).
+TRAINABLE = ("vae", "cvae", "ae", "linear-ae", "mae")
 
 
 def add_parser(sub) -> None:
@@ -26,9 +28,11 @@ def add_parser(sub) -> None:
     t.add_argument("--data-dir", default=None, help="folder with the IDX files")
     t.add_argument("--download", action="store_true",
                    help="download the dataset's official files if they are found nowhere")
-    t.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
+    t.add_argument("--binarize", default=None, choices=["none", "static", "dynamic"],
+                   help="default: dynamic for the VAEs, none for the autoencoders")
     t.add_argument("--model", default="vae", choices=TRAINABLE)
-    t.add_argument("--latent-dim", type=count(1), default=50)
+    t.add_argument("--latent-dim", type=count(1), default=50,
+                   help="latent size (the code size of an autoencoder)")
     t.add_argument("--hidden-dims", type=count(1), nargs="+", default=[400])
     t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
     t.add_argument("--condition", default="none", choices=["none", "label", *data.CONDITIONS],
@@ -65,6 +69,7 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--no-progress", action="store_true")
+    autoencoders.add_train_arguments(t)
     t.set_defaults(func=run)
 
 
@@ -101,6 +106,10 @@ def run(args) -> None:
 
 
 def _run(args) -> None:
+    if args.binarize is None:
+        args.binarize = "none" if autoencoders.is_autoencoder(args.model) else "dynamic"
+    if autoencoders.is_autoencoder(args.model):
+        return run_autoencoder(args)
     binarize = None if args.binarize == "none" else args.binarize
     config = {
         "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
@@ -154,4 +163,44 @@ def _run(args) -> None:
     print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
           f"train ELBO {last.get('train_elbo', float('nan')):.2f}, "
           f"val ELBO {last.get('val_elbo', float('nan')):.2f} nats/image, "
+          f"{last.get('images_per_s', float('nan')):.0f} images/s -> {out}")
+
+
+def run_autoencoder(args) -> None:
+    """``pvae train --model ae | linear-ae | mae``: the same engine (``fit``) with the
+    autoencoder's objective."""
+    binarize = None if args.binarize == "none" else args.binarize
+    if args.condition != "none":
+        raise RunError(f"--condition {args.condition} needs --model cvae; autoencoders are not "
+                       "conditional")
+    config = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
+        "binarize": binarize, "model": args.model, "num_epochs": args.num_epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "num_train": args.num_train, "num_val": args.num_val, "condition": "none",
+    }
+    ds = load_data(config)
+    config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
+    torch.manual_seed(args.seed)
+    model, objective = autoencoders.model_and_objective(args, ds)
+    config["model_config"] = model.config
+    config["objective"] = objective.config
+    out = prepare_run(args.out, config, resume=args.resume)
+    n = args.num_train or len(ds.x_train)
+    x_val = ds.x_test[: args.num_val] if args.num_val else None
+    try:
+        history = fit(model, ds.x_train[:n], x_val=x_val, num_epochs=args.num_epochs,
+                      batch_size=args.batch_size, lr=args.lr, device=resolve_device(args.device),
+                      seed=args.seed, binarize=binarize if binarize == "dynamic" else None,
+                      checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
+                      config=config, objective=objective,
+                      cuda_graph=False if args.cuda_graph == "off" else "auto")
+    except ValueError as e:
+        raise RunError(str(e)) from e
+    history.to_csv(out / "history.csv")
+    plots.training_curve(history, out / "figures" / "training_curve.png")
+    last = history[-1] if len(history) else {}
+    print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
+          f"train loss {last.get('train_loss', float('nan')):.3f}, "
+          f"val loss {last.get('val_loss', float('nan')):.3f} per image, "
           f"{last.get('images_per_s', float('nan')):.0f} images/s -> {out}")

@@ -3,15 +3,13 @@ checks."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
-import numbers
 
 import pyro
 import torch
 from torch import nn
 
+from pvae.config import RecordsConfig
 from pvae.contract import inputs_trusted, to_placement
 
 __all__ = ["LatentVariableModel"]
@@ -19,7 +17,7 @@ __all__ = ["LatentVariableModel"]
 _instance_counter = itertools.count()
 
 
-class LatentVariableModel(nn.Module):
+class LatentVariableModel(RecordsConfig, nn.Module):
     """Base class of the built-in models: a :class:`torch.nn.Module` with ``model`` and ``guide``.
 
     Parameters are registered with :func:`pyro.module` under a name unique to the instance
@@ -34,45 +32,9 @@ class LatentVariableModel(nn.Module):
 
     x_dim: int
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        signature = inspect.signature(init)
-
-        @functools.wraps(init)
-        def recording_init(self, *args, **kw):
-            init(self, *args, **kw)
-            bound = signature.bind(self, *args, **kw)
-            bound.apply_defaults()
-            # the outermost constructor finishes last and wins: config rebuilds type(self)
-            self._config = {k: _jsonable(v) for k, v in list(bound.arguments.items())[1:]}
-
-        cls.__init__ = recording_init
-
     def __init__(self):
         super().__init__()
         self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
-
-    @property
-    def config(self) -> dict:
-        """The constructor's arguments, JSON-serializable (tuples become lists)."""
-        return dict(self._config)
-
-    @classmethod
-    def from_config(cls, config: dict):
-        """A new model built from :attr:`config` (fresh parameters: load a ``state_dict`` for
-        trained ones).
-
-        :raises ValueError: a key that the constructor does not take.
-        """
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = set(config) - allowed
-        if unknown:
-            raise ValueError(f"{cls.__name__} does not take {sorted(unknown)}; expected keys "
-                             f"among {sorted(allowed)}")
-        return cls(**config)
 
     def check_data(self, x: torch.Tensor | None, c=None) -> None:
         """Check a whole dataset once (a training loop then trusts its batches): ``x`` inside
@@ -120,12 +82,3 @@ class LatentVariableModel(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; use x.float()")
         return x
 
-
-def _jsonable(value):
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)  # numpy integers
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return value

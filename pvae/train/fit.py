@@ -31,7 +31,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
         progress: bool = True, config: dict | None = None, cuda_graph="auto",
-        distributed="auto") -> History:
+        distributed="auto", objective=None) -> History:
     r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
     mini-batches.
 
@@ -105,6 +105,14 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         a run resumes only with the same number of processes. On CUDA each process uses
         ``cuda:LOCAL_RANK``; CUDA-graph capture is not combined with it. The model's
         trainable tensors must be ``nn.Module`` parameters (``pyro.param`` values are refused).
+    :param objective: ``None`` (SVI on ``model``'s programs, built from the estimator settings
+        above), or any ``nn.Module`` that maps a batch to ``(value, loss)`` per datapoint, with
+        ``set_step(step)``, ``metrics()`` and ``trainable_parameters(*batch)`` — e.g.
+        :class:`pvae.autoencoders.AutoencoderObjective`, which trains a deterministic
+        autoencoder (not a Pyro program) with the same loop, checkpoints and history. Its
+        ``config`` (where it has one) joins the checkpoint's settings; its ``value_name``
+        names the history's columns; the estimator settings must keep their defaults; it is
+        also the validation objective (in ``eval()`` mode); the step runs eagerly.
     :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
         beta-weighted ELBO, or the K-sample IWAE bound for ``iwae``) and ``val_elbo`` in nats
         per datapoint, ``beta``, ``seconds`` and ``images_per_s``.
@@ -119,7 +127,11 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """
-    check_model(model, "fit")
+    if objective is None:
+        check_model(model, "fit")
+    else:
+        _check_objective(objective, estimator, analytic_kl, num_particles, beta, baseline,
+                         gradient, cuda_graph)
     num_epochs, batch_size, lr, lr_decay, seed = _check_settings(
         num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume, checkpoint_dir)
     device, dtype = placement(model, device, x_train)
@@ -137,16 +149,26 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         name="x_val", rank=rank, world_size=world)
     if ddp:
         check_batches(data)
-    settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "estimator": estimator,
-                "analytic_kl": analytic_kl, "num_particles": num_particles, "seed": seed,
-                "binarize": binarize, "beta": beta if not callable(beta) else repr(beta),
-                "baseline": baseline, "gradient": gradient, **(config or {})}
+    settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
+                "binarize": binarize}
+    if objective is None:
+        settings.update({"estimator": estimator, "analytic_kl": analytic_kl,
+                         "num_particles": num_particles,
+                         "beta": beta if not callable(beta) else repr(beta),
+                         "baseline": baseline, "gradient": gradient})
+        capture = _capture(cuda_graph, device, estimator, ddp)
+        objective = SVIObjective(model, make_estimator(
+            estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
+            gradient=gradient, capturable=capture), beta)
+        val_objective = SVIObjective(model, ReparamEstimator(1, analytic_kl))
+    else:
+        settings["objective"] = {"name": type(objective).__name__,
+                                 **getattr(objective, "config", {})}
+        capture, val_objective = False, objective
+        objective.to(device)
+    settings.update(config or {})
     if ddp:
         settings["world_size"] = world
-    capture = _capture(cuda_graph, device, estimator, ddp)
-    objective = SVIObjective(model, make_estimator(
-        estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
-        gradient=gradient, capturable=capture), beta)
     seed_all(seed)
     generator = torch.Generator().manual_seed(seed)
     probe = data.probe(seed)
@@ -168,8 +190,7 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     if resume:
         state.resume(checkpoint, map_location=device)
     return run_epochs(state, data, num_epochs, checkpoint=checkpoint,
-                      progress=progress and rank == 0,
-                      val_objective=SVIObjective(model, ReparamEstimator(1, analytic_kl)),
+                      progress=progress and rank == 0, val_objective=val_objective,
                       val_data=val_data, step=step)
 
 
@@ -187,6 +208,28 @@ def _capture(cuda_graph, device: torch.device, estimator: str, distributed: bool
     if why is not None and device.type == "cuda":
         log.warning("pvae: training eagerly, not as a CUDA graph: %s", why)
     return why is None
+
+
+def _check_objective(objective, estimator, analytic_kl, num_particles, beta, baseline, gradient,
+                     cuda_graph) -> None:
+    """A given objective: an ``nn.Module`` with the engine's methods, and no SVI settings that
+    it would ignore."""
+    needed = ("set_step", "metrics", "trainable_parameters")
+    if not isinstance(objective, nn.Module) or not all(
+            callable(getattr(objective, m, None)) for m in needed):
+        raise TypeError(f"fit's objective must be an nn.Module mapping a batch to (value, loss) "
+                        f"with {', '.join(needed)} (e.g. pvae.autoencoders.AutoencoderObjective), "
+                        f"got {type(objective).__name__}")
+    given = {"estimator": (estimator, "reparam"), "analytic_kl": (analytic_kl, False),
+             "num_particles": (num_particles, 1), "beta": (beta, 1.0),
+             "baseline": (baseline, None), "gradient": (gradient, "standard")}
+    ignored = [k for k, (value, default) in given.items() if value != default]
+    if ignored:
+        raise ValueError(f"fit was given an objective, which ignores {ignored}: drop them (they "
+                         "configure the default SVI objective)")
+    if cuda_graph is True:
+        raise ValueError("cuda_graph=True is for the SVI objective; a given objective trains "
+                         "eagerly: pass cuda_graph='auto' or False")
 
 
 def _check_settings(num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume,

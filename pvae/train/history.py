@@ -13,7 +13,8 @@ class History:
     """Per-epoch training record: a list of rows (dicts) with the columns
 
     ``epoch``, ``train_elbo`` and ``val_elbo`` (nats per datapoint, higher is better),
-    ``seconds`` and ``images_per_s``.
+    ``seconds`` and ``images_per_s``; an objective with another ``value_name`` (an
+    autoencoder's: ``train_loss``, ``val_loss``, lower is better) names its own columns.
     """
 
     def __init__(self, rows: list[dict] | None = None):

@@ -16,7 +16,7 @@ from pvae.train.history import History
 from pvae.train.state import TrainState
 from pvae.train.steps import EagerStep
 
-__all__ = ["mean_value", "run_epochs", "train_epoch"]
+__all__ = ["mean_value", "run_epochs", "train_epoch", "value_name"]
 
 
 def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> dict:
@@ -27,6 +27,7 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
     :raises TrainingDivergedError: the loss became NaN or inf.
     """
     step = EagerStep(state, data) if step is None else step
+    name = value_name(state.objective)
     state.set_training(True)
     t0, values, seen = time.perf_counter(), [], 0
     for i, batch in enumerate(data.shuffled(state.generator)):
@@ -36,16 +37,22 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
         if bar is not None:
             bar.update()
             if i % 25 == 0:
-                bar.set_postfix_str(f"epoch {state.epoch + 1} elbo {value.item():.2f}")
+                bar.set_postfix_str(f"epoch {state.epoch + 1} {name} {value.item():.2f}")
     step.check()
     seconds = time.perf_counter() - t0
     state.scheduler.step()
     total = torch.stack(values).double().sum().item() if values else float("nan")
     if data.world_size > 1:  # every rank's datapoints
         total, seen = all_reduce_sum(total, seen)
-    return {"epoch": state.epoch + 1, "train_elbo": total / max(seen, 1),
-            **state.objective.metrics(), "val_elbo": float("nan"), "seconds": seconds,
+    return {"epoch": state.epoch + 1, f"train_{name}": total / max(seen, 1),
+            **state.objective.metrics(), f"val_{name}": float("nan"), "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else float("nan")}
+
+
+def value_name(objective) -> str:
+    """What an objective's value is called in the history (``train_<name>``,
+    ``val_<name>``): its ``value_name``, ``"elbo"`` by default."""
+    return getattr(objective, "value_name", "elbo")
 
 
 @torch.no_grad()
@@ -74,7 +81,7 @@ def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,
             row = train_epoch(state, data, step, bar if progress else None)
             if val_data is not None:
                 state.set_training(False)
-                row["val_elbo"] = mean_value(val_objective, val_data)
+                row[f"val_{value_name(state.objective)}"] = mean_value(val_objective, val_data)
             state.history.rows.append(row)
             state.epoch += 1
             if checkpoint is not None:

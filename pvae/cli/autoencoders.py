@@ -1,0 +1,148 @@
+"""What ``pvae train`` and ``pvae evaluate`` do for the deterministic autoencoders
+(``--model ae | linear-ae | mae``): their arguments, the model and objective, the
+evaluation (reconstruction error, code statistics, linear probe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pvae import plots
+from pvae.autoencoders import (
+    AUTOENCODERS,
+    CODE_ACTIVATIONS,
+    CORRUPTIONS,
+    LOSSES,
+    SPARSITY,
+    AutoencoderObjective,
+    MaskedAutoencoder,
+    code_statistics,
+    encode_all,
+    linear_probe,
+    reconstruction_error,
+)
+from pvae.runs import RunError, write_json
+from pvae.stats import mean_stderr
+
+from .common import count, number, table
+
+__all__ = ["add_evaluate_arguments", "add_train_arguments", "evaluate", "is_autoencoder",
+           "model_and_objective"]
+
+
+def is_autoencoder(name: str) -> bool:
+    return name in AUTOENCODERS
+
+
+def add_train_arguments(t) -> None:
+    """The autoencoders' options of ``pvae train`` (``--latent-dim`` is the code size)."""
+    g = t.add_argument_group("autoencoders (--model ae, linear-ae, mae)")
+    g.add_argument("--loss", default="mse", choices=list(LOSSES),
+                   help="reconstruction loss summed over pixels")
+    g.add_argument("--code-activation", default="identity", choices=sorted(CODE_ACTIVATIONS),
+                   help="ae: activation of the code layer (relu for L1, sigmoid for KL)")
+    g.add_argument("--sparsity", default="none", choices=["none", *SPARSITY])
+    g.add_argument("--sparsity-weight", type=number(0.0), default=1e-3, help="λ of --sparsity")
+    g.add_argument("--target-activation", type=number(0.0, strict=True), default=0.05,
+                   help="ρ of --sparsity kl, in (0, 1)")
+    g.add_argument("--corruption", default="none", choices=["none", *CORRUPTIONS],
+                   help="denoising: gaussian noise or masking of the inputs")
+    g.add_argument("--noise-scale", type=number(0.0), default=0.3,
+                   help="σ of --corruption gaussian")
+    g.add_argument("--mask-fraction", type=number(0.0), default=0.3,
+                   help="ν of --corruption mask, in [0, 1)")
+    g.add_argument("--contractive", type=number(0.0), default=0.0,
+                   help="λ of the contractive penalty ‖J_f(x)‖²_F (0 = off)")
+    g.add_argument("--patch-size", type=count(1), default=7, help="mae: patch side")
+    g.add_argument("--mask-ratio", type=number(0.0, strict=True), default=0.75,
+                   help="mae: fraction of patches masked")
+
+
+def model_and_objective(args, ds):
+    """The autoencoder ``--model`` names for this dataset and its objective.
+
+    :raises RunError: options that do not fit the model (e.g. penalties for the masked AE).
+    """
+    none = lambda v: None if v == "none" else v  # noqa: E731
+    try:
+        if args.model == "mae":
+            if not ds.image_shape:
+                raise ValueError(f"--model mae needs images; {args.dataset} has none")
+            model = MaskedAutoencoder(ds.image_shape, args.patch_size, embed_dim=args.latent_dim,
+                                      mask_ratio=args.mask_ratio)
+        elif args.model == "linear-ae":
+            model = AUTOENCODERS["linear-ae"](ds.x_dim, args.latent_dim, loss=args.loss)
+        else:
+            model = AUTOENCODERS["ae"](ds.x_dim, args.latent_dim, args.hidden_dims,
+                                       activation=args.activation,
+                                       code_activation=args.code_activation, loss=args.loss)
+        objective = AutoencoderObjective(
+            model, sparsity=none(args.sparsity), sparsity_weight=args.sparsity_weight,
+            target_activation=args.target_activation, corruption=none(args.corruption),
+            noise_scale=args.noise_scale, mask_fraction=args.mask_fraction,
+            contractive=args.contractive)
+    except ValueError as e:
+        raise RunError(str(e)) from e
+    return model, objective
+
+
+def add_evaluate_arguments(e) -> None:
+    g = e.add_argument_group("autoencoders")
+    g.add_argument("--probe-num-train", type=count(1), default=10000,
+                   help="training images whose codes fit the linear probe")
+    g.add_argument("--sparse-threshold", type=number(0.0, strict=True), default=1e-3,
+                   help="a code unit counts as zero below this magnitude")
+
+
+def evaluate(args, run_dir: Path, model, config: dict, state: dict, ds) -> None:
+    """``pvae evaluate`` on an autoencoder run: test reconstruction MSE per pixel (the masked
+    AE's: on the masked patches), code statistics and the linear probe; ``metrics.json`` and a
+    figure of reconstructions."""
+    n = args.num_test or len(ds.x_test)
+    x_test, y_test = ds.x_test[:n], ds.y_test[:n]
+    torch.manual_seed(config["seed"])
+    metrics = {"run": str(run_dir), "dataset": config["dataset"], "num_test": len(x_test),
+               "epochs": state["epoch"], "units": "squared error per pixel"}
+    if isinstance(model, MaskedAutoencoder):
+        with torch.no_grad():
+            losses = torch.cat([model.masked_loss(xb.to(model.device, model.dtype))[0].cpu()
+                                for xb in x_test.split(1000)])
+        mse, se = mean_stderr(losses.double() / (model.num_masked * model.patch_dim))
+        metrics.update({"masked_patch_mse": mse, "masked_patch_mse_stderr": se,
+                        "mask_ratio": model.mask_ratio})
+        rows = [(f"masked-patch MSE per pixel ({model.mask_ratio:.0%} masked)",
+                 f"{mse:.5f} ± {se:.5f}")]
+    else:
+        rec = reconstruction_error(model, x_test)
+        metrics.update({"reconstruction_mse": rec["mse"], "reconstruction_mse_stderr":
+                        rec["mse_stderr"]})
+        rows = [("reconstruction MSE per pixel", f"{rec['mse']:.5f} ± {rec['mse_stderr']:.5f}")]
+    z_test = encode_all(model, x_test)
+    stats = code_statistics(z_test, args.sparse_threshold)
+    m = min(args.probe_num_train, len(ds.x_train))
+    probe = linear_probe(encode_all(model, ds.x_train[:m]), ds.y_train[:m], z_test, y_test)
+    metrics.update({"code": stats, "linear_probe": probe})
+    rows += [("test images", len(x_test)),
+             (f"code units below {stats['threshold']:g} per image",
+              f"{stats['near_zero_fraction']:.3f} ± {stats['near_zero_fraction_stderr']:.3f} "
+              f"of {stats['code_dim']}"),
+             ("dead code units", stats["dead_units"]),
+             (f"linear probe accuracy (fitted on {m} codes)",
+              f"{probe['accuracy']:.4f} ± {probe['accuracy_stderr']:.4f}")]
+    print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs:")
+    print(table(rows))
+    write_json(run_dir / "metrics.json", metrics)
+    image_shape = tuple(config["image_shape"]) if config.get("image_shape") else None
+    if image_shape:
+        x_show = x_test[:10]
+        if isinstance(model, MaskedAutoencoder):
+            recon, mask = model.reconstruct(x_show)
+            plots.image_grid([x_show, model.masked_input(x_show, mask), recon], image_shape,
+                             row_labels=["input", "masked", "reconstruction"],
+                             path=run_dir / "figures" / "reconstructions.png")
+        else:
+            plots.image_grid([x_show, model.reconstruct(x_show)], image_shape,
+                             row_labels=["input", "reconstruction"],
+                             path=run_dir / "figures" / "reconstructions.png")
+    print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'figures'}/")

@@ -17,8 +17,7 @@ import math
 
 import pyro.distributions as dist
 import torch
-from torch.distributions import (Independent, MultivariateNormal, Normal, kl_divergence,
-                                 register_kl)
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence, register_kl
 from torch.nn import functional as F
 
 __all__ = ["IndependentBernoulli", "ReparamNormal", "as_mvn", "base_dist", "closed_form_kl", "detached",

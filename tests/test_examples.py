@@ -15,6 +15,8 @@ EXAMPLES = [
     "--impute-samples 20 --samples-per-class 5 --out {tmp}",
     "iwae_vs_vae.py --smoke --num-epochs 2 --num-samples 20 --num-test 50 --num-estimates 10 "
     "--out {tmp}",
+    "model_zoo.py --smoke --num-train 300 --num-epochs 2 --num-samples 20 --num-test 50 "
+    "--out {tmp}",
 ]
 
 

@@ -340,3 +340,15 @@ def test_frey_faces_missing_or_malformed(tmp_path):
     savemat(tmp_path / "frey_rawface.mat", {"faces": np.zeros((560, 3))})
     with pytest.raises(ValueError, match="'ff'"):
         data.load("frey-faces", data_dir=tmp_path)
+
+
+def test_vae_takes_network_objects():
+    encoder = GaussianEncoder(X_DIM, (16,), 2, covariance="full",
+                              trunk=ConvEncoder(IMAGE, (4,), 16))
+    decoder = ConvDecoder(2, IMAGE, (4,))
+    model, x = VAE(X_DIM, 2, network=(encoder, decoder)), binary(32)
+    assert model.encoder is encoder and model.decoder is decoder
+    fit(model, x, num_epochs=2, batch_size=16, progress=False)
+    assert iw_log_likelihood(model, x, num_samples=10).per_datapoint.isfinite().all()
+    with pytest.raises(TypeError, match="pair"):
+        VAE(X_DIM, 2, network=(encoder, "decoder"))

@@ -31,10 +31,21 @@ def build_networks(x_dim: int, latent_dim: int, hidden_dims, likelihood, activat
     and :class:`pvae.nn.ConvDecoder` mirroring it, for images of ``image_shape`` kept flat
     (``x_dim == height * width``).
 
+    ``network`` may also be a pair ``(encoder, decoder)`` of your own modules: ``encoder(x)``
+    returns ``loc, scale`` (``(..., latent_dim)`` each, or a Cholesky factor
+    ``(..., latent_dim, latent_dim)``: e.g. a :class:`pvae.nn.GaussianEncoder` with any
+    ``trunk``) and ``decoder(z)`` the likelihood's parameters ``(..., likelihood.param_dim(x_dim))``.
+
     :raises ValueError: unknown ``guide`` / ``network``; ``"conv"`` without an
         ``image_shape`` matching ``x_dim``, or without ``hidden_dims``.
+    :raises TypeError: a ``network`` pair that is not two :class:`torch.nn.Module`.
     """
     check_choice("guide", guide, COVARIANCES)
+    if isinstance(network, (tuple, list)) and len(network) == 2 and not isinstance(network[0], str):
+        if not all(isinstance(m, torch.nn.Module) for m in network):
+            raise TypeError("network must be 'mlp', 'conv' or a pair (encoder, decoder) of "
+                            f"torch.nn.Module, got {[type(m).__name__ for m in network]}")
+        return tuple(network)
     check_choice("network", network, NETWORKS)
     out_dim = likelihood.param_dim(x_dim)
     if network == "mlp":
@@ -84,9 +95,12 @@ class VAE(LatentVariableModel):
     :param str guide: ``"diagonal"`` or ``"full"`` covariance of q(z | x) (a lower-triangular
         ``scale_tril`` with a softplus diagonal, see :class:`pvae.nn.GaussianEncoder`; its KL to
         the prior is known in closed form, so ``analytic_kl=True`` applies).
-    :param str network: ``"mlp"`` or ``"conv"`` (strided convolutions and transposed
+    :param network: ``"mlp"``, ``"conv"`` (strided convolutions and transposed
         convolutions, :class:`pvae.nn.ConvEncoder` / :class:`pvae.nn.ConvDecoder`, followed and
-        preceded by a dense layer of ``hidden_dims[-1]``).
+        preceded by a dense layer of ``hidden_dims[-1]``), or a pair ``(encoder, decoder)`` of
+        your own modules (see :func:`build_networks`; ``hidden_dims``, ``activation`` and
+        ``guide`` then do not apply, and :attr:`config` holds the modules, so such a model is
+        saved by its ``state_dict`` and rebuilt by your code, not from a run folder).
     :param image_shape: ``(height, width)`` of the flattened images, for ``network="conv"``.
     :param channels: convolution channels, for ``network="conv"``.
     :raises ValueError: bad sizes, unknown likelihood / guide / network, ``"conv"`` without a

@@ -67,6 +67,27 @@ COMPARISONS = [
 ]
 
 
+def summarize(out: Path, results: dict) -> dict:
+    """``results`` with every model finished in ``out/models`` and the paired comparisons
+    among them, written to ``out/results.json``."""
+    per_datapoint = {}
+    for path in sorted((out / "models").glob("*.json")):
+        r = json.loads(path.read_text())
+        per_datapoint[r["label"]] = {"iw": torch.tensor(r.pop("iw_per_datapoint")),
+                                     "gap": torch.tensor(r.pop("gap_per_datapoint"))}
+        results["models"][r.pop("label")] = r
+    if "MLP VAE" in results["models"]:
+        base = results["models"]["MLP VAE"]["images_per_s"]
+        for v in results["models"].values():
+            v["images_per_s_relative_to_mlp_vae"] = v["images_per_s"] / base
+    for name, a, b, what in COMPARISONS:
+        if a in per_datapoint and b in per_datapoint:
+            m, se = mean_stderr(per_datapoint[a][what] - per_datapoint[b][what])
+            results["comparisons"][name] = {"mean": m, "stderr": se}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 def dequantize(x, seed):
     g = torch.Generator().manual_seed(seed)
     return (x * 255 + torch.rand(x.shape, generator=g)) / 256
@@ -92,7 +113,7 @@ def main(args):
                "elbo_num_samples": args.elbo_samples, "num_threads": args.num_threads,
                "units": "nats per image (bits/dim where stated)", "models": {},
                "comparisons": {}}
-    per_datapoint = {}
+    (out / "models").mkdir(exist_ok=True)
     for label in chosen:
         build, estimator, k, kind = models[label]
         x_train, x_test, binarize = sets[kind]
@@ -108,7 +129,6 @@ def main(args):
         terms = elbo_terms(model, x_test, num_samples=args.elbo_samples)
         eval_s = time.perf_counter() - t0
         gap = iw.per_datapoint.double().cpu() - terms.elbo.double().cpu()
-        per_datapoint[label] = {"iw": iw.per_datapoint.double().cpu(), "gap": gap}
         gap_mean, gap_se = mean_stderr(gap)
         r = {"estimator": estimator, "num_particles": k, "data": kind,
              "model_config": model.config,
@@ -116,30 +136,25 @@ def main(args):
              "test_elbo": terms.summary()["elbo"], "elbo_stderr": terms.summary()["elbo_stderr"],
              "iw_minus_elbo": gap_mean, "iw_minus_elbo_stderr": gap_se,
              "images_per_s": sum(history.column("images_per_s")) / len(history),
-             "train_seconds": train_s, "eval_seconds": eval_s}
+             "train_seconds": train_s, "eval_seconds": eval_s,
+             "iw_per_datapoint": iw.per_datapoint.double().cpu().tolist(),
+             "gap_per_datapoint": gap.tolist()}
         if kind == "gray":
             D = x_test.shape[1]
             r["test_bits_per_dim"] = -(iw.mean - D * math.log(256)) / (D * math.log(2))
             r["bits_per_dim_stderr"] = iw.stderr / (D * math.log(2))
-        results["models"][label] = r
-        if "MLP VAE" in results["models"]:
-            base = results["models"]["MLP VAE"]["images_per_s"]
-            for v in results["models"].values():
-                v["images_per_s_relative_to_mlp_vae"] = v["images_per_s"] / base
-        for name, a, b, what in COMPARISONS:
-            if a in per_datapoint and b in per_datapoint:
-                m, se = mean_stderr(per_datapoint[a][what] - per_datapoint[b][what])
-                results["comparisons"][name] = {"mean": m, "stderr": se}
+        slug = label.lower().replace(" ", "_").replace(",", "").replace("=", "")
+        # one file per model: several processes (--models) may fill one --out folder
+        (out / "models" / f"{slug}.json").write_text(json.dumps({"label": label, **r}))
         print(f"{label:28s} IW {iw.mean:9.2f} ± {iw.stderr:.2f}  ELBO {r['test_elbo']:9.2f}  "
               f"IW-ELBO {gap_mean:6.2f} ± {gap_se:.2f}  {r['images_per_s']:7.0f} images/s  "
               f"(train {train_s:.0f} s, eval {eval_s:.0f} s)", flush=True)
         shape = binary.image_shape
-        slug = label.lower().replace(" ", "_").replace(",", "").replace("=", "")
         plots.prior_samples(model, shape, generator=torch.Generator(model.device).manual_seed(0),
                             path=out / "figures" / f"{slug}_samples.png")
         plots.reconstructions(model, x_test[:10].to(model.device), shape,
                               path=out / "figures" / f"{slug}_reconstructions.png")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        summarize(out, results)
     for name, c in results["comparisons"].items():
         print(f"{name}: {c['mean']:+.2f} ± {c['stderr']:.2f} nats (paired)")
     print(f"wrote {out / 'results.json'} and {out / 'figures'}/")

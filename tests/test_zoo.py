@@ -390,3 +390,35 @@ def test_cli_refuses_mismatched_zoo_flags(tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "digits", "--model", "hvae", "--guide", "full",
               "--out", str(tmp_path / "r")])
+
+
+class _BottomUp:
+    """p(z2) p(z1 | z2) p(x | z1) with the guide q(z1) q(z2 | z1): z2 is drawn given z1, and
+    p(z1 | z2) is narrow, so KL(q(z1) || p(z1 | z2)) at that z2 is far from the joint term."""
+
+    def model(self, x):
+        with pyro.plate("data", len(x)):
+            z2 = pyro.sample("z2", dist.Normal(x.new_zeros(len(x)), 1.0))
+            z1 = pyro.sample("z1", dist.Normal(z2, 0.1))
+            pyro.sample("x", dist.Normal(z1, 1.0), obs=x[:, 0])
+
+    def guide(self, x):
+        with pyro.plate("data", len(x)):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(len(x)), 1.0))
+            pyro.sample("z2", dist.Normal(z1, 0.1))
+
+
+def test_elbo_of_a_bottom_up_guide_is_unbiased():
+    """A guide that samples the latent sites in another order than the model (the
+    HierarchicalVAE's q(z1 | x) q(z2 | z1)): elbo_terms must not use the closed-form KL of
+    z1 given a z2 drawn from q(z2 | z1). Exact ELBO here: E_q[log p(x | z1)] + E[log p(z2)]
+    + E[log p(z1 | z2)] + H[q(z1)] + H[q(z2 | z1)], all Gaussian integrals (z1 ~ N(0, 1),
+    z2 = z1 + 0.1 e): the z1 | z2 and z2 | z1 terms cancel, leaving
+    -1/2 log(2 pi) - (x^2 + 1) / 2 - 1/2 log(2 pi) - (1 + 0.01) / 2 + 1/2 log(2 pi e)."""
+    x = torch.linspace(-2, 2, 8)
+    terms = elbo_terms(_BottomUp(), x[:, None], num_samples=4000)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    exact = -half_log_2pi - (x ** 2 + 1) / 2 - half_log_2pi - 1.01 / 2 + half_log_2pi + 0.5
+    assert not terms.analytic_kl
+    # Monte Carlo sd of one term is below 3 nats here: 4 SE of a 4000-draw mean < 0.2
+    assert torch.allclose(terms.elbo, exact, atol=0.2)

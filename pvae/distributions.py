@@ -5,6 +5,10 @@
   and the Bernoulli likelihood of the built-in models).
 - :func:`base_dist`, :func:`detached`, :func:`as_mvn` and :func:`closed_form_kl`: unwrapping, parameter
   detaching and closed-form KL with broadcasting, for the objectives and evaluation.
+- KL(full-covariance Gaussian || diagonal Gaussian) registered with torch's
+  :func:`~torch.distributions.kl_divergence` (:func:`kl_mvn_diagonal`), so that Pyro's
+  ``TraceMeanField_ELBO`` and evaluation find it for full-covariance guides and the usual
+  ``Normal(loc, scale).to_event(1)`` prior.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import math
 
 import pyro.distributions as dist
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence, register_kl
 from torch.nn import functional as F
 
-__all__ = ["IndependentBernoulli", "ReparamNormal", "as_mvn", "base_dist", "closed_form_kl", "detached"]
+__all__ = ["IndependentBernoulli", "ReparamNormal", "as_mvn", "base_dist", "closed_form_kl", "detached",
+           "kl_mvn_diagonal"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -118,3 +123,28 @@ def closed_form_kl(q, p) -> torch.Tensor:
         if isinstance(q, MultivariateNormal) or isinstance(p, MultivariateNormal):
             return kl_divergence(as_mvn(q), as_mvn(p))
         raise
+
+
+@register_kl(MultivariateNormal, Independent)
+def kl_mvn_diagonal(q: MultivariateNormal, p: Independent) -> torch.Tensor:
+    r"""KL(N(m, L L^T) || N(mu, diag(s^2))) in nats, batch shape of the broadcast pair:
+
+    .. math::
+        \tfrac12 \Big[\sum_{ij} L_{ij}^2 / s_i^2 + \sum_i (m_i - \mu_i)^2 / s_i^2 - d\Big]
+        + \sum_i \log s_i - \sum_i \log L_{ii}
+
+    (the Gaussian KL, e.g. Bishop & Bishop, Deep Learning, eq. 2.127 with a diagonal second
+    argument), O(d^2) without a matrix inverse; KL(N(m, LL^T) || N(0, I)) of a full-covariance
+    guide is the special case mu = 0, s = 1.
+
+    :raises NotImplementedError: ``p`` is not ``Normal(...).to_event(1)`` (torch then tries
+        no other formula).
+    """
+    if not (isinstance(p.base_dist, Normal) and p.reinterpreted_batch_ndims == 1):
+        raise NotImplementedError
+    loc, scale = p.base_dist.loc, p.base_dist.scale
+    L = q.scale_tril
+    trace = (L / scale.unsqueeze(-1)).square().sum((-2, -1))
+    mahalanobis = ((q.loc - loc) / scale).square().sum(-1)
+    log_det = scale.log().sum(-1) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - q.event_shape[0]) + log_det

@@ -16,8 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch.distributions import Normal
 
-__all__ = ["gradient_variance", "image_grid", "kl_per_dim", "latent_manifold", "posterior_ellipses",
-           "posterior_forest", "training_curve"]
+from pvae.inference.latent import interpolate, traverse
+
+__all__ = ["gradient_variance", "image_grid", "interpolations", "kl_per_dim", "latent_manifold",
+           "posterior_ellipses", "posterior_forest", "training_curve", "traversals"]
 
 
 def _finish(fig, path):
@@ -233,6 +235,28 @@ def prior_samples(model, image_shape, *, num_rows: int = 8, num_cols: int = 10, 
     samples = model.sample(num_rows * num_cols, generator=generator)
     return image_grid(list(samples.reshape(num_rows, num_cols, -1)), image_shape, path=path,
                       title="samples from the prior (E[x|z])")
+
+
+def interpolations(model, x_a, x_b, image_shape, *, num_steps: int = 10, c=None, path=None):
+    """Two rows per pair of inputs ``x_a[i]``, ``x_b[i]`` (each ``(n, D)``): the decoded linear
+    and spherical paths between their posterior means (:func:`pvae.inference.interpolate`),
+    reconstructions at both ends."""
+    methods = ("linear", "spherical")
+    paths = {m: interpolate(model, x_a, x_b, num_steps, m, c=c) for m in methods}
+    rows = [paths[m][i] for i in range(len(x_a)) for m in methods]
+    labels = [f"{i}: {m}" for i in range(len(x_a)) for m in methods]
+    return image_grid(rows, image_shape, row_labels=labels, path=path,
+                      title="latent interpolation between posterior means")
+
+
+def traversals(model, x, image_shape, *, dims=None, num_steps: int = 9, span: float = 2.5,
+               c=None, path=None):
+    """One row per latent dimension j: E[x | z = E_q[z | x] + v e_j] for v in
+    ``[-span, span]`` (:func:`pvae.inference.traverse`), for one input ``x`` ``(D,)``."""
+    grid = traverse(model, x, dims, num_steps, span, c=c)
+    dims = list(range(len(grid))) if dims is None else list(dims)
+    return image_grid(list(grid), image_shape, row_labels=[f"z[{j}]" for j in dims], path=path,
+                      title=f"latent traversals, offsets -{span:g}..{span:g}")
 
 
 def class_grids(model, image_shape, *, num_styles: int = 6, per_class: int = 10,

@@ -16,6 +16,8 @@ EXAMPLES = [
     "iwae_vs_vae.py --smoke --num-epochs 2 --num-samples 20 --num-test 50 --num-estimates 10 "
     "--out {tmp}",
     "autoencoders_fashion_mnist.py --smoke --num-epochs 1 --linear-epochs 5 --out {tmp}",
+    "model_zoo.py --smoke --num-train 300 --num-epochs 2 --num-samples 20 --num-test 50 "
+    "--out {tmp}",
 ]
 #: What a script prints when it worked ("IW log" unless listed here).
 EXPECTED = {"autoencoders_fashion_mnist.py": "[linear AE vs PCA]"}

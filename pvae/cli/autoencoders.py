@@ -74,7 +74,7 @@ def model_and_objective(args, ds):
         elif args.model == "linear-ae":
             model = AUTOENCODERS["linear-ae"](ds.x_dim, args.latent_dim, loss=args.loss)
         else:
-            model = AUTOENCODERS["ae"](ds.x_dim, args.latent_dim, args.hidden_dims,
+            model = AUTOENCODERS["ae"](ds.x_dim, args.latent_dim, args.hidden_dims or [400],
                                        activation=args.activation,
                                        code_activation=args.code_activation, loss=args.loss)
         objective = AutoencoderObjective(

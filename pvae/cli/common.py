@@ -36,8 +36,8 @@ def number(minimum: float | None = None, strict: bool = False):
 
 
 def likelihood_scale(text: str):
-    """An argparse type: ``learned`` or a positive number."""
-    if text == "learned":
+    """An argparse type: ``learned``, ``decoder`` or a positive number."""
+    if text in ("learned", "decoder"):
         return text
     return number(0.0, strict=True)(text)
 

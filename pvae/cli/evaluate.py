@@ -181,6 +181,7 @@ def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> N
     elif image_shape:
         plots.reconstructions(model, x_show, image_shape, path=folder / "reconstructions.png")
         plots.prior_samples(model, image_shape, generator=g, path=folder / "samples.png")
+        latent_walks(model, x_show, kl_per_dim, image_shape, folder)
         if model.latent_dim == 2:
             plots.latent_manifold(model.decode, image_shape, path=folder / "latent_manifold.png",
                                   device=model.device, dtype=model.dtype)
@@ -188,6 +189,21 @@ def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> N
         plots.kl_per_dim(kl_per_dim, path=folder / "kl_per_dim.png")
     if (folder.parent / "history.csv").is_file() and not (folder / "training_curve.png").is_file():
         plots.training_curve(History(state["history"]), folder / "training_curve.png")
+
+
+def latent_walks(model, x, kl_per_dim, image_shape, folder: Path) -> None:
+    """Interpolations between test images 0-2 and 3-5, and traversals around image 0 of the
+    (up to) 8 latent dimensions with the largest KL (the first 8 without a per-dimension KL)."""
+    if len(x) >= 2:
+        half = min(3, len(x) // 2)
+        plots.interpolations(model, x[:half], x[half:2 * half], image_shape,
+                             path=folder / "interpolations.png")
+    latent_dim = model.encode(x[:1])[0].shape[-1]
+    if kl_per_dim is not None:
+        dims = sorted(range(latent_dim), key=lambda j: -kl_per_dim[j])[:8]
+    else:
+        dims = list(range(min(8, latent_dim)))
+    plots.traversals(model, x[0], image_shape, dims=dims, path=folder / "traversals.png")
 
 
 def _structured_figure(model, condition, x, c, image_shape, folder: Path) -> None:

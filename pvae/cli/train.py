@@ -7,8 +7,8 @@ import torch
 from pvae import data, parallel, plots
 from pvae.contract import resolve_device
 from pvae.inference import BASELINES, ESTIMATORS, GRADIENTS, make_schedule
-from pvae.models import LIKELIHOODS, MODELS
-from pvae.nn import ACTIVATIONS
+from pvae.models import LIKELIHOODS, MODELS, NETWORKS
+from pvae.nn import ACTIVATIONS, COVARIANCES
 from pvae.runs import RunError, load_data, prepare_run
 from pvae.train import fit
 
@@ -19,7 +19,7 @@ __all__ = ["add_parser", "run"]
 
 #: The models ``pvae train`` builds (``pvae ppca`` trains PPCA): VAEs and the deterministic
 #: autoencoders (:data:`pvae.autoencoders.AUTOENCODERS`).
-TRAINABLE = ("vae", "cvae", "ae", "linear-ae", "mae")
+TRAINABLE = ("vae", "cvae", "hvae", "ae", "linear-ae", "mae")
 
 
 def add_parser(sub) -> None:
@@ -33,15 +33,24 @@ def add_parser(sub) -> None:
     t.add_argument("--model", default="vae", choices=TRAINABLE)
     t.add_argument("--latent-dim", type=count(1), default=50,
                    help="latent size (the code size of an autoencoder)")
-    t.add_argument("--hidden-dims", type=count(1), nargs="+", default=[400])
+    t.add_argument("--latent-dims", type=count(1), nargs="+", default=[100, 50],
+                   help="hvae: widths of z1, z2, ... (Burda et al. 2015: 100 50)")
+    t.add_argument("--hidden-dims", type=count(1), nargs="+", default=None,
+                   help="hidden widths (default 400; hvae: one per stochastic layer, 100 50)")
+    t.add_argument("--network", default="mlp", choices=NETWORKS,
+                   help="vae: fully connected or convolutional encoder and decoder")
+    t.add_argument("--guide", default="diagonal", choices=COVARIANCES,
+                   help="vae, cvae: diagonal or full covariance of q(z | x)")
     t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
     t.add_argument("--condition", default="none", choices=["none", "label", *data.CONDITIONS],
                    help="cvae: condition on the class label or on part of the image")
     t.add_argument("--prior", default="standard", choices=["standard", "learned"],
                    help="cvae: N(0, I) or a learned p(z | c)")
     t.add_argument("--likelihood-scale", default="learned", type=likelihood_scale,
-                   help="'learned' or a fixed float (gaussian/laplace)")
-    t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
+                   help="'learned' (per pixel), 'decoder' (a decoder output per pixel and "
+                        "image) or a fixed float (gaussian/laplace)")
+    t.add_argument("--activation", default=None, choices=sorted(ACTIVATIONS),
+                   help="hidden activation (default: relu; hvae: tanh)")
     t.add_argument("--num-epochs", type=count(0), default=10)
     t.add_argument("--batch-size", type=count(1), default=256)
     t.add_argument("--lr", type=number(0.0, strict=True), default=1e-3)
@@ -78,12 +87,26 @@ def model_arguments(args, ds: data.Splits) -> dict:
 
     :raises RunError: a conditional model without a condition, or the other way round.
     """
-    kwargs = dict(x_dim=ds.x_dim, latent_dim=args.latent_dim, hidden_dims=args.hidden_dims,
-                  likelihood=args.likelihood, likelihood_scale=args.likelihood_scale,
-                  activation=args.activation)
-    if args.model != "cvae":
-        if args.condition != "none":
-            raise RunError(f"--condition {args.condition} needs --model cvae")
+    kwargs = dict(x_dim=ds.x_dim, likelihood=args.likelihood,
+                  likelihood_scale=args.likelihood_scale)
+    if args.activation:
+        kwargs["activation"] = args.activation
+    if args.model != "cvae" and args.condition != "none":
+        raise RunError(f"--condition {args.condition} needs --model cvae")
+    if args.model != "vae" and args.network != "mlp":
+        raise RunError(f"--network {args.network} applies to --model vae")
+    if args.model == "hvae":
+        if args.guide != "diagonal":
+            raise RunError("--guide full applies to --model vae and cvae")
+        return {**kwargs, "latent_dims": args.latent_dims,
+                "hidden_dims": args.hidden_dims or [100, 50]}
+    kwargs.update(latent_dim=args.latent_dim, hidden_dims=args.hidden_dims or [400],
+                  guide=args.guide)
+    if args.model == "vae":
+        if args.network == "conv":
+            if not ds.image_shape:
+                raise RunError(f"--network conv needs images; {args.dataset} has no image_shape")
+            kwargs.update(network="conv", image_shape=list(ds.image_shape))
         return kwargs
     if args.condition == "none":
         raise RunError("--model cvae needs --condition label, top-half or quadrant")

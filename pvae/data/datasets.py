@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pvae.data.binarize import binarize as _binarize
-from pvae.data.idx import load_idx_dataset
+from pvae.data.idx import DataNotFoundError, load_idx_dataset, search_paths
 from pvae.data.splits import Splits
 
 __all__ = ["DATASETS", "load"]
@@ -51,6 +51,45 @@ def _load_synthetic_ppca(data_dir=None, download=False, seed=0, num_train=5000, 
                    params={"W": W, "mu": mu, "sigma": sigma})
 
 
+FREY_FILE = "frey_rawface.mat"
+FREY_URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
+
+
+def _load_frey(data_dir=None, download=False, seed=0, test_fraction=0.1) -> Splits:
+    """The Frey faces (1965 grayscale images of 28 x 20 pixels, one face, from a video; the
+    continuous dataset of Kingma & Welling 2014, §5) from a user-supplied ``frey_rawface.mat``
+    (Roweis' file: variable ``ff``, uint8 of shape (560, 1965), one image per column), scaled to
+    [0, 1]; a seeded random 10% are the test set. Labels are all 0 (one class).
+
+    :raises DataNotFoundError: the file is in none of the searched folders (the message says
+        where to put it; nothing is downloaded).
+    :raises ValueError: the file has no ``ff`` array of 560 rows.
+    """
+    from scipy.io import loadmat
+
+    folders = search_paths("frey-faces", data_dir)
+    path = next((f / FREY_FILE for f in folders if (f / FREY_FILE).is_file()), None)
+    if path is None:
+        raise DataNotFoundError(
+            f"{FREY_FILE} not found in {', '.join(str(f) for f in folders)}; pvae does not "
+            f"download it: fetch {FREY_URL} yourself and pass its folder as data_dir "
+            "(--data-dir)")
+    try:
+        ff = loadmat(path)["ff"]
+    except KeyError:
+        raise ValueError(f"{path} has no 'ff' array; expected Roweis' frey_rawface.mat") from None
+    if ff.ndim != 2 or ff.shape[0] != 28 * 20:
+        raise ValueError(f"{path}: 'ff' has shape {ff.shape}; expected (560, num_images), one "
+                         "28 x 20 image per column")
+    x = torch.from_numpy(np.ascontiguousarray(ff.T).astype(np.float32) / 255.0)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed), device="cpu")
+    num_test = max(1, int(round(test_fraction * len(x))))
+    test, train = perm[:num_test], perm[num_test:]
+    zeros = torch.zeros
+    return Splits(x[train], x[test], zeros(len(train), dtype=torch.int64),
+                  zeros(len(test), dtype=torch.int64), (28, 20), 1, "frey-faces")
+
+
 #: Registry of dataset loaders, by the name used in :func:`load` and on the command line.
 DATASETS: dict[str, Callable[..., Splits]] = {
     "fashion-mnist": lambda data_dir=None, download=False, seed=0: load_idx_dataset(
@@ -58,6 +97,7 @@ DATASETS: dict[str, Callable[..., Splits]] = {
     "mnist": lambda data_dir=None, download=False, seed=0: load_idx_dataset(
         "mnist", data_dir, download),
     "digits": _load_digits,
+    "frey-faces": _load_frey,
     "synthetic-ppca": _load_synthetic_ppca,
 }
 
@@ -67,7 +107,7 @@ def load(name: str, *, data_dir=None, binarize: str | None = None, seed: int = 0
     """Load a dataset by name.
 
     :param str name: one of :data:`DATASETS` (``fashion-mnist``, ``mnist``, ``digits``,
-        ``synthetic-ppca``).
+        ``frey-faces`` (from a user-supplied ``frey_rawface.mat``), ``synthetic-ppca``).
     :param data_dir: folder holding the IDX files (searched first, see :func:`pvae.data.search_paths`).
     :param binarize: ``None`` (grayscale), ``"static"`` (train and test binarized once with
         ``seed``) or ``"dynamic"`` (only the test set is binarized once with ``seed``, for

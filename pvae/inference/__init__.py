@@ -1,7 +1,7 @@
 """Inference for any model meeting the model contract (README, "Your own model"): shared trace code,
 objectives (ELBO, score function, IWAE) with beta schedules, evaluation (IW log-likelihood,
-ELBO terms), the inference gap, NUTS reference posteriors, posterior comparison, imputation
-and diagnostics.
+ELBO terms), the inference gap, NUTS reference posteriors, posterior comparison, imputation,
+latent-space interpolation and traversals, and diagnostics.
 
 The training engine is :mod:`pvae.train`; :func:`fit` and the names that moved there with it
 (``History``, checkpoints, ``resolve_device``) are also reachable from here, resolved when first
@@ -22,6 +22,7 @@ from pvae.inference.evaluate import (
 from pvae.inference.gap import InferenceGap, RefinedGuide, inference_gap
 from pvae.inference.handlers import BASELINES, scale_latents, score_function
 from pvae.inference.impute import Imputation, impute
+from pvae.inference.latent import INTERPOLATIONS, interpolate, latent_path, traverse
 from pvae.inference.mcmc import (
     PosteriorSamples,
     SampleComparison,
@@ -65,6 +66,7 @@ __all__ = [
     "CAPTURABLE",
     "ESTIMATORS",
     "GRADIENTS",
+    "INTERPOLATIONS",
     "CheckpointError",
     "Constant",
     "Cyclical",
@@ -91,8 +93,10 @@ __all__ = [
     "gradient_variance",
     "guide_samples",
     "impute",
+    "interpolate",
     "inference_gap",
     "iw_log_likelihood",
+    "latent_path",
     "load_checkpoint",
     "log_weights",
     "make_estimator",
@@ -104,4 +108,5 @@ __all__ = [
     "scale_latents",
     "score_function",
     "to_inference_data",
+    "traverse",
 ]

@@ -248,12 +248,14 @@ class ElboTerms:
 
 
 
-def _kl_per_dim(q_site, p_site, nesting):
+def _kl_per_dim(q_site, p_site, nesting, closed_form: bool = True):
     """Per-dimension KL of a factorized site, ``(K or 1, N, features)``, or ``None``."""
     q, p = base_dist(q_site["fn"]), base_dist(p_site["fn"])
     if q.event_shape or p.event_shape:
         return None
     try:
+        if not closed_form:
+            raise NotImplementedError
         per_dim = closed_form_kl(q, p)
     except NotImplementedError:
         per_dim = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
@@ -278,7 +280,11 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
 
     The KL is analytic when Pyro/torch know KL(q || p) for every latent site (e.g. both
     Normal), Monte Carlo (``log q - log p`` at the sampled z) otherwise; hierarchical sites use
-    the analytic KL conditioned on the sampled parents. Active units: latent dims whose
+    the analytic KL conditioned on the sampled parents when the guide samples the latent sites
+    in the model's order (Pyro's mean-field requirement of ``TraceMeanField_ELBO``). A guide
+    that samples them in another order (a bottom-up guide q(z1 | x) q(z2 | z1) of a top-down
+    model p(z2) p(z1 | z2)) makes a parent depend on its child's draw, so the conditional
+    closed form would be biased: the KL is then Monte Carlo. Active units: latent dims whose
     posterior mean varies across the data, ``Cov_x(E_q[z_j]) > active_threshold`` (Burda et al.
     2015, §5.2); E_q[z] is the guide distribution's mean, or the particle average.
 
@@ -306,15 +312,21 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
         w = _weights(model, xb, cb, num_samples, layout)
         shape = (num_samples, len(xb))
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
+        same_order = ([n for n, _ in sites(w.guide_trace, False)]
+                      == [n for n, _ in sites(w.model_trace, False)])
+        analytic = analytic and same_order
         for name, q_site in sites(w.guide_trace, False):
             p_site = w.model_trace.nodes[name]
             try:
+                if not same_order:
+                    raise NotImplementedError
                 site_kl = closed_form_kl(q_site["fn"], p_site["fn"])
             except NotImplementedError:
                 analytic = False
                 site_kl = log_prob(q_site) - log_prob(p_site)
             kl_b = kl_b + reduce_site(name, q_site, site_kl, *shape, nesting)
-            d = _kl_per_dim(q_site, p_site, nesting) if per_dim is not None else None
+            d = (_kl_per_dim(q_site, p_site, nesting, same_order) if per_dim is not None
+                 else None)
             if d is None:
                 per_dim = None
             else:

@@ -135,7 +135,7 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
                 log_pi = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
             out = decode(z)
             lik = model.likelihood(out).base_dist
-            log_px = (lik.log_prob(x_obs.expand_as(out)) * mask).sum(-1)
+            log_px = (lik.log_prob(x_obs.expand(*out.shape[:-1], x_obs.shape[-1])) * mask).sum(-1)
             log_w.append(log_px + log_p - log_pi)
             means.append(model.likelihood.mean(out))
             zs.append(z)

@@ -91,9 +91,13 @@ class ReparamEstimator(nn.Module):
                                  f"sites; {name!r} is {type(base_dist(q_site['fn'])).__name__}: "
                                  "use estimator='score' (eager) for discrete latents")
         elbo = 0.0
+        # closed-form KLs only where the guide samples the latent sites in the model's order
+        # (Pyro's mean-field requirement): otherwise a parent's draw depends on its child's
+        analytic = self.analytic_kl and (
+            list(guide_sites) == [n for n, _ in sites(model_tr, False)])
         for name, site in sites(model_tr, None):
             q_site = guide_sites.get(name)
-            if self.analytic_kl and q_site is not None:
+            if analytic and q_site is not None:
                 try:  # as TraceMeanField_ELBO: torch's pairs only (no Normal -> MVN promotion)
                     kl = kl_divergence(q_site["fn"], site["fn"])
                 except NotImplementedError:

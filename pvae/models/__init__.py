@@ -2,12 +2,14 @@
 
 from pvae.models.base import LatentVariableModel
 from pvae.models.cvae import CVAE
+from pvae.models.hvae import HierarchicalVAE
 from pvae.models.likelihoods import LIKELIHOODS, make_likelihood
 from pvae.models.ppca import PPCA
-from pvae.models.vae import VAE
+from pvae.models.vae import NETWORKS, VAE
 
 #: Built-in models by name: ``--model`` on the command line and ``"model"`` in a run folder's
 #: ``config.json`` (each rebuilt with ``MODELS[name].from_config(...)``).
-MODELS = {"vae": VAE, "cvae": CVAE, "ppca": PPCA}
+MODELS = {"vae": VAE, "cvae": CVAE, "ppca": PPCA, "hvae": HierarchicalVAE}
 
-__all__ = ["CVAE", "LIKELIHOODS", "MODELS", "PPCA", "LatentVariableModel", "VAE", "make_likelihood"]
+__all__ = ["CVAE", "LIKELIHOODS", "MODELS", "NETWORKS", "PPCA", "HierarchicalVAE",
+           "LatentVariableModel", "VAE", "make_likelihood"]

@@ -6,13 +6,15 @@ from __future__ import annotations
 import itertools
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
 from pvae.config import RecordsConfig
 from pvae.contract import inputs_trusted, to_placement
+from pvae.distributions import ReparamNormal
 
-__all__ = ["LatentVariableModel"]
+__all__ = ["LatentVariableModel", "gaussian_guide", "marginal_scale"]
 
 _instance_counter = itertools.count()
 
@@ -82,3 +84,17 @@ class LatentVariableModel(RecordsConfig, nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; use x.float()")
         return x
 
+
+def gaussian_guide(loc: torch.Tensor, scale: torch.Tensor):
+    """The guide distribution of a :class:`pvae.nn.GaussianEncoder`'s output: a diagonal
+    Gaussian ``Normal(loc, scale).to_event(1)`` for ``scale`` ``(..., d)``, or
+    ``MultivariateNormal(loc, scale_tril=scale)`` for a Cholesky factor ``(..., d, d)``."""
+    if scale.dim() == loc.dim() + 1:
+        return dist.MultivariateNormal(loc, scale_tril=scale)
+    return ReparamNormal(loc, scale).to_event(1)
+
+
+def marginal_scale(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Marginal standard deviations ``(..., d)`` of a :class:`pvae.nn.GaussianEncoder`'s
+    output: ``scale`` itself (diagonal) or the row norms of the Cholesky factor (full)."""
+    return scale.square().sum(-1).sqrt() if scale.dim() == loc.dim() + 1 else scale

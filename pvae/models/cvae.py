@@ -9,10 +9,9 @@ import pyro.distributions as dist
 import torch
 
 from pvae.contract import inputs_trusted
-from pvae.distributions import ReparamNormal
-from pvae.models.base import LatentVariableModel
+from pvae.models.base import LatentVariableModel, gaussian_guide, marginal_scale
 from pvae.models.likelihoods import make_likelihood
-from pvae.nn import MLP, GaussianEncoder
+from pvae.nn import COVARIANCES, MLP, GaussianEncoder
 from pvae.validation import check_choice, check_count, check_sizes
 
 __all__ = ["CVAE"]
@@ -28,7 +27,8 @@ class CVAE(LatentVariableModel):
 
         z | c ~ N(0, I)  or  N(loc(c), diag(scale(c)^2))     site "z"
         x | z, c ~ likelihood(f_theta(z, c))                  site "x" (observed)
-        q(z | x, c) = N(loc_phi(x, c), diag(scale_phi(x, c)^2))
+        q(z | x, c) = N(loc_phi(x, c), diag(scale_phi(x, c)^2))      guide="diagonal"
+                   or N(loc_phi(x, c), L_phi(x, c) L_phi(x, c)^T)     guide="full"
 
     inside ``pyro.plate("data", batch, dim=-1)``.
 
@@ -40,16 +40,18 @@ class CVAE(LatentVariableModel):
         part of an image, for structured output prediction). Give exactly one of the two.
     :param hidden_dims: hidden widths of the encoder; the decoder mirrors them and the learned
         prior network uses the last one.
-    :param str likelihood: see :class:`pvae.models.VAE`.
+    :param str likelihood: see :class:`pvae.models.VAE` (also ``likelihood_scale``).
+    :param str guide: ``"diagonal"`` or ``"full"`` covariance of q(z | x, c), as for
+        :class:`pvae.models.VAE`.
     :param str prior: ``"standard"`` (N(0, I), the usual CVAE) or ``"learned"`` (a network
         p(z | c)).
-    :raises ValueError: both or neither of ``num_classes`` / ``c_dim``, unknown prior.
+    :raises ValueError: both or neither of ``num_classes`` / ``c_dim``, unknown prior or guide.
     """
 
     def __init__(self, x_dim: int, latent_dim: int, *, num_classes: int | None = None,
                  c_dim: int | None = None, hidden_dims: Sequence[int] = (400,),
                  likelihood: str = "bernoulli", likelihood_scale: float | str = "learned",
-                 activation: str = "relu", prior: str = "standard"):
+                 activation: str = "relu", prior: str = "standard", guide: str = "diagonal"):
         super().__init__()
         if (num_classes is None) == (c_dim is None):
             raise ValueError("give exactly one of num_classes (c is a class label) or c_dim "
@@ -65,7 +67,8 @@ class CVAE(LatentVariableModel):
         self.hidden_dims = check_sizes("hidden_dims", hidden_dims)
         self.likelihood = make_likelihood(likelihood, x_dim, likelihood_scale)
         #: q(z | x, c)
-        self.encoder = GaussianEncoder(x_dim + width, self.hidden_dims, latent_dim, activation)
+        self.encoder = GaussianEncoder(x_dim + width, self.hidden_dims, latent_dim, activation,
+                                       covariance=check_choice("guide", guide, COVARIANCES))
         #: p(x | z, c)
         self.decoder = MLP(latent_dim + width, self.hidden_dims[::-1],
                            self.likelihood.param_dim(x_dim), activation)
@@ -141,8 +144,7 @@ class CVAE(LatentVariableModel):
         x = self._check_x(x)
         ce = self.embed(c, x)
         with pyro.plate("data", x.shape[0], dim=-1):
-            loc, scale = self.encoder(torch.cat([x, ce], -1))
-            pyro.sample("z", ReparamNormal(loc, scale).to_event(1))
+            pyro.sample("z", gaussian_guide(*self.encoder(torch.cat([x, ce], -1))))
 
     def imputation_parts(self, c, like: torch.Tensor):
         """The pieces :func:`pvae.inference.impute` needs (see :meth:`VAE.imputation_parts`),
@@ -150,15 +152,20 @@ class CVAE(LatentVariableModel):
         ce = self.embed(c, like)
         loc, scale = self.prior(ce)
         return (loc, scale, lambda z: self._decode_out(z, ce),
-                lambda x: self.encoder(torch.cat([x, ce], -1)))
+                lambda x: self._loc_scale(torch.cat([x, ce], -1)))
+
+    def _loc_scale(self, xc):
+        loc, scale = self.encoder(xc)
+        return loc, marginal_scale(loc, scale)
 
     # -- conveniences --------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, x, c=None):
-        """``loc, scale`` of q(z | x, c), each ``(batch, latent_dim)``, on the model's device."""
+        """``loc, scale`` of q(z | x, c), each ``(batch, latent_dim)``, on the model's device
+        (marginal standard deviations for ``guide="full"``)."""
         x = self._check_x(self._place(x))
-        return self.encoder(torch.cat([x, self.embed(c, x)], -1))
+        return self._loc_scale(torch.cat([x, self.embed(c, x)], -1))
 
     @torch.no_grad()
     def decode(self, z, c=None):

@@ -9,13 +9,65 @@ import pyro.distributions as dist
 import torch
 
 from pvae.contract import inputs_trusted
-from pvae.distributions import ReparamNormal
-from pvae.models.base import LatentVariableModel
+from pvae.models.base import LatentVariableModel, gaussian_guide, marginal_scale
 from pvae.models.likelihoods import make_likelihood
-from pvae.nn import MLP, GaussianEncoder
-from pvae.validation import check_count, check_sizes
+from pvae.nn import ACTIVATIONS, COVARIANCES, MLP, ConvDecoder, ConvEncoder, GaussianEncoder
+from pvae.validation import check_choice, check_count, check_sizes
 
-__all__ = ["VAE"]
+__all__ = ["NETWORKS", "VAE", "build_networks"]
+
+#: Network families of the VAEs (``network=``, ``--network``).
+NETWORKS = ("mlp", "conv")
+
+
+def build_networks(x_dim: int, latent_dim: int, hidden_dims, likelihood, activation: str,
+                   guide: str = "diagonal", network: str = "mlp", image_shape=None,
+                   channels=(32, 64)):
+    """The encoder q(z | x) (a :class:`pvae.nn.GaussianEncoder`) and decoder p(x | z) (the
+    likelihood's parameters) of a VAE.
+
+    ``network="mlp"``: MLPs with ``hidden_dims``, the decoder mirroring them. ``"conv"``:
+    :class:`pvae.nn.ConvEncoder` with ``channels`` then a dense layer of ``hidden_dims[-1]``,
+    and :class:`pvae.nn.ConvDecoder` mirroring it, for images of ``image_shape`` kept flat
+    (``x_dim == height * width``).
+
+    ``network`` may also be a pair ``(encoder, decoder)`` of your own modules: ``encoder(x)``
+    returns ``loc, scale`` (``(..., latent_dim)`` each, or a Cholesky factor
+    ``(..., latent_dim, latent_dim)``: e.g. a :class:`pvae.nn.GaussianEncoder` with any
+    ``trunk``) and ``decoder(z)`` the likelihood's parameters ``(..., likelihood.param_dim(x_dim))``.
+
+    :raises ValueError: unknown ``guide`` / ``network``; ``"conv"`` without an
+        ``image_shape`` matching ``x_dim``, or without ``hidden_dims``.
+    :raises TypeError: a ``network`` pair that is not two :class:`torch.nn.Module`.
+    """
+    check_choice("guide", guide, COVARIANCES)
+    if isinstance(network, (tuple, list)) and len(network) == 2 and not isinstance(network[0], str):
+        if not all(isinstance(m, torch.nn.Module) for m in network):
+            raise TypeError("network must be 'mlp', 'conv' or a pair (encoder, decoder) of "
+                            f"torch.nn.Module, got {[type(m).__name__ for m in network]}")
+        return tuple(network)
+    check_choice("network", network, NETWORKS)
+    out_dim = likelihood.param_dim(x_dim)
+    if network == "mlp":
+        return (GaussianEncoder(x_dim, hidden_dims, latent_dim, activation, covariance=guide),
+                MLP(latent_dim, hidden_dims[::-1], out_dim, activation))
+    if image_shape is None:
+        raise ValueError("network='conv' needs image_shape=(height, width) of the flattened "
+                         "images (--network conv takes it from the dataset)")
+    image_shape = check_sizes("image_shape", image_shape)
+    if len(image_shape) != 2 or image_shape[0] * image_shape[1] != x_dim:
+        raise ValueError(f"image_shape {image_shape} does not hold x_dim={x_dim} pixels; give "
+                         "the (height, width) of the flattened one-channel images")
+    if not hidden_dims:
+        raise ValueError("network='conv' needs hidden_dims: the width of the dense layer after "
+                         "the convolutions")
+    trunk = ConvEncoder(image_shape, channels, hidden_dims[-1], activation)
+    encoder = GaussianEncoder(x_dim, hidden_dims[-1:], latent_dim, activation,
+                              covariance=guide, trunk=trunk)
+    decoder = torch.nn.Sequential(
+        MLP(latent_dim, (), hidden_dims[-1]), ACTIVATIONS[activation](),
+        ConvDecoder(hidden_dims[-1], image_shape, channels, out_dim // x_dim, activation))
+    return encoder, decoder
 
 
 class VAE(LatentVariableModel):
@@ -25,7 +77,8 @@ class VAE(LatentVariableModel):
 
         z ~ N(0, I_latent_dim)                      site "z"
         x | z ~ likelihood(f_theta(z))              site "x"   (observed)
-        q(z | x) = N(loc_phi(x), diag(scale_phi(x)^2))
+        q(z | x) = N(loc_phi(x), diag(scale_phi(x)^2))        guide="diagonal"
+                or N(loc_phi(x), L_phi(x) L_phi(x)^T)          guide="full"
 
     all inside ``pyro.plate("data", batch, dim=-1)``.
 
@@ -34,9 +87,24 @@ class VAE(LatentVariableModel):
     :param hidden_dims: hidden widths of the encoder; the decoder mirrors them.
     :param str likelihood: ``bernoulli`` (binary data), ``continuous-bernoulli`` ([0, 1]
         intensities), ``gaussian`` or ``laplace`` (real data).
-    :param likelihood_scale: ``"learned"`` (per pixel) or a fixed float, for
+    :param likelihood_scale: ``"learned"`` (per pixel), ``"decoder"`` (an output of the decoder
+        per pixel and datapoint, bounded below by
+        :data:`pvae.models.likelihoods.MIN_DECODER_SCALE`) or a fixed float, for
         ``gaussian``/``laplace``.
     :param str activation: hidden activation (``relu``, ``tanh``, ...).
+    :param str guide: ``"diagonal"`` or ``"full"`` covariance of q(z | x) (a lower-triangular
+        ``scale_tril`` with a softplus diagonal, see :class:`pvae.nn.GaussianEncoder`; its KL to
+        the prior is known in closed form, so ``analytic_kl=True`` applies).
+    :param network: ``"mlp"``, ``"conv"`` (strided convolutions and transposed
+        convolutions, :class:`pvae.nn.ConvEncoder` / :class:`pvae.nn.ConvDecoder`, followed and
+        preceded by a dense layer of ``hidden_dims[-1]``), or a pair ``(encoder, decoder)`` of
+        your own modules (see :func:`build_networks`; ``hidden_dims``, ``activation`` and
+        ``guide`` then do not apply, and :attr:`config` holds the modules, so such a model is
+        saved by its ``state_dict`` and rebuilt by your code, not from a run folder).
+    :param image_shape: ``(height, width)`` of the flattened images, for ``network="conv"``.
+    :param channels: convolution channels, for ``network="conv"``.
+    :raises ValueError: bad sizes, unknown likelihood / guide / network, ``"conv"`` without a
+        matching ``image_shape``.
 
     Sites: ``"z"`` (latent, shape ``(batch, latent_dim)``), ``"x"`` (observed,
     ``(batch, x_dim)``); plate ``"data"``.
@@ -49,17 +117,17 @@ class VAE(LatentVariableModel):
 
     def __init__(self, x_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,),
                  likelihood: str = "bernoulli", likelihood_scale: float | str = "learned",
-                 activation: str = "relu"):
+                 activation: str = "relu", guide: str = "diagonal", network: str = "mlp",
+                 image_shape: Sequence[int] | None = None, channels: Sequence[int] = (32, 64)):
         super().__init__()
         self.x_dim, self.latent_dim = check_count("x_dim", x_dim), check_count("latent_dim",
                                                                                 latent_dim)
         self.hidden_dims = check_sizes("hidden_dims", hidden_dims)
         self.likelihood = make_likelihood(likelihood, x_dim, likelihood_scale)
-        #: q(z | x)
-        self.encoder = GaussianEncoder(x_dim, self.hidden_dims, latent_dim, activation)
-        #: p(x | z): the likelihood's parameters as a function of z
-        self.decoder = MLP(latent_dim, self.hidden_dims[::-1],
-                           self.likelihood.param_dim(x_dim), activation)
+        #: q(z | x) and p(x | z) (the likelihood's parameters as a function of z)
+        self.encoder, self.decoder = build_networks(
+            x_dim, latent_dim, self.hidden_dims, self.likelihood, activation, guide, network,
+            image_shape, channels)
 
     # -- Pyro programs -------------------------------------------------------------------------
 
@@ -80,8 +148,7 @@ class VAE(LatentVariableModel):
         self._register()
         x = self._check_x(x)
         with pyro.plate("data", x.shape[0], dim=-1):
-            loc, scale = self.encoder(x)
-            pyro.sample("z", ReparamNormal(loc, scale).to_event(1))
+            pyro.sample("z", gaussian_guide(*self.encoder(x)))
 
     def _check_c(self, c) -> None:
         if c is not None:
@@ -93,19 +160,24 @@ class VAE(LatentVariableModel):
         ``(batch, x_dim)``: ``(prior_loc, prior_scale, decode, guide)`` with the prior's
         ``(batch, latent_dim)`` parameters, ``decode(z)`` the likelihood's parameters for z
         ``(..., batch, latent_dim)``, and ``guide(x)`` the guide's ``loc, scale`` for a filled-in
-        ``x`` ``(batch, x_dim)``."""
+        ``x`` ``(batch, x_dim)`` (marginal scales for a full-covariance guide: a proposal)."""
         self._check_c(c)
         zeros = like.new_zeros(like.shape[0], self.latent_dim)
-        return zeros, zeros + 1.0, self.decoder, self.encoder
+        return zeros, zeros + 1.0, self.decoder, lambda x: self._loc_scale(x)
+
+    def _loc_scale(self, x):
+        loc, scale = self.encoder(x)
+        return loc, marginal_scale(loc, scale)
 
     # -- conveniences --------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, c=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``loc, scale`` of q(z | x), each ``(batch, latent_dim)``, on the model's device
-        (``x`` may be anywhere)."""
+        (``x`` may be anywhere); ``scale`` holds the marginal standard deviations for
+        ``guide="full"``."""
         self._check_c(c)
-        return self.encoder(self._check_x(self._place(x)))
+        return self._loc_scale(self._check_x(self._place(x)))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, c=None) -> torch.Tensor:

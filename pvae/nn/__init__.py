@@ -1,6 +1,7 @@
-"""Network building blocks: MLPs and Gaussian heads (conv networks land here later)."""
+"""Network building blocks: MLPs, convolutional encoders and decoders, Gaussian heads."""
 
-from pvae.nn.heads import GaussianEncoder
+from pvae.nn.conv import ConvDecoder, ConvEncoder
+from pvae.nn.heads import COVARIANCES, GaussianEncoder
 from pvae.nn.mlp import ACTIVATIONS, MLP
 
-__all__ = ["ACTIVATIONS", "MLP", "GaussianEncoder"]
+__all__ = ["ACTIVATIONS", "COVARIANCES", "MLP", "ConvDecoder", "ConvEncoder", "GaussianEncoder"]

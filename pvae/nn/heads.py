@@ -1,5 +1,6 @@
 """Gaussian heads of amortized guides and learned priors: a network of the conditioning
-input that outputs a location and a positive scale."""
+input that outputs a location and a positive scale (diagonal) or a Cholesky factor (full
+covariance)."""
 
 from __future__ import annotations
 
@@ -7,35 +8,66 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn import functional as F
 
 from pvae.nn.mlp import ACTIVATIONS, MLP
+from pvae.validation import check_choice
 
-__all__ = ["GaussianEncoder"]
+__all__ = ["COVARIANCES", "GaussianEncoder"]
+
+#: Covariance structures of :class:`GaussianEncoder` (``guide=`` of the VAEs).
+COVARIANCES = ("diagonal", "full")
+
+_MIN_SCALE = 1e-5
 
 
 class GaussianEncoder(nn.Module):
-    """q(z | x) = N(loc(x), diag(scale(x)^2)): an MLP trunk with a loc and a scale head.
+    r"""q(z | x) = N(loc(x), diag(scale(x)^2)) or N(loc(x), L(x) L(x)^T): a trunk network with
+    a linear head.
 
     :param int in_dim: input width (``x_dim``, or ``x_dim + c_dim`` for conditional guides).
-    :param hidden_dims: widths of the trunk's hidden layers.
+    :param hidden_dims: widths of the trunk's hidden layers (an MLP); with ``trunk`` given,
+        only the last one is used: the trunk's output width.
     :param int latent_dim: width of z.
-    :param str activation: see :class:`MLP`.
+    :param str activation: see :class:`MLP`; also applied to the trunk's output.
+    :param str covariance: ``"diagonal"`` or ``"full"``.
+    :param trunk: a network ``(..., in_dim) -> (..., hidden_dims[-1])`` to use instead of the
+        MLP (e.g. :class:`pvae.nn.ConvEncoder`).
+    :raises ValueError: unknown ``covariance``.
 
-    ``forward(x)`` maps ``(..., in_dim)`` to ``loc, scale``, each ``(..., latent_dim)``, with
-    ``scale = softplus(.) + 1e-5`` so that it is positive and bounded away from zero.
+    ``forward(x)`` maps ``(..., in_dim)`` to ``loc`` ``(..., latent_dim)`` and
+
+    - diagonal: ``scale`` ``(..., latent_dim)``, ``softplus(.) + 1e-5``, positive and bounded
+      away from zero;
+    - full: ``scale_tril`` ``(..., latent_dim, latent_dim)``, lower triangular with the diagonal
+      ``softplus(.) + 1e-5`` and the strictly lower part an unconstrained output of the
+      network: z = loc + L eps, eps ~ N(0, I) (Bishop & Bishop, Deep Learning, exercise 19.3;
+      Kingma & Welling 2019, "An Introduction to Variational Autoencoders", §2.5.2).
     """
 
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], latent_dim: int,
-                 activation: str = "relu"):
+                 activation: str = "relu", covariance: str = "diagonal",
+                 trunk: nn.Module | None = None):
         super().__init__()
         hidden_dims = tuple(hidden_dims)
-        self.trunk = (MLP(in_dim, hidden_dims[:-1], hidden_dims[-1], activation)
-                      if hidden_dims else nn.Identity())
+        self.covariance = check_choice("covariance", covariance, COVARIANCES)
+        self.latent_dim = latent_dim
+        if trunk is not None:
+            self.trunk = trunk
+        else:
+            self.trunk = (MLP(in_dim, hidden_dims[:-1], hidden_dims[-1], activation)
+                          if hidden_dims else nn.Identity())
         self.act = ACTIVATIONS[activation]() if hidden_dims else nn.Identity()
         width = hidden_dims[-1] if hidden_dims else in_dim
-        self.head = nn.Linear(width, 2 * latent_dim)
+        num_lower = latent_dim * (latent_dim - 1) // 2 if covariance == "full" else 0
+        self.head = nn.Linear(width, 2 * latent_dim + num_lower)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.head(self.act(self.trunk(x))).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + 1e-5
+        out = self.head(self.act(self.trunk(x)))
+        d = self.latent_dim
+        loc, raw_diag, lower = out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
+        diag = F.softplus(raw_diag) + _MIN_SCALE
+        if self.covariance == "diagonal":
+            return loc, diag
+        return loc, torch.diag_embed(diag) + vec_to_tril_matrix(lower, diag=-1)

@@ -75,7 +75,7 @@ def model_and_objective(args, ds):
             model = AUTOENCODERS["linear-ae"](ds.x_dim, args.latent_dim, loss=args.loss)
         else:
             model = AUTOENCODERS["ae"](ds.x_dim, args.latent_dim, args.hidden_dims or [400],
-                                       activation=args.activation,
+                                       activation=args.activation or "relu",
                                        code_activation=args.code_activation, loss=args.loss)
         objective = AutoencoderObjective(
             model, sparsity=none(args.sparsity), sparsity_weight=args.sparsity_weight,

@@ -152,15 +152,11 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
                 "binarize": binarize}
     if objective is None:
-        settings.update({"estimator": estimator, "analytic_kl": analytic_kl,
-                         "num_particles": num_particles,
-                         "beta": beta if not callable(beta) else repr(beta),
-                         "baseline": baseline, "gradient": gradient})
         capture = _capture(cuda_graph, device, estimator, ddp)
-        objective = SVIObjective(model, make_estimator(
-            estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
-            gradient=gradient, capturable=capture), beta)
-        val_objective = SVIObjective(model, ReparamEstimator(1, analytic_kl))
+        objective, val_objective = _svi_objectives(
+            model, settings, estimator=estimator, num_particles=num_particles,
+            analytic_kl=analytic_kl, baseline=baseline, gradient=gradient, beta=beta,
+            capture=capture)
     else:
         settings["objective"] = {"name": type(objective).__name__,
                                  **getattr(objective, "config", {})}
@@ -192,6 +188,20 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     return run_epochs(state, data, num_epochs, checkpoint=checkpoint,
                       progress=progress and rank == 0, val_objective=val_objective,
                       val_data=val_data, step=step)
+
+
+def _svi_objectives(model, settings: dict, *, estimator, num_particles, analytic_kl, baseline,
+                    gradient, beta, capture):
+    """The SVI training objective and the validation one (the ELBO, one particle); records
+    their settings in ``settings``."""
+    settings.update({"estimator": estimator, "analytic_kl": analytic_kl,
+                     "num_particles": num_particles,
+                     "beta": beta if not callable(beta) else repr(beta),
+                     "baseline": baseline, "gradient": gradient})
+    objective = SVIObjective(model, make_estimator(
+        estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
+        gradient=gradient, capturable=capture), beta)
+    return objective, SVIObjective(model, ReparamEstimator(1, analytic_kl))
 
 
 def _capture(cuda_graph, device: torch.device, estimator: str, distributed: bool) -> bool:

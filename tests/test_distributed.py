@@ -29,14 +29,17 @@ from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, ma
 from pvae.train import CheckpointError, TrainingData, fit, make_adam, seed_all
 from pvae.train.distributed import Replica, check_batches, check_module_parameters
 
-from conftest import TEST_DEVICE
-
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker as worker  # noqa: E402  (the worker's settings: one place for both sides)
 
-#: gloo on CPU, in float64 (the two-process run is CPU-only whatever the test device).
-pytestmark = pytest.mark.skipif(TEST_DEVICE.type != "cpu",
-                                reason="the data-parallel tests compare CPU runs under gloo")
+
+@pytest.fixture(autouse=True)
+def _cpu():
+    """The two-process runs are CPU runs under gloo whatever the suite's device (the torchrun
+    workers never see PVAE_TEST_DEVICE): the in-process references are built on the CPU too."""
+    torch.set_default_device(None)
+    yield
+
 
 #: Float64 after 2 epochs of Adam (22 steps): reduction-order differences (~1e-16 per
 #: operation; 6e-17 at most in the parameters when this was written) grow through Adam's

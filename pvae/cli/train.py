@@ -178,15 +178,22 @@ def _run(args) -> None:
                       cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
     except ValueError as e:  # fit's checks of its arguments and data
         raise RunError(str(e)) from e
+    _report(args, out, history, "elbo", "ELBO", "nats/image", 2)
+
+
+def _report(args, out, history, column: str, label: str, unit: str, digits: int) -> None:
+    """Rank 0 writes ``history.csv`` and the training curve and prints the last epoch's
+    ``train_<column>`` and ``val_<column>``."""
     if parallel.rank() != 0:
         return
     history.to_csv(out / "history.csv")
     plots.training_curve(history, out / "figures" / "training_curve.png")
     last = history[-1] if len(history) else {}
+    nan = float("nan")
     print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
-          f"train ELBO {last.get('train_elbo', float('nan')):.2f}, "
-          f"val ELBO {last.get('val_elbo', float('nan')):.2f} nats/image, "
-          f"{last.get('images_per_s', float('nan')):.0f} images/s -> {out}")
+          f"train {label} {last.get(f'train_{column}', nan):.{digits}f}, "
+          f"val {label} {last.get(f'val_{column}', nan):.{digits}f} {unit}, "
+          f"{last.get('images_per_s', nan):.0f} images/s -> {out}")
 
 
 def run_autoencoder(args) -> None:
@@ -220,10 +227,4 @@ def run_autoencoder(args) -> None:
                       cuda_graph=False if args.cuda_graph == "off" else "auto")
     except ValueError as e:
         raise RunError(str(e)) from e
-    history.to_csv(out / "history.csv")
-    plots.training_curve(history, out / "figures" / "training_curve.png")
-    last = history[-1] if len(history) else {}
-    print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
-          f"train loss {last.get('train_loss', float('nan')):.3f}, "
-          f"val loss {last.get('val_loss', float('nan')):.3f} per image, "
-          f"{last.get('images_per_s', float('nan')):.0f} images/s -> {out}")
+    _report(args, out, history, "loss", "loss", "per image", 3)

@@ -36,7 +36,7 @@ from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import ReshapeTransform
 
 from pvae.inference.traces import sites
-from pvae.nn import ACTIVATIONS, MLP
+from pvae.nn import MLP, activation_layer
 from pvae.validation import check_choice, check_sizes
 
 __all__ = ["AutoAmortizedNormal"]
@@ -172,7 +172,7 @@ class AutoAmortizedNormal(nn.Module):
             if self.hidden_dims:
                 self.encoder = nn.Sequential(
                     MLP(in_dim, self.hidden_dims[:-1], self.hidden_dims[-1], self.activation),
-                    ACTIVATIONS[self.activation]())
+                    activation_layer(self.activation))
                 self.encoder.out_dim = self.hidden_dims[-1]
             else:
                 self.encoder = nn.Identity()

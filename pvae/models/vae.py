@@ -11,7 +11,14 @@ import torch
 from pvae.contract import inputs_trusted
 from pvae.models.base import LatentVariableModel, gaussian_guide, marginal_scale
 from pvae.models.likelihoods import make_likelihood
-from pvae.nn import ACTIVATIONS, COVARIANCES, MLP, ConvDecoder, ConvEncoder, GaussianEncoder
+from pvae.nn import (
+    COVARIANCES,
+    MLP,
+    ConvDecoder,
+    ConvEncoder,
+    GaussianEncoder,
+    activation_layer,
+)
 from pvae.validation import check_choice, check_count, check_sizes
 
 __all__ = ["NETWORKS", "VAE", "build_networks"]
@@ -65,7 +72,7 @@ def build_networks(x_dim: int, latent_dim: int, hidden_dims, likelihood, activat
     encoder = GaussianEncoder(x_dim, hidden_dims[-1:], latent_dim, activation,
                               covariance=guide, trunk=trunk)
     decoder = torch.nn.Sequential(
-        MLP(latent_dim, (), hidden_dims[-1]), ACTIVATIONS[activation](),
+        MLP(latent_dim, (), hidden_dims[-1]), activation_layer(activation),
         ConvDecoder(hidden_dims[-1], image_shape, channels, out_dim // x_dim, activation))
     return encoder, decoder
 

@@ -2,6 +2,7 @@
 
 from pvae.nn.conv import ConvDecoder, ConvEncoder
 from pvae.nn.heads import COVARIANCES, GaussianEncoder
-from pvae.nn.mlp import ACTIVATIONS, MLP
+from pvae.nn.mlp import ACTIVATIONS, MLP, activation_layer
 
-__all__ = ["ACTIVATIONS", "COVARIANCES", "MLP", "ConvDecoder", "ConvEncoder", "GaussianEncoder"]
+__all__ = ["ACTIVATIONS", "COVARIANCES", "MLP", "ConvDecoder", "ConvEncoder", "GaussianEncoder",
+           "activation_layer"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pvae.nn.mlp import ACTIVATIONS
+from pvae.nn.mlp import activation_layer
 from pvae.validation import check_count, check_sizes
 
 __all__ = ["ConvDecoder", "ConvEncoder", "conv_sizes"]
@@ -63,14 +63,12 @@ class ConvEncoder(nn.Module):
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int], out_dim: int,
                  activation: str = "relu"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(ACTIVATIONS)}")
+        activation_layer(activation)  # checked before any layer is built
         self.image_shape = _check_image_shape(image_shape)
         channels = check_sizes("channels", channels)
         layers, c_in = [], 1
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), ACTIVATIONS[activation]()]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), activation_layer(activation)]
             c_in = c
         self.convs = nn.Sequential(*layers)
         h, w = conv_sizes(self.image_shape, len(channels))[-1]
@@ -103,16 +101,14 @@ class ConvDecoder(nn.Module):
     def __init__(self, in_dim: int, image_shape: Sequence[int], channels: Sequence[int],
                  out_channels: int = 1, activation: str = "relu"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(ACTIVATIONS)}")
+        activation_layer(activation)  # checked before any layer is built
         self.image_shape = _check_image_shape(image_shape)
         channels = check_sizes("channels", channels)
         sizes = conv_sizes(self.image_shape, len(channels))
         self.start = (channels[-1], *sizes[-1])
         self.linear = nn.Sequential(
             nn.Linear(check_count("in_dim", in_dim), channels[-1] * sizes[-1][0] * sizes[-1][1]),
-            ACTIVATIONS[activation]())
+            activation_layer(activation))
         outs = (*channels[::-1][1:], check_count("out_channels", out_channels))
         layers, c_in = [], channels[-1]
         for i, c in enumerate(outs):
@@ -120,7 +116,7 @@ class ConvDecoder(nn.Module):
             layers.append(nn.ConvTranspose2d(c_in, c, 3, stride=2, padding=1,
                                              output_padding=(h - 2 * h_in + 1, w - 2 * w_in + 1)))
             if i < len(outs) - 1:
-                layers.append(ACTIVATIONS[activation]())
+                layers.append(activation_layer(activation))
             c_in = c
         self.deconvs = nn.Sequential(*layers)
 

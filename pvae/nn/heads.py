@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn import functional as F
 
-from pvae.nn.mlp import ACTIVATIONS, MLP
+from pvae.nn.mlp import MLP, activation_layer
 from pvae.validation import check_choice
 
 __all__ = ["COVARIANCES", "GaussianEncoder"]
@@ -58,7 +58,7 @@ class GaussianEncoder(nn.Module):
         else:
             self.trunk = (MLP(in_dim, hidden_dims[:-1], hidden_dims[-1], activation)
                           if hidden_dims else nn.Identity())
-        self.act = ACTIVATIONS[activation]() if hidden_dims else nn.Identity()
+        self.act = activation_layer(activation) if hidden_dims else nn.Identity()
         width = hidden_dims[-1] if hidden_dims else in_dim
         num_lower = latent_dim * (latent_dim - 1) // 2 if covariance == "full" else 0
         self.head = nn.Linear(width, 2 * latent_dim + num_lower)

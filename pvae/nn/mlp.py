@@ -6,10 +6,20 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP"]
+__all__ = ["ACTIVATIONS", "MLP", "activation_layer"]
 
 #: Activation functions by name (``--activation`` on the command line).
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """A new activation module by name (a key of :data:`ACTIVATIONS`).
+
+    :raises ValueError: an unknown name, listing the known ones.
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 class MLP(nn.Sequential):
@@ -25,12 +35,9 @@ class MLP(nn.Sequential):
 
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int,
                  activation: str = "relu"):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(ACTIVATIONS)}")
         layers, width = [], in_dim
         for h in hidden_dims:
-            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(width, h), activation_layer(activation)]
             width = h
         layers.append(nn.Linear(width, out_dim))
         super().__init__(*layers)

@@ -2,8 +2,8 @@
 a plain-PyTorch DDP loop side by side, on CPUs (gloo) or GPUs (NCCL).
 
 Both train the default 784-400-50 VAE (ReLU, Bernoulli likelihood, Gaussian q(z|x), one-sample
-ELBO, Adam lr 1e-3, dynamic binarization) on global mini-batches of 256 split over the
-processes. pvae runs ``fit`` (which wraps model and objective in ``DistributedDataParallel``
+ELBO, Adam lr 1e-3, dynamic binarization) on global mini-batches (256 by default,
+``--batch-size``) split over the processes. pvae runs ``fit`` (which wraps model and objective in ``DistributedDataParallel``
 when the process group exists); the reference is :class:`bench_train.PlainVAE` in DDP with a
 per-rank slice of the same shuffled batch, written as the PyTorch DDP tutorial does. Each
 configuration is launched by ``torchrun`` in turn; images/s count the images of all ranks per
@@ -16,7 +16,7 @@ cores. On a single GPU, 1 vs 2 processes is not meaningful (two processes would 
 run with ``--device cuda`` on a machine with several GPUs.
 
     python benchmarks/bench_distributed.py [--device cpu] [--dataset fashion-mnist]
-        [--num-train 10000] [--num-epochs 3] [--worlds 1 2]
+        [--num-train 10000] [--num-epochs 3] [--batch-size 256] [--worlds 1 2]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def worker(args) -> None:
 
     torch.manual_seed(args.seed)
     vae = VAE(x.shape[1], 50, (400,))
-    history = fit(vae, x, num_epochs=args.num_epochs, batch_size=256, binarize="dynamic",
+    history = fit(vae, x, num_epochs=args.num_epochs, batch_size=args.batch_size, binarize="dynamic",
                   device=device, seed=args.seed, progress=False, cuda_graph=False)
     pvae_rates = history.column("images_per_s")[1:]
 
@@ -75,8 +75,8 @@ def worker(args) -> None:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         perm = torch.randperm(len(x), generator=g).to(device)  # the same on every rank
-        for i in range(0, len(x), 256):
-            idx = perm[i:i + 256]
+        for i in range(0, len(x), args.batch_size):
+            idx = perm[i:i + args.batch_size]
             idx = idx[parallel.shard(len(idx), rank, world)]  # this rank's slice
             loss = plain(uniform_binarize(x[idx]))  # through DDP's forward: its hooks fire
             opt.zero_grad(set_to_none=True)
@@ -99,6 +99,7 @@ def launch(args, world: int, threads: int) -> dict:
                f"--nproc_per_node={world}", __file__, "--worker", "--result", str(result),
                "--threads-per-process", str(threads), "--dataset", args.dataset,
                "--num-train", str(args.num_train), "--num-epochs", str(args.num_epochs),
+               "--batch-size", str(args.batch_size),
                "--device", args.device, "--seed", str(args.seed)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -119,7 +120,8 @@ def main(args) -> None:
         rows[(world, threads)] = (median(r["pvae"]), median(r["plain"]))
         print(f"  done: {world} process(es) x {threads} thread(s)", file=sys.stderr)
     print(f"device={args.device} dataset={args.dataset} N={args.num_train or 'all'} "
-          f"epochs={args.num_epochs} (median images/s after a warm-up epoch, global batch 256)")
+          f"epochs={args.num_epochs} (median images/s after a warm-up epoch, global batch "
+          f"{args.batch_size})")
     print(f"{'processes x threads':22s} {'pvae fit':>10s} {'plain DDP':>10s} {'pvae/plain':>11s}")
     for (world, threads), (p, q) in rows.items():
         print(f"{f'{world} x {threads}':22s} {p:10.0f} {q:10.0f} {p / q:11.3f}")
@@ -135,6 +137,7 @@ if __name__ == "__main__":
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--num-train", type=int, default=10000, help="0 = all")
     parser.add_argument("--num-epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256, help="global mini-batch")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads-per-process", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")

@@ -1,8 +1,15 @@
 """Worker of ``tests/test_distributed.py``, launched as ``torchrun --nproc_per_node 2
-tests/ddp_worker.py OUT`` (gloo, CPU): trains the default VAE data-parallel, once for two
-epochs and once stopped after one epoch and resumed, evaluates the IW log-likelihood sharded
-over the ranks, trains through ``pvae train`` (``CLI_TRAIN``), and writes what the test
-compares to ``OUT/results.pt`` (rank 0).
+tests/ddp_worker.py OUT [MODE]`` (gloo, CPU).
+
+- ``main`` (default): trains the default VAE data-parallel, once for two epochs and once
+  stopped after one epoch and resumed (also with the score-function estimator and its
+  average baseline), evaluates the IW log-likelihood sharded over the ranks, trains through
+  ``pvae train`` (``CLI_TRAIN``), and writes what the test compares to ``OUT/results.pt``
+  (rank 0).
+- ``kill``: trains for two epochs with checkpoints in ``OUT/killed``; once the first epoch's
+  checkpoint exists, rank 1 sends itself SIGKILL in the middle of the second epoch (``torchrun``
+  then stops rank 0 and fails).
+- ``resume``: resumes ``OUT/killed`` to two epochs and writes ``OUT/resumed.pt``.
 
 The settings live here and are imported by the test, so that its one-process references use
 the same ones.
@@ -10,6 +17,8 @@ the same ones.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +29,7 @@ from pvae import data, parallel
 from pvae.cli import main as cli
 from pvae.inference import iw_log_likelihood
 from pvae.models import VAE
-from pvae.train import fit
+from pvae.train import CHECKPOINT_NAME, fit
 
 #: ``pvae train`` as ``torchrun -m pvae.cli train`` runs it (the group already exists here).
 CLI_TRAIN = ["train", "--dataset", "digits", "--num-train", "300", "--num-val", "50",
@@ -32,6 +41,10 @@ WORLD = 2
 NUM_TRAIN, NUM_VAL, NUM_IW = 501, 101, 45
 FIT = dict(batch_size=48, lr=3e-3, seed=3, binarize="dynamic", progress=False)
 IW = dict(num_samples=40, batch_size=8, seed=5)
+#: The score-function estimator with its decaying-average baseline.
+SCORE = dict(estimator="score", baseline="average")
+#: Training steps of the second epoch that rank 1 takes before it is killed (of 11).
+KILL_AFTER_STEPS = 4
 
 
 def build_model(seed: int = 11) -> VAE:
@@ -48,8 +61,6 @@ def datasets():
 
 
 def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     x, x_val, x_iw = datasets()
     full = build_model()
     history = fit(full, x, x_val=x_val, num_epochs=2, checkpoint_dir=out / "full", **FIT)
@@ -57,19 +68,58 @@ def main(out: Path) -> None:
     resumed = build_model()  # a fresh process would rebuild the model like this
     resumed_history = fit(resumed, x, x_val=x_val, num_epochs=2, resume=True,
                           checkpoint_dir=out / "resumed", **FIT)
+    score = {}
+    for name, epochs, resume in (("full", 2, False), ("resumed", 1, False),
+                                 ("resumed", 2, True)):
+        score[name] = build_model()
+        fit(score[name], x, num_epochs=epochs, resume=resume,
+            checkpoint_dir=out / f"score_{name}", **FIT, **SCORE)
     iw = iw_log_likelihood(full, x_iw, **IW)
     apart = build_model(seed=100 + parallel.rank())  # ranks built differently: DDP aligns them
     fit(apart, x, num_epochs=1, **FIT)
     cli([*CLI_TRAIN, "--out", str(out / "cli")])
     results = {"params": full.state_dict(), "history": history.rows,
                "resumed_params": resumed.state_dict(), "resumed_history": resumed_history.rows,
+               "score_params": score["full"].state_dict(),
+               "score_resumed_params": score["resumed"].state_dict(),
                "iw": iw.per_datapoint, "iw_ess": iw.ess, "world_size": parallel.world_size(),
                "replicas": parallel.all_gather(full.state_dict()),
                "apart_replicas": parallel.all_gather(apart.state_dict())}
     if parallel.rank() == 0:
         torch.save(results, out / "results.pt")
-    dist.destroy_process_group()
+
+
+def killed(out: Path) -> None:
+    """Train to two epochs; rank 1 dies by SIGKILL during the second (never returns there)."""
+    x, x_val, _ = datasets()
+    model = build_model()
+    checkpoint = out / "killed" / CHECKPOINT_NAME
+    if parallel.rank() == 1:
+        program, steps = model.model, 0
+
+        def model_then_kill(*args, **kwargs):  # the model's program, one call per step
+            nonlocal steps
+            steps += checkpoint.exists()  # the first epoch is done and saved
+            if steps > KILL_AFTER_STEPS:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return program(*args, **kwargs)
+
+        model.model = model_then_kill
+    fit(model, x, x_val=x_val, num_epochs=2, checkpoint_dir=checkpoint.parent, **FIT)
+
+
+def resume_killed(out: Path) -> None:
+    x, x_val, _ = datasets()
+    model = build_model()
+    history = fit(model, x, x_val=x_val, num_epochs=2, resume=True,
+                  checkpoint_dir=out / "killed", **FIT)
+    if parallel.rank() == 0:
+        torch.save({"params": model.state_dict(), "history": history.rows}, out / "resumed.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    mode = sys.argv[2] if len(sys.argv) > 2 else "main"
+    {"main": main, "kill": killed, "resume": resume_killed}[mode](Path(sys.argv[1]))
+    dist.destroy_process_group()

@@ -26,7 +26,8 @@ import torch
 
 from pvae import parallel
 from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, make_estimator
-from pvae.train import CheckpointError, TrainingData, fit, make_adam, seed_all
+from pvae.train import (CHECKPOINT_NAME, CheckpointError, TrainingData, fit, load_checkpoint,
+                        make_adam, seed_all)
 from pvae.train.distributed import Replica, check_batches, check_module_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,18 +48,36 @@ def _cpu():
 ATOL = 1e-12
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("ddp")
+def launch(out: Path, mode: str = "main") -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT MODE``."""
     root = Path(__file__).parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
          f"--nproc_per_node={worker.WORLD}", str(Path(__file__).parent / "ddp_worker.py"),
-         str(out)], env=env, capture_output=True, text=True, timeout=300)
+         str(out), mode], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp")
+    proc = launch(out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {**torch.load(out / "results.pt", weights_only=False), "out": out}
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory) -> dict:
+    """A two-process run killed (SIGKILL on rank 1) in its second epoch, then resumed by a new
+    ``torchrun`` launch from what was on disk."""
+    out = tmp_path_factory.mktemp("ddp_killed")
+    killed = launch(out, "kill")
+    on_disk = load_checkpoint(out / "killed" / CHECKPOINT_NAME)
+    resumed = launch(out, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    return {"killed": killed, "on_disk": on_disk,
+            **torch.load(out / "resumed.pt", weights_only=False)}
 
 
 def one_process_reference(num_epochs: int) -> tuple:
@@ -149,6 +168,30 @@ def test_stopped_and_resumed_two_process_run_equals_uninterrupted(two_processes)
     _assert_same_params(two_processes["resumed_params"], two_processes["params"])
     for a, b in zip(two_processes["resumed_history"], two_processes["history"], strict=True):
         assert (a["train_elbo"], a["val_elbo"]) == (b["train_elbo"], b["val_elbo"])
+
+
+def test_killed_two_process_run_resumes_to_the_uninterrupted_one(two_processes,
+                                                                  killed_and_resumed):
+    killed = killed_and_resumed["killed"]
+    assert killed.returncode != 0  # torchrun reports the dead rank and stops the other
+    assert "SIGKILL" in killed.stderr or "exitcode: -9" in killed.stderr, killed.stderr[-2000:]
+    on_disk = killed_and_resumed["on_disk"]  # the last good checkpoint: the first epoch's
+    assert on_disk["epoch"] == 1 and len(on_disk["history"]) == 1
+    assert on_disk["config"]["world_size"] == worker.WORLD
+    _assert_same_params(killed_and_resumed["params"], two_processes["params"])
+    for a, b in zip(killed_and_resumed["history"], two_processes["history"], strict=True):
+        assert (a["train_elbo"], a["val_elbo"]) == (b["train_elbo"], b["val_elbo"])
+
+
+def test_score_function_baseline_is_global_so_a_resume_equals_the_uninterrupted_run(
+        two_processes):
+    """The decaying-average baseline follows the global mini-batch's ELBO, so it is the same
+    on both ranks and rank 0's checkpoint restores rank 1 too (with per-rank averages, rank 1
+    would resume with rank 0's and its gradients would differ from the uninterrupted run)."""
+    full, resumed = two_processes["score_params"], two_processes["score_resumed_params"]
+    _assert_same_params(resumed, full)
+    start = worker.build_model().state_dict()  # and the score-function run did train
+    assert max((full[k] - start[k]).abs().max().item() for k in full) > 1e-3
 
 
 def test_sharded_iw_equals_one_process_per_datapoint(two_processes):

@@ -28,6 +28,7 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.distributions import kl_divergence
 
+from pvae import parallel
 from pvae.contract import trusted_inputs
 from pvae.distributions import base_dist, detached
 from pvae.inference.handlers import BASELINES, scale_latents, score_function
@@ -134,7 +135,9 @@ class ScoreEstimator(nn.Module):
     downstream costs of each site) and :class:`~pvae.inference.handlers.score_function`.
 
     State (``state_dict``): the neural baselines' networks (``nets``, by site name) and the
-    decaying average of the per-datapoint ELBO used by the ``"average"`` baseline.
+    decaying average of the per-datapoint ELBO used by the ``"average"`` baseline. Under
+    data-parallel training the average is of the global mini-batch's ELBO (summed over the
+    processes), so that it is the same on every process, as in one process on that batch.
     """
 
     def __init__(self, num_particles: int = 1, baseline: str | None = None,
@@ -157,7 +160,10 @@ class ScoreEstimator(nn.Module):
 
         elbo, surrogate = self.elbo.loss_and_surrogate(model, scored_guide, *args)
         elbo = torch.as_tensor(elbo).detach()
-        per_datapoint = elbo.item() / args[0].shape[0]
+        # under data-parallel training, the global mini-batch's ELBO: every rank keeps the same
+        # average (and rank 0's checkpoint holds everyone's); one process: this batch's
+        total, count = parallel.all_reduce_sum(elbo.item(), args[0].shape[0])
+        per_datapoint = total / count
         self.average = per_datapoint if self.average is None else (
             self.baseline_beta * self.average + (1 - self.baseline_beta) * per_datapoint)
         return elbo, surrogate

@@ -3,11 +3,12 @@ a plain-PyTorch DDP loop side by side, on CPUs (gloo) or GPUs (NCCL).
 
 Both train the default 784-400-50 VAE (ReLU, Bernoulli likelihood, Gaussian q(z|x), one-sample
 ELBO, Adam lr 1e-3, dynamic binarization) on global mini-batches (256 by default,
-``--batch-size``) split over the processes. pvae runs ``fit`` (which wraps model and objective in ``DistributedDataParallel``
-when the process group exists); the reference is :class:`bench_train.PlainVAE` in DDP with a
-per-rank slice of the same shuffled batch, written as the PyTorch DDP tutorial does. Each
-configuration is launched by ``torchrun`` in turn; images/s count the images of all ranks per
-second of rank 0's epoch, the median over epochs after a warm-up epoch.
+``--batch-size``) split over the processes. pvae runs ``fit`` (which wraps model and
+objective in ``DistributedDataParallel`` when the process group exists); the reference is
+:class:`bench_train.PlainVAE` in DDP with a per-rank slice of the same shuffled batch, written
+as the PyTorch DDP tutorial does. Each configuration is launched by ``torchrun`` in turn;
+images/s count the images of all ranks per second of rank 0's epoch, the median over epochs
+after a warm-up epoch.
 
 On CPUs every process runs with ``--threads-per-process`` intra-op threads (1 by default), and
 one more configuration runs one process with as many threads as the largest world uses cores:

@@ -26,8 +26,15 @@ import torch
 
 from pvae import parallel
 from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, make_estimator
-from pvae.train import (CHECKPOINT_NAME, CheckpointError, TrainingData, fit, load_checkpoint,
-                        make_adam, seed_all)
+from pvae.train import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    TrainingData,
+    fit,
+    load_checkpoint,
+    make_adam,
+    seed_all,
+)
 from pvae.train.distributed import Replica, check_batches, check_module_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))

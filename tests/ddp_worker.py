@@ -3,7 +3,7 @@ tests/ddp_worker.py OUT [MODE]`` (gloo, CPU).
 
 - ``main`` (default): trains the default VAE data-parallel, once for two epochs and once
   stopped after one epoch and resumed (also with the score-function estimator and its
-  average baseline), evaluates the IW log-likelihood sharded over the ranks, trains through
+  average baseline), trains a deterministic autoencoder, evaluates the IW log-likelihood sharded over the ranks, trains through
   ``pvae train`` (``CLI_TRAIN``), and writes what the test compares to ``OUT/results.pt``
   (rank 0).
 - ``kill``: trains for two epochs with checkpoints in ``OUT/killed``; once the first epoch's
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pvae import data, parallel
+from pvae.autoencoders import AutoencoderObjective, DeepAutoencoder
 from pvae.cli import main as cli
 from pvae.inference import iw_log_likelihood
 from pvae.models import VAE
@@ -53,6 +54,18 @@ def build_model(seed: int = 11) -> VAE:
     return VAE(x_dim=64, latent_dim=4, hidden_dims=(32,)).double()
 
 
+def build_autoencoder() -> DeepAutoencoder:
+    """A deep autoencoder (no corruption, no sparsity: nothing random in its loss), float64."""
+    torch.manual_seed(12)
+    return DeepAutoencoder(x_dim=64, code_dim=4, hidden_dims=(32,)).double()
+
+
+def fit_autoencoder(ae: DeepAutoencoder, x: torch.Tensor):
+    """Two epochs of the autoencoder's training (data-parallel under a process group)."""
+    return fit(ae, x, objective=AutoencoderObjective(ae), num_epochs=2,
+               **{**FIT, "binarize": None})
+
+
 def datasets():
     """Training intensities (binarized dynamically), binary validation and IW images."""
     ds = data.load("digits")
@@ -74,6 +87,8 @@ def main(out: Path) -> None:
         score[name] = build_model()
         fit(score[name], x, num_epochs=epochs, resume=resume,
             checkpoint_dir=out / f"score_{name}", **FIT, **SCORE)
+    ae = build_autoencoder()
+    ae_history = fit_autoencoder(ae, x)
     iw = iw_log_likelihood(full, x_iw, **IW)
     apart = build_model(seed=100 + parallel.rank())  # ranks built differently: DDP aligns them
     fit(apart, x, num_epochs=1, **FIT)
@@ -82,6 +97,7 @@ def main(out: Path) -> None:
                "resumed_params": resumed.state_dict(), "resumed_history": resumed_history.rows,
                "score_params": score["full"].state_dict(),
                "score_resumed_params": score["resumed"].state_dict(),
+               "ae_params": ae.state_dict(), "ae_history": ae_history.rows,
                "iw": iw.per_datapoint, "iw_ess": iw.ess, "world_size": parallel.world_size(),
                "replicas": parallel.all_gather(full.state_dict()),
                "apart_replicas": parallel.all_gather(apart.state_dict())}

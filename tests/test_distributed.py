@@ -201,6 +201,18 @@ def test_score_function_baseline_is_global_so_a_resume_equals_the_uninterrupted_
     assert max((full[k] - start[k]).abs().max().item() for k in full) > 1e-3
 
 
+def test_two_process_autoencoder_equals_one_process_fit(two_processes):
+    """An autoencoder's loss draws no noise, so the two-process run must equal a plain
+    one-process ``fit`` on the same global batches (reduction order aside)."""
+    x, _, _ = worker.datasets()
+    ae = worker.build_autoencoder()
+    history = worker.fit_autoencoder(ae, x)
+    _assert_same_params(two_processes["ae_params"], ae.state_dict())
+    for a, b in zip(two_processes["ae_history"], history.rows, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12, abs=0)
+    assert history.rows[1]["train_loss"] < history.rows[0]["train_loss"]
+
+
 def test_sharded_iw_equals_one_process_per_datapoint(two_processes):
     model = worker.build_model()
     model.load_state_dict(two_processes["params"])

@@ -152,7 +152,11 @@ def test_full_encoder_is_lower_triangular_with_positive_diagonal():
     assert loc.shape == (3, 2, 4) and L.shape == (3, 2, 4, 4)
     assert torch.equal(L, L.tril()) and (L.diagonal(dim1=-2, dim2=-1) > 0).all()
     rows, cols = torch.tril_indices(4, 4, -1)
-    assert (L[..., rows, cols] != 0).all()  # the strictly lower part is the network's output
+    assert (L[..., rows, cols] == 0).all()  # initialized diagonal: it starts as guide="diagonal"
+    with torch.no_grad():  # once trained, the strictly lower part is the network's output
+        enc.head.weight.normal_(generator=rng(1))
+    _, L = enc(torch.randn(3, 2, 6, generator=rng(0)))
+    assert torch.equal(L, L.tril()) and (L[..., rows, cols] != 0).all()
     with pytest.raises(ValueError, match="covariance"):
         GaussianEncoder(6, (8,), 4, covariance="banded")
 

@@ -42,7 +42,9 @@ class GaussianEncoder(nn.Module):
       away from zero;
     - full: ``scale_tril`` ``(..., latent_dim, latent_dim)``, lower triangular with the diagonal
       ``softplus(.) + 1e-5`` and the strictly lower part an unconstrained output of the
-      network: z = loc + L eps, eps ~ N(0, I) (Bishop & Bishop, Deep Learning, exercise 19.3;
+      network, whose weights start at zero (the guide starts diagonal and learns the
+      correlations; a random start makes every z_i a sum of ~latent_dim noise terms, far
+      wider than the prior): z = loc + L eps, eps ~ N(0, I) (Bishop & Bishop, Deep Learning, exercise 19.3;
       Kingma & Welling 2019, "An Introduction to Variational Autoencoders", §2.5.2).
     """
 
@@ -62,6 +64,9 @@ class GaussianEncoder(nn.Module):
         width = hidden_dims[-1] if hidden_dims else in_dim
         num_lower = latent_dim * (latent_dim - 1) // 2 if covariance == "full" else 0
         self.head = nn.Linear(width, 2 * latent_dim + num_lower)
+        with torch.no_grad():  # L starts diagonal: a full guide begins as the diagonal one
+            self.head.weight[2 * latent_dim:].zero_()
+            self.head.bias[2 * latent_dim:].zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(self.act(self.trunk(x)))

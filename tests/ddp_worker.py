@@ -3,9 +3,9 @@ tests/ddp_worker.py OUT [MODE]`` (gloo, CPU).
 
 - ``main`` (default): trains the default VAE data-parallel, once for two epochs and once
   stopped after one epoch and resumed (also with the score-function estimator and its
-  average baseline), trains a deterministic autoencoder, evaluates the IW log-likelihood sharded over the ranks, trains through
-  ``pvae train`` (``CLI_TRAIN``), and writes what the test compares to ``OUT/results.pt``
-  (rank 0).
+  average baseline), trains a deterministic autoencoder, evaluates the IW log-likelihood
+  sharded over the ranks, trains through ``pvae train`` (``CLI_TRAIN``), and writes what the
+  test compares to ``OUT/results.pt`` (rank 0).
 - ``kill``: trains for two epochs with checkpoints in ``OUT/killed``; once the first epoch's
   checkpoint exists, rank 1 sends itself SIGKILL in the middle of the second epoch (``torchrun``
   then stops rank 0 and fails).

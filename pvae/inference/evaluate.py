@@ -20,6 +20,7 @@ from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
     features,
+    in_model_order,
     log_prob,
     max_plate_nesting,
     reduce_site,
@@ -312,8 +313,7 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
         w = _weights(model, xb, cb, num_samples, layout)
         shape = (num_samples, len(xb))
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
-        same_order = ([n for n, _ in sites(w.guide_trace, False)]
-                      == [n for n, _ in sites(w.model_trace, False)])
+        same_order = in_model_order(w.guide_trace, w.model_trace)
         analytic = analytic and same_order
         for name, q_site in sites(w.guide_trace, False):
             p_site = w.model_trace.nodes[name]

@@ -34,6 +34,7 @@ from pvae.distributions import base_dist, detached
 from pvae.inference.handlers import BASELINES, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule
 from pvae.inference.traces import (
+    in_model_order,
     log_prob,
     max_plate_nesting,
     reduce_site,
@@ -54,7 +55,10 @@ class ReparamEstimator(nn.Module):
     """The (multi-sample) ELBO with reparameterized gradients (Kingma & Welling 2014; Bishop &
     Bishop, Deep Learning, eq. 19.16); particles are vectorized.
 
-    By default through Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``).
+    By default through Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``,
+    where the guide samples the latent sites in the model's order; otherwise, as for a
+    bottom-up guide of a hierarchical model, ``Trace_ELBO`` again, whose Monte Carlo KLs are
+    unbiased there: see :func:`~pvae.inference.traces.in_model_order`).
     With ``capturable=True`` the same value and gradient are computed from the shared traces
     of :mod:`pvae.inference.traces` without any host synchronization (Pyro's ELBOs call
     ``.item()`` at every site), so that the whole training step can run on any device and be
@@ -70,9 +74,17 @@ class ReparamEstimator(nn.Module):
         self.elbo = cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
         self.num_particles, self.analytic_kl, self.capturable = num_particles, analytic_kl, capturable
         self._nesting = None  # found by tracing once, on the first capturable call
+        self._mean_field = None  # with analytic_kl: whether the guide is in the model's order
 
     def forward(self, model, guide, *args):
         if not self.capturable:
+            if self.analytic_kl and self._mean_field is None:  # decided once, on the first call
+                devices = [args[0].device] if args[0].is_cuda else []
+                with torch.random.fork_rng(devices):  # the training draws stay as they were
+                    self._mean_field = in_model_order(*traces(model, guide, args))
+                if not self._mean_field:  # TraceMeanField_ELBO's KLs would be biased
+                    self.elbo = Trace_ELBO(num_particles=self.num_particles,
+                                           vectorize_particles=self.num_particles > 1)
             loss = self.elbo.differentiable_loss(model, guide, *args)
             return -loss.detach(), loss
         elbo = self._trace_elbo(model, guide, args)
@@ -94,8 +106,7 @@ class ReparamEstimator(nn.Module):
         elbo = 0.0
         # closed-form KLs only where the guide samples the latent sites in the model's order
         # (Pyro's mean-field requirement): otherwise a parent's draw depends on its child's
-        analytic = self.analytic_kl and (
-            list(guide_sites) == [n for n, _ in sites(model_tr, False)])
+        analytic = self.analytic_kl and in_model_order(guide_tr, model_tr)
         for name, site in sites(model_tr, None):
             q_site = guide_sites.get(name)
             if analytic and q_site is not None:

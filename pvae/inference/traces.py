@@ -48,6 +48,14 @@ def sites(trace, observed: bool | None):
             yield name, site
 
 
+def in_model_order(guide_tr, model_tr) -> bool:
+    """Whether the guide samples the latent sites in the model's order: Pyro's mean-field
+    requirement of ``TraceMeanField_ELBO``. Only then is a site's closed-form KL, taken with
+    the other sites' draws held fixed, unbiased: a bottom-up guide q(z1 | x) q(z2 | z1) of a
+    top-down model p(z2) p(z1 | z2) draws the parent z2 after, and dependent on, its child."""
+    return [n for n, _ in sites(guide_tr, False)] == [n for n, _ in sites(model_tr, False)]
+
+
 def _data_frame(name, site):
     for frame in site["cond_indep_stack"]:
         if frame.name == "data":

@@ -72,6 +72,9 @@ ZOO = [
     (CVAE, dict(latent_dim=2, num_classes=3, hidden_dims=(16,), guide="full"), binary, labels),
     (CVAE, dict(latent_dim=2, num_classes=3, hidden_dims=(16,), prior="learned", guide="full",
                 likelihood="gaussian", likelihood_scale="decoder"), unit, labels),
+    (CVAE, dict(latent_dim=2, num_classes=3, hidden_dims=(16,), **CONV), binary, labels),
+    (CVAE, dict(latent_dim=2, num_classes=3, hidden_dims=(16,), prior="learned", guide="full",
+                **CONV), binary, labels),
     (HierarchicalVAE, dict(latent_dims=(3, 2), hidden_dims=(16, 8)), binary, None),
     (HierarchicalVAE, dict(latent_dims=(3, 2, 2), hidden_dims=(16, 8, 8), num_hidden_layers=1,
                            likelihood="gaussian", likelihood_scale="decoder"), unit, None),
@@ -225,6 +228,22 @@ def test_conv_networks_keep_image_sizes_and_leading_dims(image_shape):
     assert dec(torch.randn(2, 5, 3, generator=rng(1))).shape == (2, 5, 2 * D)
 
 
+def test_conv_encoder_appends_extra_inputs_to_the_image_features():
+    """A CVAE's guide convolves the image and appends c: the pixels and c both matter, and a
+    change of c alone is not read as a change of pixels."""
+    enc = ConvEncoder((4, 5), (4,), 6, extra_dim=3)
+    x, c = torch.rand(7, 20, generator=rng(0)), torch.eye(3)[torch.arange(7) % 3]
+    h = enc(torch.cat([x, c], -1))
+    assert h.shape == (7, 6)
+    assert not torch.allclose(h, enc(torch.cat([x, c.roll(1, 0)], -1)))
+    assert not torch.allclose(h, enc(torch.cat([x.flip(-1), c], -1)))
+    # c enters linearly after the convolutions: its effect is the linear layer's last columns
+    delta = enc(torch.cat([x, c + 1], -1)) - h
+    assert torch.allclose(delta, enc.linear.weight[:, -3:].sum(1).expand(7, 6), atol=1e-6)
+    with pytest.raises(ValueError, match="extra_dim"):
+        ConvEncoder((4, 5), (4,), 6, extra_dim=-1)
+
+
 def test_conv_vae_needs_a_matching_image_shape():
     with pytest.raises(ValueError, match="image_shape"):
         VAE(X_DIM, 2, network="conv")
@@ -362,15 +381,21 @@ def test_vae_takes_network_objects():
 # -- command line --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags,model_config,evaluate", [
+LATENT_WALKS = ("interpolations", "traversals")
+
+
+@pytest.mark.parametrize("flags,model_config,figures", [
     (["--network", "conv", "--guide", "full", "--latent-dim", "2", "--hidden-dims", "16"],
-     {"network": "conv", "guide": "full", "image_shape": [8, 8]}, True),
+     {"network": "conv", "guide": "full", "image_shape": [8, 8]}, LATENT_WALKS),
+    (["--model", "cvae", "--condition", "label", "--network", "conv", "--latent-dim", "2",
+      "--hidden-dims", "16"], {"network": "conv", "num_classes": 10, "image_shape": [8, 8]},
+     ("reconstructions", "style_fixed_class_varied", "class_fixed_style_varied")),
     (["--model", "hvae", "--latent-dims", "4", "2", "--hidden-dims", "16", "8"],
-     {"latent_dims": [4, 2], "hidden_dims": [16, 8], "activation": "tanh"}, True),
+     {"latent_dims": [4, 2], "hidden_dims": [16, 8], "activation": "tanh"}, LATENT_WALKS),
     (["--binarize", "none", "--likelihood", "gaussian", "--likelihood-scale", "decoder",
-      "--latent-dim", "2", "--hidden-dims", "16"], {"likelihood_scale": "decoder"}, False),
+      "--latent-dim", "2", "--hidden-dims", "16"], {"likelihood_scale": "decoder"}, ()),
 ])
-def test_cli_trains_and_evaluates_zoo_models(tmp_path, flags, model_config, evaluate):
+def test_cli_trains_and_evaluates_zoo_models(tmp_path, flags, model_config, figures):
     from pvae.cli import load_run, main
 
     out = tmp_path / "run"
@@ -379,10 +404,10 @@ def test_cli_trains_and_evaluates_zoo_models(tmp_path, flags, model_config, eval
     config = json.loads((out / "config.json").read_text())
     assert model_config.items() <= config["model_config"].items()
     load_run(out)  # rebuilt from config.json alone
-    if evaluate:
+    if figures:
         main(["evaluate", str(out), "--num-samples", "10", "--iw-num-test", "20",
               "--num-test", "20"])
-        for name in ("interpolations", "traversals"):
+        for name in figures:
             assert (out / "figures" / f"{name}.png").stat().st_size > 1000
 
 
@@ -395,6 +420,9 @@ def test_cli_refuses_mismatched_zoo_flags(tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "digits", "--model", "hvae", "--guide", "full",
               "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit):  # x is the lower half of an image: no convolutions
+        main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "top-half",
+              "--network", "conv", "--out", str(tmp_path / "r")])
 
 
 class _BottomUp:

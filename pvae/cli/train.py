@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     t.add_argument("--hidden-dims", type=count(1), nargs="+", default=None,
                    help="hidden widths (default 400; hvae: one per stochastic layer, 100 50)")
     t.add_argument("--network", default="mlp", choices=NETWORKS,
-                   help="vae: fully connected or convolutional encoder and decoder")
+                   help="vae, cvae (--condition label): fully connected or convolutional "
+                   "encoder and decoder")
     t.add_argument("--guide", default="diagonal", choices=COVARIANCES,
                    help="vae, cvae: diagonal or full covariance of q(z | x)")
     t.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
@@ -93,8 +94,8 @@ def model_arguments(args, ds: data.Splits) -> dict:
         kwargs["activation"] = args.activation
     if args.model != "cvae" and args.condition != "none":
         raise RunError(f"--condition {args.condition} needs --model cvae")
-    if args.model != "vae" and args.network != "mlp":
-        raise RunError(f"--network {args.network} applies to --model vae")
+    if args.model == "hvae" and args.network != "mlp":
+        raise RunError(f"--network {args.network} applies to --model vae and cvae")
     if args.model == "hvae":
         if args.guide != "diagonal":
             raise RunError("--guide full applies to --model vae and cvae")
@@ -102,11 +103,14 @@ def model_arguments(args, ds: data.Splits) -> dict:
                 "hidden_dims": args.hidden_dims or [100, 50]}
     kwargs.update(latent_dim=args.latent_dim, hidden_dims=args.hidden_dims or [400],
                   guide=args.guide)
+    if args.network == "conv":
+        if not ds.image_shape:
+            raise RunError(f"--network conv needs images; {args.dataset} has no image_shape")
+        if args.condition not in ("none", "label"):
+            raise RunError(f"--network conv needs whole images as x; with --condition "
+                           f"{args.condition} x is part of an image: use --network mlp")
+        kwargs.update(network="conv", image_shape=list(ds.image_shape))
     if args.model == "vae":
-        if args.network == "conv":
-            if not ds.image_shape:
-                raise RunError(f"--network conv needs images; {args.dataset} has no image_shape")
-            kwargs.update(network="conv", image_shape=list(ds.image_shape))
         return kwargs
     if args.condition == "none":
         raise RunError("--model cvae needs --condition label, top-half or quadrant")

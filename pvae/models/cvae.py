@@ -11,7 +11,8 @@ import torch
 from pvae.contract import inputs_trusted
 from pvae.models.base import LatentVariableModel, gaussian_guide, marginal_scale
 from pvae.models.likelihoods import make_likelihood
-from pvae.nn import COVARIANCES, MLP, GaussianEncoder
+from pvae.models.vae import build_networks
+from pvae.nn import GaussianEncoder
 from pvae.validation import check_choice, check_count, check_sizes
 
 __all__ = ["CVAE"]
@@ -45,13 +46,22 @@ class CVAE(LatentVariableModel):
         :class:`pvae.models.VAE`.
     :param str prior: ``"standard"`` (N(0, I), the usual CVAE) or ``"learned"`` (a network
         p(z | c)).
-    :raises ValueError: both or neither of ``num_classes`` / ``c_dim``, unknown prior or guide.
+    :param network: ``"mlp"`` or ``"conv"`` (see :class:`pvae.models.VAE`: the encoder
+        convolves the image ``x`` and appends ``c`` to its features; the decoder maps
+        ``[z, c]`` through a dense layer to transposed convolutions), or a pair
+        ``(encoder, decoder)`` on ``[x, c]`` and ``[z, c]`` (:func:`build_networks`).
+    :param image_shape: ``(height, width)`` of ``x``, for ``network="conv"``.
+    :param channels: convolution channels, for ``network="conv"``.
+    :raises ValueError: both or neither of ``num_classes`` / ``c_dim``, unknown prior, guide or
+        network, ``"conv"`` without an ``image_shape`` matching ``x_dim``.
     """
 
     def __init__(self, x_dim: int, latent_dim: int, *, num_classes: int | None = None,
                  c_dim: int | None = None, hidden_dims: Sequence[int] = (400,),
                  likelihood: str = "bernoulli", likelihood_scale: float | str = "learned",
-                 activation: str = "relu", prior: str = "standard", guide: str = "diagonal"):
+                 activation: str = "relu", prior: str = "standard", guide: str = "diagonal",
+                 network: str = "mlp", image_shape: Sequence[int] | None = None,
+                 channels: Sequence[int] = (32, 64)):
         super().__init__()
         if (num_classes is None) == (c_dim is None):
             raise ValueError("give exactly one of num_classes (c is a class label) or c_dim "
@@ -66,12 +76,10 @@ class CVAE(LatentVariableModel):
         self.num_classes, self.c_dim, self.c_width = num_classes, c_dim, width
         self.hidden_dims = check_sizes("hidden_dims", hidden_dims)
         self.likelihood = make_likelihood(likelihood, x_dim, likelihood_scale)
-        #: q(z | x, c)
-        self.encoder = GaussianEncoder(x_dim + width, self.hidden_dims, latent_dim, activation,
-                                       covariance=check_choice("guide", guide, COVARIANCES))
-        #: p(x | z, c)
-        self.decoder = MLP(latent_dim + width, self.hidden_dims[::-1],
-                           self.likelihood.param_dim(x_dim), activation)
+        #: q(z | x, c) on [x, c] and p(x | z, c) on [z, c]
+        self.encoder, self.decoder = build_networks(
+            x_dim, latent_dim, self.hidden_dims, self.likelihood, activation, guide, network,
+            image_shape, channels, c_width=width)
         #: p(z | c), for prior="learned"
         self.prior_net = (GaussianEncoder(width, self.hidden_dims[-1:], latent_dim, activation)
                           if prior == "learned" else None)

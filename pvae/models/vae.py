@@ -29,14 +29,15 @@ NETWORKS = ("mlp", "conv")
 
 def build_networks(x_dim: int, latent_dim: int, hidden_dims, likelihood, activation: str,
                    guide: str = "diagonal", network: str = "mlp", image_shape=None,
-                   channels=(32, 64)):
+                   channels=(32, 64), c_width: int = 0):
     """The encoder q(z | x) (a :class:`pvae.nn.GaussianEncoder`) and decoder p(x | z) (the
-    likelihood's parameters) of a VAE.
+    likelihood's parameters) of a VAE; with ``c_width``, those of a conditional VAE,
+    q(z | x, c) on ``[x, c]`` and p(x | z, c) on ``[z, c]`` (``c`` embedded, ``c_width`` wide).
 
     ``network="mlp"``: MLPs with ``hidden_dims``, the decoder mirroring them. ``"conv"``:
-    :class:`pvae.nn.ConvEncoder` with ``channels`` then a dense layer of ``hidden_dims[-1]``,
-    and :class:`pvae.nn.ConvDecoder` mirroring it, for images of ``image_shape`` kept flat
-    (``x_dim == height * width``).
+    :class:`pvae.nn.ConvEncoder` with ``channels`` then a dense layer of ``hidden_dims[-1]``
+    (``c`` joins the convolutions' features there), and :class:`pvae.nn.ConvDecoder` mirroring
+    it, for images of ``image_shape`` kept flat (``x_dim == height * width``).
 
     ``network`` may also be a pair ``(encoder, decoder)`` of your own modules: ``encoder(x)``
     returns ``loc, scale`` (``(..., latent_dim)`` each, or a Cholesky factor
@@ -56,8 +57,9 @@ def build_networks(x_dim: int, latent_dim: int, hidden_dims, likelihood, activat
     check_choice("network", network, NETWORKS)
     out_dim = likelihood.param_dim(x_dim)
     if network == "mlp":
-        return (GaussianEncoder(x_dim, hidden_dims, latent_dim, activation, covariance=guide),
-                MLP(latent_dim, hidden_dims[::-1], out_dim, activation))
+        return (GaussianEncoder(x_dim + c_width, hidden_dims, latent_dim, activation,
+                                covariance=guide),
+                MLP(latent_dim + c_width, hidden_dims[::-1], out_dim, activation))
     if image_shape is None:
         raise ValueError("network='conv' needs image_shape=(height, width) of the flattened "
                          "images (--network conv takes it from the dataset)")
@@ -68,11 +70,11 @@ def build_networks(x_dim: int, latent_dim: int, hidden_dims, likelihood, activat
     if not hidden_dims:
         raise ValueError("network='conv' needs hidden_dims: the width of the dense layer after "
                          "the convolutions")
-    trunk = ConvEncoder(image_shape, channels, hidden_dims[-1], activation)
-    encoder = GaussianEncoder(x_dim, hidden_dims[-1:], latent_dim, activation,
+    trunk = ConvEncoder(image_shape, channels, hidden_dims[-1], activation, extra_dim=c_width)
+    encoder = GaussianEncoder(x_dim + c_width, hidden_dims[-1:], latent_dim, activation,
                               covariance=guide, trunk=trunk)
     decoder = torch.nn.Sequential(
-        MLP(latent_dim, (), hidden_dims[-1]), activation_layer(activation),
+        MLP(latent_dim + c_width, (), hidden_dims[-1]), activation_layer(activation),
         ConvDecoder(hidden_dims[-1], image_shape, channels, out_dim // x_dim, activation))
     return encoder, decoder
 

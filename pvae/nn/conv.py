@@ -46,25 +46,30 @@ def _flat_batch(x: torch.Tensor, event_dims: int):
 
 
 class ConvEncoder(nn.Module):
-    """Convolutional trunk of q(z | x): ``(..., H * W) -> (..., out_dim)``.
+    """Convolutional trunk of q(z | x): ``(..., H * W [+ extra_dim]) -> (..., out_dim)``.
 
     The flat image is reshaped to one channel ``(1, H, W)``, passed through stride-2 3x3
     convolutions with ``channels`` output channels each (every one halving the resolution,
     rounded up), flattened and mapped by a linear layer to ``out_dim`` features (no activation
-    after it: the head that follows applies one, as for :class:`pvae.nn.MLP` trunks).
+    after it: the head that follows applies one, as for :class:`pvae.nn.MLP` trunks). With
+    ``extra_dim``, the input's last ``extra_dim`` entries (a conditional model's ``c``, appended
+    to the image as its guide does) skip the convolutions and join the flattened features
+    before the linear layer.
 
     :param image_shape: ``(height, width)``.
     :param channels: output channels of the convolutions, e.g. ``(32, 64)``.
     :param int out_dim: width of the output features.
     :param str activation: a key of :data:`pvae.nn.ACTIVATIONS`, after every convolution.
-    :raises ValueError: bad ``image_shape``, ``channels`` or activation.
+    :param int extra_dim: width of the non-image inputs after the pixels (0: none).
+    :raises ValueError: bad ``image_shape``, ``channels``, ``extra_dim`` or activation.
     """
 
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int], out_dim: int,
-                 activation: str = "relu"):
+                 activation: str = "relu", extra_dim: int = 0):
         super().__init__()
         activation_layer(activation)  # checked before any layer is built
         self.image_shape = _check_image_shape(image_shape)
+        self.extra_dim = check_count("extra_dim", extra_dim, 0)
         channels = check_sizes("channels", channels)
         layers, c_in = [], 1
         for c in channels:
@@ -72,12 +77,15 @@ class ConvEncoder(nn.Module):
             c_in = c
         self.convs = nn.Sequential(*layers)
         h, w = conv_sizes(self.image_shape, len(channels))[-1]
-        self.linear = nn.Linear(c_in * h * w, check_count("out_dim", out_dim))
+        self.linear = nn.Linear(c_in * h * w + self.extra_dim, check_count("out_dim", out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, lead = _flat_batch(x, 1)
-        h = self.convs(flat.reshape(-1, 1, *self.image_shape))
-        return self.linear(h.flatten(1)).reshape(*lead, -1)
+        pixels = self.image_shape[0] * self.image_shape[1]
+        h = self.convs(flat[:, :pixels].reshape(-1, 1, *self.image_shape)).flatten(1)
+        if self.extra_dim:
+            h = torch.cat([h, flat[:, pixels:]], -1)
+        return self.linear(h).reshape(*lead, -1)
 
 
 class ConvDecoder(nn.Module):

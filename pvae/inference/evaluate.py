@@ -19,6 +19,7 @@ from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
+    PlateSizeError,
     features,
     log_prob,
     max_plate_nesting,
@@ -33,12 +34,36 @@ from pvae.validation import check_count
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
 
 
-def _layout(model, x, c) -> tuple[int, bool]:
+def _layout(model, x, c, rows: int = 1) -> tuple[int, bool]:
     """Plate nesting of the model and guide, from one trace of the first datapoint, and
     whether they run with vectorized particles (tried on it with torch's RNG forked, so that
-    the caller's streams are those of a model that vectorizes without the try)."""
+    the caller's streams are those of a model that vectorizes without the try).
+
+    A guide with per-datapoint parameters (non-amortized: Pyro's ``AutoNormal`` on a plate of
+    the batch's size, ``pyro.param`` of shape ``(N, ...)``) does not run on one datapoint; then
+    the first ``rows`` datapoints (the evaluation's first pass) are traced instead.
+
+    :raises PlateSizeError: neither runs because of the data plate's size: a message saying
+        how such a guide is evaluated (any other error of the programs is raised as it is).
+    """
     args = program_args(x[:1], None if c is None else c[:1])
-    nesting = max_plate_nesting(model.model, model.guide, args)
+    try:
+        nesting = max_plate_nesting(model.model, model.guide, args)
+    except PlateSizeError:
+        if rows <= 1:
+            raise
+        args = program_args(x[:rows], None if c is None else c[:rows])
+        try:
+            nesting = max_plate_nesting(model.model, model.guide, args)
+        except PlateSizeError as batch:
+            raise PlateSizeError(
+                f"the model and guide run neither on one datapoint nor on a pass of {rows} "
+                f"({batch}): a guide with per-datapoint parameters "
+                "(non-amortized: Pyro's AutoNormal on a plate of the batch's size, pyro.param of "
+                "shape (N, ...)) is tied to the N datapoints it was fitted on and has no q(z | x) "
+                "for others. Evaluate it on those data, in stored order and in one pass "
+                "(batch_size=len(x)), or index its parameters with pyro.plate('data', N, "
+                "subsample=idx) and pass idx as c") from None
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         return nesting, vectorizes(model.model, model.guide, args, nesting)
 
@@ -56,7 +81,7 @@ def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
     :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
     """
     x, c = prepare_data(model, x, c, "auto")
-    return _weights(model, x, c, num_samples, _layout(model, x, c)).log_weight
+    return _weights(model, x, c, num_samples, _layout(model, x, c, len(x))).log_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +157,10 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
         (needs one) or ``False`` (every process computes everything).
     :returns: :class:`IWResult` (nats per datapoint), the same on every rank.
     :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``/``seed``/
-        ``distributed``, data of the wrong width or with NaNs, or a sample site outside the
-        ``"data"`` plate.
+        ``distributed``, data of the wrong width or with NaNs, a sample site outside the
+        ``"data"`` plate, or a guide with per-datapoint parameters (non-amortized) that cannot
+        run on the passes asked for: it is evaluated on the data it was fitted on, in one pass
+        (``batch_size=len(x)``), or with plate subsampling by indices passed as ``c``.
     """
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"Expected num_samples (K) >= 1, got {num_samples!r}")
@@ -149,7 +176,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     if sharded and seed is None:
         seed = parallel.broadcast(int(torch.randint(2**62, ())))
     with _own_rng(seed, x.device):  # the trace that finds the nesting draws too
-        layout = _layout(model, x, c)
+        layout = _layout(model, x, c, batch_size)
     rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
 
     def one_batch(xb, cb) -> torch.Tensor:
@@ -300,7 +327,7 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     x, c = prepare_data(model, x, c, device)
     batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
                                                             x.element_size()) // num_samples))
-    layout = _layout(model, x, c)
+    layout = _layout(model, x, c, batch_size)
     nesting, vectorize = layout
     if not vectorize and num_samples > 1:
         raise ValueError("the model does not run with vectorized particles (see the warning), "
@@ -312,9 +339,15 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
         w = _weights(model, xb, cb, num_samples, layout)
         shape = (num_samples, len(xb))
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
-        same_order = ([n for n, _ in sites(w.guide_trace, False)]
-                      == [n for n, _ in sites(w.model_trace, False)])
+        # an autoguide's z is a Delta of an auxiliary draw (its entropy is at the auxiliary
+        # site): no closed form per site, no KL per dimension
+        auxiliary = any(site["infer"].get("is_auxiliary")
+                        for _, site in sites(w.guide_trace, False, auxiliary=True))
+        same_order = not auxiliary and ([n for n, _ in sites(w.guide_trace, False)]
+                                        == [n for n, _ in sites(w.model_trace, False)])
         analytic = analytic and same_order
+        if auxiliary:
+            per_dim = None
         for name, q_site in sites(w.guide_trace, False):
             p_site = w.model_trace.nodes[name]
             try:

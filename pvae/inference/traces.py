@@ -24,7 +24,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["PARTICLE_PLATE", "Weights", "features", "log_prob", "max_plate_nesting",
+__all__ = ["PARTICLE_PLATE", "PlateSizeError", "Weights", "features", "log_prob", "max_plate_nesting",
            "reduce_site", "site_shaped", "sites", "traces", "vectorizes", "weights"]
 
 #: Name of the plate that vectorizes particles.
@@ -35,14 +35,25 @@ _OUTSIDE_DATA = ("sample site {name!r} is outside pyro.plate('data', ...); per-d
                  "plate (global latent variables have no per-datapoint weight)")
 
 
-def sites(trace, observed: bool | None):
+class PlateSizeError(ValueError):
+    """The model and guide disagree on the size of the data plate (Pyro's "Shape mismatch
+    inside plate", or sites of the two programs in data plates of different sizes): typically
+    a guide with per-datapoint parameters run on other datapoints than it was built for."""
+
+
+def sites(trace, observed: bool | None, auxiliary: bool = False):
     """``(name, site)`` of the sample sites that carry a density: observed ones (``True``),
-    latent ones (``False``) or both (``None``); subsample, deterministic and auxiliary sites
-    are skipped."""
+    latent ones (``False``) or both (``None``); subsample and deterministic sites are skipped,
+    and so are auxiliary ones unless ``auxiliary``. A guide's log-density q(z | x) is the sum
+    over its sites **with** the auxiliary ones: Pyro's autoguides draw an unconstrained value
+    at an auxiliary site and return z through a ``Delta`` that carries only the Jacobian term
+    (``AutoNormal``), as Pyro's ELBOs count it; pairing guide sites with the model's latent
+    sites (same names) leaves them out."""
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        if site["infer"].get("_deterministic") or site["infer"].get("is_auxiliary"):
+        if site["infer"].get("_deterministic") or (
+                site["infer"].get("is_auxiliary") and not auxiliary):
             continue
         if observed is None or bool(site["is_observed"]) == observed:
             yield name, site
@@ -52,6 +63,13 @@ def _data_frame(name, site):
     for frame in site["cond_indep_stack"]:
         if frame.name == "data":
             return frame
+    if site["infer"].get("is_auxiliary"):
+        raise ValueError(f"the guide's auxiliary site {name!r} is outside pyro.plate('data', "
+                         "...): an autoguide with one joint latent over all datapoints "
+                         "(AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariate"
+                         "Normal...) has no per-datapoint q(z_n | x_n), so per-datapoint "
+                         "estimates cannot be computed; use AutoNormal (one Normal per site, "
+                         "inside the model's plates) or an amortized guide (AutoAmortizedNormal)")
     raise ValueError(_OUTSIDE_DATA.format(name=name))
 
 
@@ -73,24 +91,32 @@ def traces(model, guide, args: tuple, num_particles: int | None = None,
 
 def max_plate_nesting(model, guide, args: tuple) -> int:
     """Trace once without particles: check that every sample site lies in the ``"data"``
-    plate and that the guide samples every latent site of the model, and return the deepest
-    plate nesting.
+    plate, of the batch's size (``args[0].shape[0]``, or the subsample's), and that the guide
+    samples every latent site of the model, and return the deepest plate nesting.
 
     :raises ValueError: a sample site outside the ``"data"`` plate, or a latent site of the
         model that the guide does not sample (the model would draw it from its prior and the
         estimate would score that draw as if the guide had proposed it: biased, silently).
+    :raises PlateSizeError: a data plate of another size than the batch.
     """
-    guide_tr, model_tr = traces(model, guide, args)
-    for tr in (guide_tr, model_tr):
-        for name, site in sites(tr, None):
-            _data_frame(name, site)
+    try:
+        guide_tr, model_tr = traces(model, guide, args)
+    except ValueError as error:
+        if "Shape mismatch inside plate" in str(error):  # Pyro's broadcast check
+            raise PlateSizeError(str(error).splitlines()[0]) from error
+        raise
+    sizes = {int(_data_frame(name, site).size) for tr in (guide_tr, model_tr)
+             for name, site in sites(tr, None, auxiliary=True)}
+    if sizes - {args[0].shape[0]}:
+        raise PlateSizeError(f"the model's and the guide's sites lie in 'data' plates of sizes "
+                             f"{sorted(sizes)}, on a batch of {args[0].shape[0]} datapoints")
     proposed = {name for name, _ in sites(guide_tr, False)}
     for name, _ in sites(model_tr, False):
         if name not in proposed:
             raise ValueError(f"the model's latent site {name!r} is not sampled by the guide; "
                              "importance weights and ELBO terms need a guide site of the same "
                              "name for every latent site of the model")
-    dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in sites(tr, None)
+    dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in sites(tr, None, True)
             for f in s["cond_indep_stack"] if f.vectorized]
     return max(dims, default=0)
 
@@ -183,7 +209,7 @@ def _reduce(guide_tr, model_tr, args, num_particles, nesting) -> Weights:
     parts = {"obs": x.new_zeros(shape), "prior": x.new_zeros(shape), "guide": x.new_zeros(shape)}
     for key, tr, observed in (("obs", model_tr, True), ("prior", model_tr, False),
                               ("guide", guide_tr, False)):
-        for name, site in sites(tr, observed):
+        for name, site in sites(tr, observed, auxiliary=key == "guide"):
             parts[key] = parts[key] + reduce_site(name, site, log_prob(site), *shape, nesting)
     if not any(True for _ in sites(model_tr, True)):
         raise ValueError("the model has no observed site; condition the data with "

@@ -85,8 +85,14 @@ class TrainingData:
 
     def shuffled(self, generator: torch.Generator):
         """One epoch of placed mini-batches ``(x,)`` or ``(x, c)`` in an order drawn from
-        ``generator``; pass each through :meth:`transform` before the model."""
-        for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=True,
+        ``generator``; pass each through :meth:`transform` before the model. When one batch
+        holds the whole data set (``batch_size >= N``) it comes in stored order, every epoch,
+        without drawing from ``generator``: the gradient of a full batch does not depend on the
+        order, and guides with per-datapoint parameters (Pyro's ``AutoNormal`` on a plate of the
+        batch's size, ``pyro.param`` of shape ``(N, ...)``) stay aligned with their
+        datapoints."""
+        shuffle = self.steps_per_epoch > 1
+        for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=shuffle,
                               generator=generator, pin_memory=self.device.type == "cuda"):
             if self.world_size > 1:  # this rank's slice of the global batch
                 mine = shard(len(xb), self.rank, self.world_size)
@@ -107,9 +113,18 @@ class TrainingData:
             yield self.transform(self._placed(xb, cb))
 
     def probe(self, seed: int, size: int = 8) -> tuple:
-        """A few datapoints drawn with their own generator (seeded with ``seed``), to run the
-        objective once before training: it creates lazily built parts and finds the
-        parameters."""
+        """The batch on which ``fit`` runs the objective once before training, with Pyro's
+        validation on, to create lazily built parts (lazy modules, autoguides' parameters,
+        neural baselines) and find the parameters. When one batch holds the whole data set,
+        it is that batch, exactly as training sees it (stored order, this rank's slice), so
+        that parameters shaped by the batch (per-datapoint guides) get their real shape;
+        otherwise ``min(batch_size, size)`` datapoints drawn with their own generator (seeded
+        with ``seed``), which leaves the shuffling stream alone. Guides with per-datapoint
+        parameters trained on mini-batches index them by datapoint (Pyro's
+        ``pyro.plate("data", N, subsample=idx)`` with ``idx`` a data argument), which any
+        subset of rows satisfies."""
+        if self.steps_per_epoch == 1:
+            return self.transform(next(self.shuffled(None)))
         generator = torch.Generator().manual_seed(seed)
         xb, cb = next(batches(self.x, self.c, batch_size=min(self.batch_size, size),
                               shuffle=True, generator=generator))

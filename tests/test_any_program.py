@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import nn
 
@@ -311,3 +312,90 @@ def test_joint_autoguide_trains_and_its_evaluation_is_refused_clearly():
     assert history.column("train_elbo")[-1] < exact + 0.5  # an ELBO, per datapoint
     with pytest.raises(ValueError, match="AutoDiagonalNormal.*no per-datapoint"):
         iw_log_likelihood(model, x, num_samples=5)
+
+
+class MixtureLatent(nn.Module):
+    """A discrete latent enumerated by TraceEnum_ELBO: k ~ Categorical(pi), z | k ~ N(mu_k, 1),
+    x | z ~ N(w z, I), with fixed pi, mu, w (buffers), so that
+
+        log p(x) = log sum_k pi_k N(x; mu_k w, I + w w^T).
+
+    The guide q(k | x) q(z | x, k), ``config_enumerate``-d, contains the exact posterior:
+    q(k | x) has logits linear in x and q(z | x, k) = N(v (w^T x + mu_k), v),
+    v = 1 / (1 + |w|^2)."""
+
+    def __init__(self, w, pi=(0.3, 0.7), mu=(-2.0, 2.0)):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.register_buffer("pi", torch.tensor(pi))
+        self.register_buffer("mu", torch.tensor(mu))
+        self.classifier = nn.Linear(len(w), 2)  # logits of q(k | x)
+        self.a = nn.Parameter(torch.zeros(len(w)))  # q(z | x, k) = N(a^T x + b_k, s)
+        self.b = nn.Parameter(torch.zeros(2))
+        self.log_s = nn.Parameter(torch.zeros(()))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Categorical(self.pi))
+            z = pyro.sample("z", dist.Normal(self.mu[k], 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+
+    @config_enumerate
+    def guide(self, x):
+        logits = self.classifier(x)
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Categorical(logits=logits))
+            pyro.sample("z", dist.Normal(x @ self.a + self.b[k], self.log_s.exp()))
+
+    def log_marginal(self, x):
+        cov = torch.eye(len(self.w)) + torch.outer(self.w, self.w)
+        parts = [self.pi[k].log() + dist.MultivariateNormal(self.mu[k] * self.w, cov).log_prob(x)
+                 for k in range(2)]
+        return torch.logsumexp(torch.stack(parts), 0)
+
+
+def mixture_data(model, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(model.pi, n, replacement=True, generator=g)
+    z = model.mu[k] + torch.randn(n, generator=g)
+    return z.unsqueeze(-1) * model.w + torch.randn(n, len(model.w), generator=g)
+
+
+def test_any_pyro_elbo_trains_an_enumerated_discrete_latent():
+    """fit(loss=TraceEnum_ELBO(max_plate_nesting=1)) sums the discrete latent out exactly, as
+    upstream Pyro trains such models; evaluation samples it from q(k | x) and the IW estimate
+    matches the closed form."""
+    w, _ = linear_gaussian_data()
+    model = MixtureLatent(w)
+    x, x_val = mixture_data(model, 300, 0), mixture_data(model, 100, 1)
+    history = fit(model, x, x_val=x_val, loss=TraceEnum_ELBO(max_plate_nesting=1),
+                  num_epochs=60, batch_size=50, lr=0.05, lr_decay=0.97, seed=0, progress=False)
+    exact = model.log_marginal(x_val)
+    iw = iw_log_likelihood(model, x_val, num_samples=1000, seed=0)
+    diff = iw.per_datapoint - exact
+    se = diff.std() / len(diff) ** 0.5
+    assert abs(diff.mean()) < 3 * se + 1e-3, (diff.mean(), se)
+    # the validation value is minus the same loss per datapoint: an ELBO with k summed out,
+    # at most log p(x) and close to it with a near-exact guide
+    val = history.column("val_elbo")[-1]
+    assert exact.mean() - 0.1 < val < exact.mean() + 0.01, (val, exact.mean())
+
+
+def test_a_callable_loss_trains_and_bad_losses_are_refused():
+    w, x = linear_gaussian_data()
+    model = ExactPosterior(w, len(x))
+
+    def loss(model_fn, guide_fn, *args):
+        return Trace_ELBO().differentiable_loss(model_fn, guide_fn, *args)
+
+    history = fit(model, x, loss=loss, num_epochs=1, batch_size=25, lr=1e-8, progress=False)
+    assert history[-1]["train_elbo"] == pytest.approx(exact_log_marginal(w, x).mean().item(),
+                                                      abs=1e-4)
+    with pytest.raises(TypeError, match="differentiable_loss.*estimator='score'"):
+        fit(model, x, loss=TraceGraph_ELBO(), num_epochs=1, progress=False)
+    with pytest.raises(TypeError, match="pass the ELBO itself"):
+        fit(model, x, loss=Trace_ELBO()(model.model, model.guide), num_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"ignores \['estimator', 'num_particles'\]"):
+        fit(model, x, loss=Trace_ELBO(), estimator="iwae", num_particles=5, num_epochs=1)
+    with pytest.raises(TypeError, match="0-dim tensor"):
+        fit(model, x, loss=lambda *a: 1.0, num_epochs=1, progress=False)

@@ -273,8 +273,9 @@ class LossEstimator(nn.Module):
                                 "own backward pass); use estimator='score' for TraceGraph_ELBO's "
                                 "score-function gradients or estimator='iwae' for a "
                                 "multi-sample bound")
-            self._loss = loss.differentiable_loss
+            self._loss, self._elbo = loss.differentiable_loss, loss
         elif callable(loss):
+            self._elbo = None
             self._loss = loss
         else:
             raise TypeError(f"loss must be a pyro.infer ELBO or a callable (model, guide, *args) "
@@ -285,6 +286,10 @@ class LossEstimator(nn.Module):
             loss, "__qualname__", type(loss).__name__)
 
     def forward(self, model, guide, *args):
+        if self._elbo is not None and not torch.is_grad_enabled():
+            # validation: Pyro's differentiable_loss refuses a loss without gradient
+            loss = args[0].new_tensor(self._elbo.loss(model, guide, *args))
+            return -loss, loss
         loss = self._loss(model, guide, *args)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
             raise TypeError(f"the loss {self.name} must return a 0-dim tensor, got "

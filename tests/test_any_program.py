@@ -95,10 +95,16 @@ def test_model_errors_are_not_hidden_by_the_fallback(masked):
 
 
 def linear_gaussian_data(n=100, d=3, seed=0):
-    """x = w z + noise, z ~ N(0, 1), noise ~ N(0, I): data of the linear-Gaussian model."""
+    """``(w, x)``: a random w and x = w z + noise, z ~ N(0, 1), noise ~ N(0, I)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d, generator=g)
     return w, torch.randn(n, 1, generator=g) * w + torch.randn(n, d, generator=g)
+
+
+def linear_gaussian_draws(w, n, seed):
+    """n datapoints x = w z + noise of the linear-Gaussian model with this w."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, generator=g) * w + torch.randn(n, len(w), generator=g)
 
 
 def exact_log_marginal(w, x):
@@ -399,3 +405,60 @@ def test_a_callable_loss_trains_and_bad_losses_are_refused():
         fit(model, x, loss=Trace_ELBO(), estimator="iwae", num_particles=5, num_epochs=1)
     with pytest.raises(TypeError, match="0-dim tensor"):
         fit(model, x, loss=lambda *a: 1.0, num_epochs=1, progress=False)
+
+
+class BatchPlate(nn.Module):
+    """The linear-Gaussian model (fixed w) with its plate named ``"batch"``, as in Pyro's
+    scanVI example, an amortized guide q(z | x) = N(a^T x + b, s) that contains the exact
+    posterior, and optionally a global latent u (outside the plate) to be refused."""
+
+    def __init__(self, w, global_latent=False):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.a = nn.Parameter(torch.zeros(len(w)))
+        self.b = nn.Parameter(torch.zeros(()))
+        self.log_s = nn.Parameter(torch.zeros(()))
+        self.global_latent = global_latent
+
+    def model(self, x):
+        shift = 0.0
+        if self.global_latent:
+            shift = pyro.sample("u", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("batch", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w + shift, 1.0).to_event(1),
+                        obs=x)
+
+    def guide(self, x):
+        if self.global_latent:
+            pyro.sample("u", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("batch", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ self.a + self.b, self.log_s.exp()))
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "iwae"])
+def test_data_plate_is_found_whatever_its_name(estimator):
+    w, x = linear_gaussian_data(n=300)
+    model = BatchPlate(w)
+    fit(model, x, estimator=estimator, num_particles=4, num_epochs=60, batch_size=50, lr=0.05,
+        lr_decay=0.97, seed=0, progress=False)
+    x_test = linear_gaussian_draws(w, 100, seed=1)  # held-out data of the same model
+    exact = exact_log_marginal(w, x_test)
+    iw = iw_log_likelihood(model, x_test, num_samples=500, seed=0)
+    diff = iw.per_datapoint - exact
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+    terms = elbo_terms(model, x_test, num_samples=50)
+    gap = exact - terms.elbo  # KL(q || p(z | x)) >= 0, small for a near-exact guide
+    se = gap.std() / len(gap) ** 0.5
+    assert -3 * se < gap.mean() < 3 * se + 0.02, (gap.mean(), se)
+    assert iw_log_likelihood(model, x_test, num_samples=500, seed=0,
+                             data_plate="batch").mean == iw.mean
+    with pytest.raises(ValueError, match="data_plate='data' does not enclose"):
+        iw_log_likelihood(model, x_test, num_samples=5, data_plate="data")
+
+
+def test_only_sites_really_outside_the_data_plate_are_called_global():
+    w, x = linear_gaussian_data(n=20)
+    with pytest.raises(ValueError, match=r"site 'u' is outside pyro.plate\('batch', \.\.\.\), "
+                                         "the data plate"):
+        iw_log_likelihood(BatchPlate(w, global_latent=True), x, num_samples=5)

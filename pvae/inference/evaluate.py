@@ -20,9 +20,9 @@ from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
     PlateSizeError,
+    data_layout,
     features,
     log_prob,
-    max_plate_nesting,
     reduce_site,
     sites,
     vectorizes,
@@ -34,10 +34,13 @@ from pvae.validation import check_count
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
 
 
-def _layout(model, x, c, rows: int = 1) -> tuple[int, bool]:
-    """Plate nesting of the model and guide, from one trace of the first datapoint, and
-    whether they run with vectorized particles (tried on it with torch's RNG forked, so that
-    the caller's streams are those of a model that vectorizes without the try).
+def _layout(model, x, c, rows: int = 1, data_plate: str | None = None
+            ) -> tuple[int, bool, str]:
+    """``(nesting, vectorize, plate)``: the plate nesting of the model and guide and their
+    data plate (:func:`~pvae.inference.traces.data_layout`), from one trace of the first
+    datapoint, and whether they run with vectorized particles (tried on it with torch's RNG
+    forked, so that the caller's streams are those of a model that vectorizes without the
+    try).
 
     A guide with per-datapoint parameters (non-amortized: Pyro's ``AutoNormal`` on a plate of
     the batch's size, ``pyro.param`` of shape ``(N, ...)``) does not run on one datapoint; then
@@ -48,13 +51,13 @@ def _layout(model, x, c, rows: int = 1) -> tuple[int, bool]:
     """
     args = program_args(x[:1], None if c is None else c[:1])
     try:
-        nesting = max_plate_nesting(model.model, model.guide, args)
+        nesting, plate = data_layout(model.model, model.guide, args, data_plate)
     except PlateSizeError:
         if rows <= 1:
             raise
         args = program_args(x[:rows], None if c is None else c[:rows])
         try:
-            nesting = max_plate_nesting(model.model, model.guide, args)
+            nesting, plate = data_layout(model.model, model.guide, args, data_plate)
         except PlateSizeError as batch:
             raise PlateSizeError(
                 f"the model and guide run neither on one datapoint nor on a pass of {rows} "
@@ -65,23 +68,26 @@ def _layout(model, x, c, rows: int = 1) -> tuple[int, bool]:
                 "(batch_size=len(x)), or index its parameters with pyro.plate('data', N, "
                 "subsample=idx) and pass idx as c") from None
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        return nesting, vectorizes(model.model, model.guide, args, nesting)
+        return nesting, vectorizes(model.model, model.guide, args, nesting, plate), plate
 
 
 def _weights(model, x, c, num_particles, layout):
-    nesting, vectorize = layout
+    nesting, vectorize, plate = layout
     return weights(model.model, model.guide, program_args(x, c), num_particles, nesting,
-                   vectorize)
+                   vectorize, plate)
 
 
-def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
+def log_weights(model, x, *, c=None, num_samples: int = 1,
+                data_plate: str | None = None) -> torch.Tensor:
     """Log importance weights ``log p(x_n, z_nk) - log q(z_nk | x_n)``, shape
     ``(num_samples, N)``, in nats, with gradients (for custom objectives).
 
-    :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
+    :param data_plate: the data plate's name; by default found (see :func:`iw_log_likelihood`).
+    :raises ValueError: a site outside the data plate, or bad ``x``.
     """
     x, c = prepare_data(model, x, c, "auto")
-    return _weights(model, x, c, num_samples, _layout(model, x, c, len(x))).log_weight
+    return _weights(model, x, c, num_samples,
+                    _layout(model, x, c, len(x), data_plate)).log_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +121,8 @@ class IWResult:
 @torch.no_grad()
 def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: int | None = None,
                       chunk_size: int | None = None, device="auto", progress: bool = False,
-                      seed: int | None = None, distributed="auto") -> IWResult:
+                      seed: int | None = None, distributed="auto",
+                      data_plate: str | None = None) -> IWResult:
     r"""Importance-weighted estimate of log p(x), per datapoint (Burda, Grosse & Salakhutdinov
     2015, "Importance Weighted Autoencoders", eq. 8, the bound :math:`\mathcal{L}_K`):
 
@@ -123,9 +130,11 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
               \frac{p(x, z_k)}{q(z_k \mid x)}, \quad z_k \sim q(z \mid x).
 
     A lower bound in expectation that increases with K and tends to log p(x). Works for any
-    model meeting the contract: several latent sites, nested plates inside ``"data"``,
+    model meeting the contract: several latent sites, nested plates inside the data plate,
     discrete latents, and conditional models (then it estimates log p(x | c)). Log-probs are
-    unscaled: ``poutine.scale`` (beta, subsampling) does not enter the log-mean-exp.
+    unscaled: ``poutine.scale`` (beta, subsampling) does not enter the log-mean-exp. The data
+    plate is found on a trace of the first datapoint: the plate around the observed sites with
+    the batch's size, whatever its name (``data_plate`` names it where several qualify).
 
     **Sharded over processes.** With a ``torch.distributed`` process group (under ``torchrun``)
     the batches of datapoints are dealt out to the ranks in turn (batch ``b`` to rank
@@ -155,6 +164,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
         from its RNG and sends it to the others.
     :param distributed: ``"auto"`` (shard when a process group is initialized), ``True``
         (needs one) or ``False`` (every process computes everything).
+    :param data_plate: ``None`` (found) or the name of the per-datapoint plate.
     :returns: :class:`IWResult` (nats per datapoint), the same on every rank.
     :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``/``seed``/
         ``distributed``, data of the wrong width or with NaNs, a sample site outside the
@@ -176,7 +186,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     if sharded and seed is None:
         seed = parallel.broadcast(int(torch.randint(2**62, ())))
     with _own_rng(seed, x.device):  # the trace that finds the nesting draws too
-        layout = _layout(model, x, c, batch_size)
+        layout = _layout(model, x, c, batch_size, data_plate)
     rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
 
     def one_batch(xb, cb) -> torch.Tensor:
@@ -275,7 +285,7 @@ class ElboTerms:
 
 
 
-def _kl_per_dim(q_site, p_site, nesting, closed_form: bool = True):
+def _kl_per_dim(q_site, p_site, nesting, plate, closed_form: bool = True):
     """Per-dimension KL of a factorized site, ``(K or 1, N, features)``, or ``None``."""
     q, p = base_dist(q_site["fn"]), base_dist(p_site["fn"])
     if q.event_shape or p.event_shape:
@@ -286,10 +296,10 @@ def _kl_per_dim(q_site, p_site, nesting, closed_form: bool = True):
         per_dim = closed_form_kl(q, p)
     except NotImplementedError:
         per_dim = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
-    return features(q_site, per_dim.expand(q_site["value"].shape), nesting)
+    return features(q_site, per_dim.expand(q_site["value"].shape), nesting, plate)
 
 
-def _posterior_mean(q_site, nesting):
+def _posterior_mean(q_site, nesting, plate):
     """E_q[z | x] per datapoint, ``(N, features)``."""
     try:
         mean = q_site["fn"].mean.expand(q_site["value"].shape)
@@ -297,12 +307,13 @@ def _posterior_mean(q_site, nesting):
         mean = q_site["value"]
     if not torch.isfinite(mean).all():  # e.g. Categorical has no mean: average the particles
         mean = q_site["value"].to(mean.dtype)
-    return features(q_site, mean, nesting).mean(0)
+    return features(q_site, mean, nesting, plate).mean(0)
 
 
 @torch.no_grad()
 def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None = None,
-               active_threshold: float = 0.01, device="auto") -> ElboTerms:
+               active_threshold: float = 0.01, device="auto",
+               data_plate: str | None = None) -> ElboTerms:
     """ELBO, reconstruction term and KL per datapoint, KL per latent dimension and active units.
 
     The KL is analytic when Pyro/torch know KL(q || p) for every latent site (e.g. both
@@ -317,6 +328,8 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
 
     :param torch.Tensor x: ``(N, D)``.
     :param int num_samples: particles per datapoint for the Monte Carlo terms.
+    :param data_plate: ``None`` (found, see :func:`iw_log_likelihood`) or the per-datapoint
+        plate's name.
     :param batch_size: datapoints per pass (default: chosen for the device with all
         ``num_samples`` particles in one pass, see :mod:`pvae.inference.sizes`).
     :returns: :class:`ElboTerms`.
@@ -327,8 +340,8 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     x, c = prepare_data(model, x, c, device)
     batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
                                                             x.element_size()) // num_samples))
-    layout = _layout(model, x, c, batch_size)
-    nesting, vectorize = layout
+    layout = _layout(model, x, c, batch_size, data_plate)
+    nesting, vectorize, plate = layout
     if not vectorize and num_samples > 1:
         raise ValueError("the model does not run with vectorized particles (see the warning), "
                          "and elbo_terms keeps every particle's trace: pass num_samples=1, or "
@@ -357,14 +370,14 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
             except NotImplementedError:
                 analytic = False
                 site_kl = log_prob(q_site) - log_prob(p_site)
-            kl_b = kl_b + reduce_site(name, q_site, site_kl, *shape, nesting)
-            d = (_kl_per_dim(q_site, p_site, nesting, same_order) if per_dim is not None
-                 else None)
+            kl_b = kl_b + reduce_site(name, q_site, site_kl, *shape, nesting, plate)
+            d = (_kl_per_dim(q_site, p_site, nesting, plate, same_order)
+                 if per_dim is not None else None)
             if d is None:
                 per_dim = None
             else:
                 dims_b.append(d.mean(0).sum(0))
-            means_b.append(_posterior_mean(q_site, nesting))
+            means_b.append(_posterior_mean(q_site, nesting, plate))
         if not analytic:
             kl_b = w.log_guide - w.log_prior
         recon.append(w.log_likelihood.mean(0))

@@ -38,6 +38,7 @@ from pvae.distributions import base_dist, detached
 from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule
 from pvae.inference.traces import (
+    data_layout,
     log_prob,
     max_plate_nesting,
     reduce_site,
@@ -199,25 +200,25 @@ class IWAEEstimator(nn.Module):
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
         self.num_particles, self.gradient = num_particles, gradient
-        self._nesting = None  # found by tracing once, on the first call
+        self._layout = None  # (nesting, data plate), found by tracing once, on the first call
 
     def forward(self, model, guide, *args):
         K, N = self.num_particles, args[0].shape[0]
-        if self._nesting is None:
-            self._nesting = max_plate_nesting(model, guide, args)
-        nesting = self._nesting
+        if self._layout is None:
+            self._layout = data_layout(model, guide, args)
+        nesting, plate = self._layout
         guide_tr, model_tr = traces(model, guide, args, K, nesting, block=False)
         obs_scale = None
         log_w = args[0].new_zeros(K, N)
         for name, site in sites(model_tr, True):
-            log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting)
+            log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting, plate)
             obs_scale = site["scale"]
         if obs_scale is None:
             raise ValueError("the model has no observed site")
         dreg = self.gradient == "dreg"
         for name, site in sites(model_tr, False):
             beta = site["scale"] / obs_scale
-            log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting)
+            log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting, plate)
         for name, site in sites(guide_tr, False, auxiliary=True):
             fn = site["fn"]
             if dreg:
@@ -230,7 +231,8 @@ class IWAEEstimator(nn.Module):
                                      f"{name!r} is {type(base_dist(fn)).__name__}")
                 fn = detached(fn)
             beta = site["scale"] / obs_scale
-            log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting)
+            log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting,
+                                               plate)
         objective = (obs_scale * logmeanexp(log_w, 0)).sum()
         if not dreg:
             return objective.detach(), -objective
@@ -239,7 +241,7 @@ class IWAEEstimator(nn.Module):
             z = site["value"]
             if z.requires_grad:
                 # z's batch dims hold the particle and data dims; broadcast w~ onto them
-                weight = site_shaped(w_tilde, site, nesting)
+                weight = site_shaped(w_tilde, site, nesting, plate)
                 z.register_hook(lambda g, w=weight: g * w)
         surrogate = -(obs_scale * (w_tilde * log_w).sum(0)).sum()
         return objective.detach(), surrogate

@@ -462,3 +462,53 @@ def test_only_sites_really_outside_the_data_plate_are_called_global():
     with pytest.raises(ValueError, match=r"site 'u' is outside pyro.plate\('batch', \.\.\.\), "
                                          "the data plate"):
         iw_log_likelihood(BatchPlate(w, global_latent=True), x, num_samples=5)
+
+
+class MaskedAmortized(nn.Module):
+    """The boolean-mask linear-Gaussian model of :class:`MaskedLinearGaussian` (no broadcasting
+    over a leading particle dim) with a learnable amortized guide N(a^T x + b, s), a family
+    that contains the exact posterior."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.a = nn.Parameter(torch.zeros(len(w)))
+        self.b = nn.Parameter(torch.zeros(()))
+        self.log_s = nn.Parameter(torch.zeros(()))
+
+    def model(self, x):
+        return MaskedLinearGaussian.model(self, x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ self.a + self.b, self.log_s.exp()))
+
+
+@pytest.mark.parametrize("gradient", ["standard", "dreg"])
+def test_iwae_trains_a_model_without_particle_broadcasting(gradient):
+    """The IWAE objective falls back to one trace per particle, as evaluation does: the bound
+    is exact for the exact-posterior guide, and a learnable guide trained through it reaches
+    the closed-form log p(x)."""
+    w, x = linear_gaussian_data(n=200)
+    exact_model = ExactPosterior(w, len(x))
+    exact_model.model = lambda x: MaskedLinearGaussian.model(exact_model, x)
+    with pytest.warns(RuntimeWarning, match="training one particle at a time"):
+        history = fit(exact_model, x, estimator="iwae", num_particles=3, gradient=gradient,
+                      num_epochs=1, batch_size=50, lr=1e-8, progress=False)
+    assert history[-1]["train_elbo"] == pytest.approx(exact_log_marginal(w, x).mean().item(),
+                                                      abs=1e-4)
+    model = MaskedAmortized(w)
+    with pytest.warns(RuntimeWarning, match="training one particle at a time"):
+        fit(model, x, estimator="iwae", num_particles=4, gradient=gradient, num_epochs=40,
+            batch_size=50, lr=0.05, lr_decay=0.95, seed=0, progress=False)
+    precision = 1 + w @ w
+    # the exact posterior N(w^T x / precision, 1 / precision); measured with the standard
+    # gradient 0.009 (a), 0.007 (b), 2% (s); with DReG 1e-4, 5e-5, 0.1%
+    assert (model.a.detach() - w / precision).abs().max() < 0.02
+    assert abs(model.b.item()) < 0.02
+    assert abs(model.log_s.exp().item() * precision.sqrt().item() - 1) < 0.05
+    x_test = linear_gaussian_draws(w, 100, seed=1)
+    with pytest.warns(RuntimeWarning, match="evaluating one particle at a time"):
+        iw = iw_log_likelihood(model, x_test, num_samples=200, seed=0)
+    diff = iw.per_datapoint - exact_log_marginal(w, x_test)
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()

@@ -45,6 +45,7 @@ from pvae.inference.traces import (
     site_shaped,
     sites,
     traces,
+    vectorizes,
 )
 from pvae.stats import logmeanexp
 
@@ -200,51 +201,74 @@ class IWAEEstimator(nn.Module):
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
         self.num_particles, self.gradient = num_particles, gradient
-        self._layout = None  # (nesting, data plate), found by tracing once, on the first call
+        # (nesting, data plate, vectorize), found by tracing once, on the first call
+        self._layout = None
 
     def forward(self, model, guide, *args):
         K, N = self.num_particles, args[0].shape[0]
         if self._layout is None:
-            self._layout = data_layout(model, guide, args)
-        nesting, plate = self._layout
-        guide_tr, model_tr = traces(model, guide, args, K, nesting, block=False)
-        obs_scale = None
-        log_w = args[0].new_zeros(K, N)
-        for name, site in sites(model_tr, True):
-            log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting, plate)
-            obs_scale = site["scale"]
-        if obs_scale is None:
-            raise ValueError("the model has no observed site")
+            nesting, plate = data_layout(model, guide, args)
+            x = args[0]
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
+            self._layout = nesting, plate, vectorize
+        nesting, plate, vectorize = self._layout
         dreg = self.gradient == "dreg"
-        for name, site in sites(model_tr, False):
-            beta = site["scale"] / obs_scale
-            log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting, plate)
-        for name, site in sites(guide_tr, False, auxiliary=True):
-            fn = site["fn"]
-            if dreg:
-                if site["infer"].get("is_auxiliary"):
-                    raise ValueError(f"gradient='dreg' does not take guides with auxiliary sites "
-                                     f"({name!r}: a Pyro autoguide's unconstrained draw); use "
-                                     "gradient='standard'")
-                if not fn.has_rsample:
-                    raise ValueError(f"gradient='dreg' needs reparameterizable guide sites; "
-                                     f"{name!r} is {type(base_dist(fn)).__name__}")
-                fn = detached(fn)
-            beta = site["scale"] / obs_scale
-            log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting,
-                                               plate)
+        # the K particles in one vectorized trace, or (a model that does not broadcast over a
+        # leading particle dim) one trace per particle, as Trace_ELBO(vectorize_particles=False)
+        parts = ([traces(model, guide, args, K, nesting, block=False)] if vectorize else
+                 [traces(model, guide, args, None, nesting, block=False) for _ in range(K)])
+        k = K if vectorize else 1
+        log_w, obs_scale = [], None
+        for guide_tr, model_tr in parts:
+            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, N, nesting, plate, dreg)
+            log_w.append(part)
+        log_w = torch.cat(log_w) if len(log_w) > 1 else log_w[0]  # (K, N)
         objective = (obs_scale * logmeanexp(log_w, 0)).sum()
         if not dreg:
             return objective.detach(), -objective
         w_tilde = torch.softmax(log_w.detach(), 0)  # (K, N)
-        for _, site in sites(guide_tr, False):
-            z = site["value"]
-            if z.requires_grad:
-                # z's batch dims hold the particle and data dims; broadcast w~ onto them
-                weight = site_shaped(w_tilde, site, nesting, plate)
-                z.register_hook(lambda g, w=weight: g * w)
+        for i, (guide_tr, _) in enumerate(parts):
+            for _, site in sites(guide_tr, False):
+                z = site["value"]
+                if z.requires_grad:
+                    # z's batch dims hold the particle and data dims; broadcast w~ onto them
+                    weight = site_shaped(w_tilde[i * k:(i + 1) * k], site, nesting, plate)
+                    if weight.dim() > z.dim():  # one particle, no particle dim: leading 1s
+                        weight = weight.reshape(weight.shape[weight.dim() - z.dim():])
+                    z.register_hook(lambda g, w=weight: g * w)
         surrogate = -(obs_scale * (w_tilde * log_w).sum(0)).sum()
         return objective.detach(), surrogate
+
+
+def _iw_log_weight(guide_tr, model_tr, K, N, nesting, plate, dreg):
+    """``(log_w, obs_scale)``: the beta-weighted log importance weights ``(K, N)`` of one trace
+    pair (see :class:`IWAEEstimator`) and the observed sites' scale; with ``dreg`` log q with
+    stopped parameters."""
+    obs_scale = None
+    log_w = 0.0
+    for name, site in sites(model_tr, True):
+        log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting, plate)
+        obs_scale = site["scale"]
+    if obs_scale is None:
+        raise ValueError("the model has no observed site")
+    for name, site in sites(model_tr, False):
+        beta = site["scale"] / obs_scale
+        log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting, plate)
+    for name, site in sites(guide_tr, False, auxiliary=True):
+        fn = site["fn"]
+        if dreg:
+            if site["infer"].get("is_auxiliary"):
+                raise ValueError(f"gradient='dreg' does not take guides with auxiliary sites "
+                                 f"({name!r}: a Pyro autoguide's unconstrained draw); use "
+                                 "gradient='standard'")
+            if not fn.has_rsample:
+                raise ValueError(f"gradient='dreg' needs reparameterizable guide sites; "
+                                 f"{name!r} is {type(base_dist(fn)).__name__}")
+            fn = detached(fn)
+        beta = site["scale"] / obs_scale
+        log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting, plate)
+    return log_w, obs_scale
 
 
 class LossEstimator(nn.Module):

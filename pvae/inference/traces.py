@@ -277,12 +277,14 @@ def _reduce(guide_tr, model_tr, args, num_particles, nesting, plate) -> Weights:
     return Weights(parts["obs"], parts["prior"], parts["guide"], guide_tr, model_tr)
 
 
-def vectorizes(model, guide, args: tuple, nesting: int, plate: str = "data") -> bool:
+def vectorizes(model, guide, args: tuple, nesting: int, plate: str = "data",
+               task: str = "evaluating") -> bool:
     """Whether the programs run with vectorized particles (a plate left of their own plates):
     tried with two particles on ``args``; when that fails and one particle without the plate
     works, ``False``, with a warning (the model does not broadcast over a leading dim, e.g. it
-    indexes with a boolean mask or reshapes with explicit sizes: evaluation then loops over
-    particles, as Pyro's ``Trace_ELBO(vectorize_particles=False)`` does).
+    indexes with a boolean mask or reshapes with explicit sizes: evaluation, or the IWAE
+    objective in training, then loops over particles, as Pyro's
+    ``Trace_ELBO(vectorize_particles=False)`` does). ``task`` names the caller in the warning.
 
     :raises Exception: the error of the vectorized run when the plain run fails too (the
         model's own error, not a particle problem).
@@ -298,7 +300,7 @@ def vectorizes(model, guide, args: tuple, nesting: int, plate: str = "data") -> 
         warnings.warn(
             "the model does not run with vectorized particles (a plate of particles left of its "
             f"own plates failed: {type(vectorized_error).__name__}: "
-            f"{str(vectorized_error).splitlines()[0][:200]}); evaluating one particle at a "
+            f"{str(vectorized_error).splitlines()[0][:200]}); {task} one particle at a "
             "time, which is slower for large K. To vectorize, let every tensor operation "
             "broadcast over extra leading dims (index with ..., reshape with -1, x.shape[-2:])",
             RuntimeWarning, stacklevel=3)

@@ -512,3 +512,22 @@ def test_iwae_trains_a_model_without_particle_broadcasting(gradient):
         iw = iw_log_likelihood(model, x_test, num_samples=200, seed=0)
     diff = iw.per_datapoint - exact_log_marginal(w, x_test)
     assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+
+
+def test_observed_sites_with_different_scales_warn_once():
+    """No single factor makes a weighted objective per datapoint: one warning, and the value is
+    divided by the batch size only."""
+    w, x = linear_gaussian_data(n=40)
+    model = ExactPosterior(w, len(x))
+
+    def weighted(x, idx=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * model.w, 1.0).to_event(1), obs=x)
+            with poutine.scale(scale=0.5):
+                pyro.sample("x_again", dist.Normal(z, 1.0), obs=x[:, 0])
+
+    model.model = weighted
+    with pytest.warns(RuntimeWarning, match="different scales") as record:
+        fit(model, x, num_epochs=2, batch_size=10, lr=1e-3, progress=False)
+    assert len([r for r in record if "different scales" in str(r.message)]) == 1

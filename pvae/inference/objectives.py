@@ -188,6 +188,10 @@ class IWAEEstimator(nn.Module):
     ``beta_n = s_latent / s_n`` is the extra scale of the latent sites (beta / KL annealing
     through :class:`~pvae.inference.handlers.scale_latents`; 1 by default, the plain IWAE bound).
 
+    The K particles are one vectorized trace (a plate left of the model's plates); a model
+    that does not broadcast over it (checked once, on the first batch, with
+    :func:`~pvae.inference.traces.vectorizes`, which warns) is traced once per particle.
+
     :param int num_particles: K.
     :param str gradient: ``"standard"`` or ``"dreg"``, the doubly-reparameterized gradient of
         Tucker, Lawson, Gu & Maddison (2019), eq. (7): the guide's parameters get

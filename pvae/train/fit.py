@@ -73,7 +73,10 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or
         ``(x, c)`` (streamed through a ``DataLoader``). A :class:`pvae.data.Splits` is refused
         with a message naming the tensors to pass.
-    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models.
+    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models, or any
+        tensor aligned with ``x_train`` that the programs take as their second argument (e.g.
+        ``torch.arange(N)``, the indices that ``pyro.plate("data", N, subsample=idx)`` needs
+        for per-datapoint parameters).
     :param x_val: validation data ``(N_val, D)`` for the per-epoch validation ELBO.
     :param int num_epochs: total number of epochs (a resumed run continues up to it).
     :param float lr: Adam's learning rate.

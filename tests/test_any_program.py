@@ -531,3 +531,67 @@ def test_observed_sites_with_different_scales_warn_once():
     with pytest.warns(RuntimeWarning, match="different scales") as record:
         fit(model, x, num_epochs=2, batch_size=10, lr=1e-3, progress=False)
     assert len([r for r in record if "different scales" in str(r.message)]) == 1
+
+
+class ThreeArguments(nn.Module):
+    """``model(x, t, y)`` as Pyro's CEVAE takes its data: z ~ N(0, 1), x | z ~ N(w z, I) and
+    y | z, t ~ N(v z + beta t, 1) observed, t an input. With u = (w, v),
+
+        log p(x, y | t) = log N((x, y); (0, beta t), I + u u^T),
+
+    and the guide q(z | x, t, y) = N(a^T x + a_y y + a_t t + b, s) contains the exact
+    posterior."""
+
+    def __init__(self, w, v=1.5, beta=2.0):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.register_buffer("v", torch.tensor(v))
+        self.register_buffer("beta", torch.tensor(beta))
+        self.a = nn.Parameter(torch.zeros(len(w)))
+        self.a_y, self.a_t = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+        self.b, self.log_s = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+
+    def model(self, x, t, y):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+            pyro.sample("y", dist.Normal(self.v * z + self.beta * t, 1.0), obs=y)
+
+    def guide(self, x, t, y):
+        with pyro.plate("data", x.shape[0]):
+            loc = x @ self.a + self.a_y * y + self.a_t * t + self.b
+            pyro.sample("z", dist.Normal(loc, self.log_s.exp()))
+
+    def draws(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, generator=g)
+        t = torch.bernoulli(torch.full((n,), 0.5), generator=g)
+        x = z.unsqueeze(-1) * self.w + torch.randn(n, len(self.w), generator=g)
+        return x, t, self.v * z + self.beta * t + torch.randn(n, generator=g)
+
+    def log_marginal(self, x, t, y):
+        u = torch.cat([self.w, self.v.reshape(1)])
+        cov = torch.eye(len(u)) + torch.outer(u, u)
+        loc = torch.cat([torch.zeros_like(x), (self.beta * t).unsqueeze(-1)], -1)
+        return dist.MultivariateNormal(loc, cov).log_prob(torch.cat([x, y.unsqueeze(-1)], -1))
+
+
+def test_three_data_arguments_train_and_evaluate():
+    w, _ = linear_gaussian_data()
+    model = ThreeArguments(w)
+    x, t, y = model.draws(300, seed=0)
+    fit(model, x, t, y, num_epochs=60, batch_size=50, lr=0.05, lr_decay=0.97, num_particles=4,
+        seed=0, progress=False)
+    x, t, y = model.draws(100, seed=1)
+    exact = model.log_marginal(x, t, y)
+    iw = iw_log_likelihood(model, x, c=(t, y), num_samples=500, seed=0)
+    diff = iw.per_datapoint - exact
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+    terms = elbo_terms(model, x, c=(t, y), num_samples=50)
+    gap = exact - terms.elbo  # KL(q || p(z | x, y, t)) >= 0, small for a near-exact guide
+    se = gap.std() / len(gap) ** 0.5
+    assert -3 * se < gap.mean() < 3 * se + 0.02, (gap.mean(), se)
+    with pytest.raises(ValueError, match="positionally.*or as c, not both"):
+        fit(model, x, t, c=y, num_epochs=1)
+    with pytest.raises(ValueError, match="c has 99 rows but x has 100"):
+        iw_log_likelihood(model, x, c=(t, y[:99]), num_samples=2)

@@ -149,7 +149,9 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
 
     :param model: an object with ``model(x, c=None)`` and ``guide(x, c=None)``.
     :param torch.Tensor x: ``(N, D)`` data (the whole set on every rank).
-    :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``.
+    :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``, or a tuple of tensors aligned
+        with ``x`` (programs ``model(x, *c)``, e.g. ``c=(t, y)`` for ``model(x, t, y)``); the
+        estimate is of log p(every observed site | the inputs that are not observed).
     :param int num_samples: K >= 1 (5000 for reported test log-likelihoods).
     :param batch_size: datapoints per pass (default: chosen for the device, see
         :mod:`pvae.inference.sizes`: up to 250 on a CPU, 500 on a GPU).

@@ -8,7 +8,7 @@ import math
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pvae.contract import place_data, to_placement
+from pvae.contract import place_data, program_args, to_placement
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
 from pvae.parallel import shard
 
@@ -20,7 +20,8 @@ class TrainingData:
 
     :param x: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or ``(x, c)``
         (streamed through a ``DataLoader``; each batch is placed when it is drawn).
-    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` aligned with a tensor ``x``.
+    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` aligned with a tensor ``x``, or
+        a tuple of such tensors: the programs then take ``(x, *c)``.
     :param model: the model, whose ``likelihood.check(x)`` (where it has one) refuses data
         outside the likelihood's support.
     :param binarize: ``None`` or ``"dynamic"``: every batch is a fresh Bernoulli draw of the
@@ -74,7 +75,7 @@ class TrainingData:
             xb = to_placement(xb, self.device, self.dtype)
             cb = None if cb is None else to_placement(cb, self.device, self.dtype)
             _check(self.model, xb, cb, self.binarize)
-        return (xb,) if cb is None else (xb, cb)
+        return program_args(xb, cb)
 
     def transform(self, batch: tuple) -> tuple:
         """A placed batch as the model's positional arguments: with dynamic binarization a
@@ -84,7 +85,7 @@ class TrainingData:
         return (bernoulli_sample(batch[0]), *batch[1:])
 
     def shuffled(self, generator: torch.Generator):
-        """One epoch of placed mini-batches ``(x,)`` or ``(x, c)`` in an order drawn from
+        """One epoch of placed mini-batches ``(x,)``, ``(x, c)`` or ``(x, *c)`` in an order drawn from
         ``generator``; pass each through :meth:`transform` before the model. When one batch
         holds the whole data set (``batch_size >= N``) it comes in stored order, every epoch,
         without drawing from ``generator``: the gradient of a full batch does not depend on the

@@ -30,7 +30,7 @@ from pvae.validation import check_count, check_float
 __all__ = ["fit"]
 
 
-def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
+def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
         batch_size: int = 256, lr: float = 1e-3, lr_decay: float = 1.0,
         estimator: str = "reparam", analytic_kl: bool = False, num_particles: int = 1,
         beta=1.0, baseline: str | None = None, gradient: str = "standard",
@@ -73,10 +73,14 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or
         ``(x, c)`` (streamed through a ``DataLoader``). A :class:`pvae.data.Splits` is refused
         with a message naming the tensors to pass.
+    :param data: further tensors aligned with ``x_train``, positionally, as with Pyro's
+        ``SVI.step(*args)``: ``fit(model, x, t, y)`` trains ``model(x, t, y)`` (the same as
+        ``c=(t, y)``); each mini-batch slices them alike.
     :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models, or any
         tensor aligned with ``x_train`` that the programs take as their second argument (e.g.
         ``torch.arange(N)``, the indices that ``pyro.plate("data", N, subsample=idx)`` needs
-        for per-datapoint parameters).
+        for per-datapoint parameters), or a tuple of such tensors (``model(x, *c)``).
+    :param c_val: the validation set's ``c``, of the same form.
     :param x_val: validation data ``(N_val, D)`` for the per-epoch validation ELBO.
     :param int num_epochs: total number of epochs (a resumed run continues up to it).
     :param float lr: Adam's learning rate.
@@ -161,6 +165,11 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """
+    if data:
+        if c is not None:
+            raise ValueError("fit takes the data after x_train either positionally "
+                             "(fit(model, x, t, y)) or as c, not both")
+        c = data[0] if len(data) == 1 else tuple(data)
     if objective is None:
         check_model(model, "fit")
         if loss is not None:

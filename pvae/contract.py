@@ -16,7 +16,8 @@ import contextvars
 import torch
 from torch import nn
 
-__all__ = ["check_model", "fixed_parameters", "inputs_trusted", "place_data", "prepare_data",
+__all__ = ["DataArgs", "check_model", "fixed_parameters", "inputs_trusted", "place_data",
+           "prepare_data",
            "program_args", "placement", "resolve_device",
            "to_placement", "trusted_inputs"]
 
@@ -101,18 +102,46 @@ def to_placement(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def place_data(x: torch.Tensor, c, device: torch.device, dtype: torch.dtype):
-    """``(x, c)`` placed with :func:`to_placement`, ``c`` (optional) checked to be a tensor
-    with one row per row of ``x``.
+class DataArgs:
+    """Several per-datapoint tensors that follow ``x`` among a program's arguments (``c`` given
+    as a tuple: ``model(x, t, y)``), sliced and indexed together like one tensor, so that
+    batching, sharding and evaluation passes treat them as they treat a single ``c``.
 
-    :raises TypeError: ``c`` is not a tensor.
-    :raises ValueError: ``c`` and ``x`` differ in length.
+    :param tensors: tensors of equal length.
+    """
+
+    def __init__(self, tensors):
+        self.tensors = tuple(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index) -> DataArgs:
+        return DataArgs(t[index] for t in self.tensors)
+
+    def __repr__(self) -> str:
+        return f"DataArgs({', '.join(str(tuple(t.shape)) for t in self.tensors)})"
+
+
+def place_data(x: torch.Tensor, c, device: torch.device, dtype: torch.dtype):
+    """``(x, c)`` placed with :func:`to_placement`, ``c`` (optional) checked to be a tensor,
+    or a tuple or list of tensors (returned as :class:`DataArgs`), with one row per row of
+    ``x``.
+
+    :raises TypeError: ``c`` is not a tensor or a sequence of tensors.
+    :raises ValueError: ``c`` (one of its tensors) and ``x`` differ in length.
     """
     x = to_placement(x, device, dtype)
     if c is None:
         return x, None
+    if isinstance(c, DataArgs):
+        c = c.tensors
+    if isinstance(c, (tuple, list)):
+        if not c:
+            raise ValueError("c is an empty sequence; pass c=None for programs of x alone")
+        return x, DataArgs(place_data(x, t, device, dtype)[1] for t in c)
     if not isinstance(c, torch.Tensor):
-        raise TypeError(f"c must be a tensor, got {type(c).__name__}")
+        raise TypeError(f"c must be a tensor or a tuple of tensors, got {type(c).__name__}")
     if len(c) != len(x):
         raise ValueError(f"c has {len(c)} rows but x has {len(x)}; they must match")
     return x, to_placement(c, device, dtype)
@@ -140,8 +169,11 @@ def fixed_parameters(model):
 
 
 def program_args(x: torch.Tensor, c=None) -> tuple:
-    """The positional arguments of a model's programs: ``(x,)`` or ``(x, c)``."""
-    return (x,) if c is None else (x, c)
+    """The positional arguments of a model's programs: ``(x,)``, ``(x, c)``, or ``(x, *c)``
+    for several tensors (:class:`DataArgs`)."""
+    if c is None:
+        return (x,)
+    return (x, *c.tensors) if isinstance(c, DataArgs) else (x, c)
 
 
 def prepare_data(model, x, c=None, device="auto", who: str = "evaluation",

@@ -20,7 +20,7 @@ from pvae.inference.evaluate import (
     log_weights,
 )
 from pvae.inference.gap import InferenceGap, RefinedGuide, inference_gap
-from pvae.inference.handlers import BASELINES, scale_latents, score_function
+from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
 from pvae.inference.impute import Imputation, impute
 from pvae.inference.latent import INTERPOLATIONS, interpolate, latent_path, traverse
 from pvae.inference.mcmc import (
@@ -36,6 +36,7 @@ from pvae.inference.objectives import (
     ESTIMATORS,
     GRADIENTS,
     IWAEEstimator,
+    LossEstimator,
     ReparamEstimator,
     ScoreEstimator,
     SVIObjective,
@@ -77,6 +78,7 @@ __all__ = [
     "Imputation",
     "InferenceGap",
     "LinearWarmup",
+    "LossEstimator",
     "PosteriorComparison",
     "PosteriorSamples",
     "RefinedGuide",
@@ -102,6 +104,7 @@ __all__ = [
     "make_estimator",
     "make_schedule",
     "nuts_posterior",
+    "observed_scale",
     "principal_angles",
     "resolve_device",
     "save_checkpoint",

@@ -19,10 +19,11 @@ from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
+    PlateSizeError,
+    data_layout,
     features,
     in_model_order,
     log_prob,
-    max_plate_nesting,
     reduce_site,
     sites,
     vectorizes,
@@ -34,30 +35,60 @@ from pvae.validation import check_count
 __all__ = ["ElboTerms", "IWResult", "elbo_terms", "iw_log_likelihood", "log_weights"]
 
 
-def _layout(model, x, c) -> tuple[int, bool]:
-    """Plate nesting of the model and guide, from one trace of the first datapoint, and
-    whether they run with vectorized particles (tried on it with torch's RNG forked, so that
-    the caller's streams are those of a model that vectorizes without the try)."""
+def _layout(model, x, c, rows: int = 1, data_plate: str | None = None
+            ) -> tuple[int, bool, str]:
+    """``(nesting, vectorize, plate)``: the plate nesting of the model and guide and their
+    data plate (:func:`~pvae.inference.traces.data_layout`), from one trace of the first
+    datapoint, and whether they run with vectorized particles (tried on it with torch's RNG
+    forked, so that the caller's streams are those of a model that vectorizes without the
+    try).
+
+    A guide with per-datapoint parameters (non-amortized: Pyro's ``AutoNormal`` on a plate of
+    the batch's size, ``pyro.param`` of shape ``(N, ...)``) does not run on one datapoint; then
+    the first ``rows`` datapoints (the evaluation's first pass) are traced instead.
+
+    :raises PlateSizeError: neither runs because of the data plate's size: a message saying
+        how such a guide is evaluated (any other error of the programs is raised as it is).
+    """
     args = program_args(x[:1], None if c is None else c[:1])
-    nesting = max_plate_nesting(model.model, model.guide, args)
+    try:
+        nesting, plate = data_layout(model.model, model.guide, args, data_plate)
+    except PlateSizeError:
+        if rows <= 1:
+            raise
+        args = program_args(x[:rows], None if c is None else c[:rows])
+        try:
+            nesting, plate = data_layout(model.model, model.guide, args, data_plate)
+        except PlateSizeError as batch:
+            raise PlateSizeError(
+                f"the model and guide run neither on one datapoint nor on a pass of {rows} "
+                f"({batch}): a guide with per-datapoint parameters "
+                "(non-amortized: Pyro's AutoNormal on a plate of the batch's size, pyro.param of "
+                "shape (N, ...)) is tied to the N datapoints it was fitted on and has no q(z | x) "
+                "for others. Evaluate it on those data, in stored order and in one pass "
+                "(batch_size=len(x)), or index its parameters with pyro.plate('data', N, "
+                "subsample=idx) and pass idx as c") from None
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        return nesting, vectorizes(model.model, model.guide, args, nesting)
+        return nesting, vectorizes(model.model, model.guide, args, nesting, plate), plate
 
 
 def _weights(model, x, c, num_particles, layout):
-    nesting, vectorize = layout
+    nesting, vectorize, plate = layout
     return weights(model.model, model.guide, program_args(x, c), num_particles, nesting,
-                   vectorize)
+                   vectorize, plate)
 
 
-def log_weights(model, x, *, c=None, num_samples: int = 1) -> torch.Tensor:
+def log_weights(model, x, *, c=None, num_samples: int = 1,
+                data_plate: str | None = None) -> torch.Tensor:
     """Log importance weights ``log p(x_n, z_nk) - log q(z_nk | x_n)``, shape
     ``(num_samples, N)``, in nats, with gradients (for custom objectives).
 
-    :raises ValueError: a site outside the ``"data"`` plate, or bad ``x``.
+    :param data_plate: the data plate's name; by default found (see :func:`iw_log_likelihood`).
+    :raises ValueError: a site outside the data plate, or bad ``x``.
     """
     x, c = prepare_data(model, x, c, "auto")
-    return _weights(model, x, c, num_samples, _layout(model, x, c)).log_weight
+    return _weights(model, x, c, num_samples,
+                    _layout(model, x, c, len(x), data_plate)).log_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +122,8 @@ class IWResult:
 @torch.no_grad()
 def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: int | None = None,
                       chunk_size: int | None = None, device="auto", progress: bool = False,
-                      seed: int | None = None, distributed="auto") -> IWResult:
+                      seed: int | None = None, distributed="auto",
+                      data_plate: str | None = None) -> IWResult:
     r"""Importance-weighted estimate of log p(x), per datapoint (Burda, Grosse & Salakhutdinov
     2015, "Importance Weighted Autoencoders", eq. 8, the bound :math:`\mathcal{L}_K`):
 
@@ -99,9 +131,11 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
               \frac{p(x, z_k)}{q(z_k \mid x)}, \quad z_k \sim q(z \mid x).
 
     A lower bound in expectation that increases with K and tends to log p(x). Works for any
-    model meeting the contract: several latent sites, nested plates inside ``"data"``,
+    model meeting the contract: several latent sites, nested plates inside the data plate,
     discrete latents, and conditional models (then it estimates log p(x | c)). Log-probs are
-    unscaled: ``poutine.scale`` (beta, subsampling) does not enter the log-mean-exp.
+    unscaled: ``poutine.scale`` (beta, subsampling) does not enter the log-mean-exp. The data
+    plate is found on a trace of the first datapoint: the plate around the observed sites with
+    the batch's size, whatever its name (``data_plate`` names it where several qualify).
 
     **Sharded over processes.** With a ``torch.distributed`` process group (under ``torchrun``)
     the batches of datapoints are dealt out to the ranks in turn (batch ``b`` to rank
@@ -116,7 +150,9 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
 
     :param model: an object with ``model(x, c=None)`` and ``guide(x, c=None)``.
     :param torch.Tensor x: ``(N, D)`` data (the whole set on every rank).
-    :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``.
+    :param c: optional conditioning, ``(N,)`` or ``(N, c_dim)``, or a tuple of tensors aligned
+        with ``x`` (programs ``model(x, *c)``, e.g. ``c=(t, y)`` for ``model(x, t, y)``); the
+        estimate is of log p(every observed site | the inputs that are not observed).
     :param int num_samples: K >= 1 (5000 for reported test log-likelihoods).
     :param batch_size: datapoints per pass (default: chosen for the device, see
         :mod:`pvae.inference.sizes`: up to 250 on a CPU, 500 on a GPU).
@@ -131,10 +167,13 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
         from its RNG and sends it to the others.
     :param distributed: ``"auto"`` (shard when a process group is initialized), ``True``
         (needs one) or ``False`` (every process computes everything).
+    :param data_plate: ``None`` (found) or the name of the per-datapoint plate.
     :returns: :class:`IWResult` (nats per datapoint), the same on every rank.
     :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``/``seed``/
-        ``distributed``, data of the wrong width or with NaNs, or a sample site outside the
-        ``"data"`` plate.
+        ``distributed``, data of the wrong width or with NaNs, a sample site outside the
+        ``"data"`` plate, or a guide with per-datapoint parameters (non-amortized) that cannot
+        run on the passes asked for: it is evaluated on the data it was fitted on, in one pass
+        (``batch_size=len(x)``), or with plate subsampling by indices passed as ``c``.
     """
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"Expected num_samples (K) >= 1, got {num_samples!r}")
@@ -150,7 +189,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     if sharded and seed is None:
         seed = parallel.broadcast(int(torch.randint(2**62, ())))
     with _own_rng(seed, x.device):  # the trace that finds the nesting draws too
-        layout = _layout(model, x, c)
+        layout = _layout(model, x, c, batch_size, data_plate)
     rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
 
     def one_batch(xb, cb) -> torch.Tensor:
@@ -249,7 +288,7 @@ class ElboTerms:
 
 
 
-def _kl_per_dim(q_site, p_site, nesting, closed_form: bool = True):
+def _kl_per_dim(q_site, p_site, nesting, plate, closed_form: bool = True):
     """Per-dimension KL of a factorized site, ``(K or 1, N, features)``, or ``None``."""
     q, p = base_dist(q_site["fn"]), base_dist(p_site["fn"])
     if q.event_shape or p.event_shape:
@@ -260,10 +299,10 @@ def _kl_per_dim(q_site, p_site, nesting, closed_form: bool = True):
         per_dim = closed_form_kl(q, p)
     except NotImplementedError:
         per_dim = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
-    return features(q_site, per_dim.expand(q_site["value"].shape), nesting)
+    return features(q_site, per_dim.expand(q_site["value"].shape), nesting, plate)
 
 
-def _posterior_mean(q_site, nesting):
+def _posterior_mean(q_site, nesting, plate):
     """E_q[z | x] per datapoint, ``(N, features)``."""
     try:
         mean = q_site["fn"].mean.expand(q_site["value"].shape)
@@ -271,12 +310,13 @@ def _posterior_mean(q_site, nesting):
         mean = q_site["value"]
     if not torch.isfinite(mean).all():  # e.g. Categorical has no mean: average the particles
         mean = q_site["value"].to(mean.dtype)
-    return features(q_site, mean, nesting).mean(0)
+    return features(q_site, mean, nesting, plate).mean(0)
 
 
 @torch.no_grad()
 def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None = None,
-               active_threshold: float = 0.01, device="auto") -> ElboTerms:
+               active_threshold: float = 0.01, device="auto",
+               data_plate: str | None = None) -> ElboTerms:
     """ELBO, reconstruction term and KL per datapoint, KL per latent dimension and active units.
 
     The KL is analytic when Pyro/torch know KL(q || p) for every latent site (e.g. both
@@ -291,6 +331,8 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
 
     :param torch.Tensor x: ``(N, D)``.
     :param int num_samples: particles per datapoint for the Monte Carlo terms.
+    :param data_plate: ``None`` (found, see :func:`iw_log_likelihood`) or the per-datapoint
+        plate's name.
     :param batch_size: datapoints per pass (default: chosen for the device with all
         ``num_samples`` particles in one pass, see :mod:`pvae.inference.sizes`).
     :returns: :class:`ElboTerms`.
@@ -301,8 +343,8 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     x, c = prepare_data(model, x, c, device)
     batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
                                                             x.element_size()) // num_samples))
-    layout = _layout(model, x, c)
-    nesting, vectorize = layout
+    layout = _layout(model, x, c, batch_size, data_plate)
+    nesting, vectorize, plate = layout
     if not vectorize and num_samples > 1:
         raise ValueError("the model does not run with vectorized particles (see the warning), "
                          "and elbo_terms keeps every particle's trace: pass num_samples=1, or "
@@ -313,8 +355,14 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
         w = _weights(model, xb, cb, num_samples, layout)
         shape = (num_samples, len(xb))
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
-        same_order = in_model_order(w.guide_trace, w.model_trace)
+        # an autoguide's z is a Delta of an auxiliary draw (its entropy is at the auxiliary
+        # site): no closed form per site, no KL per dimension
+        auxiliary = any(site["infer"].get("is_auxiliary")
+                        for _, site in sites(w.guide_trace, False, auxiliary=True))
+        same_order = not auxiliary and in_model_order(w.guide_trace, w.model_trace)
         analytic = analytic and same_order
+        if auxiliary:
+            per_dim = None
         for name, q_site in sites(w.guide_trace, False):
             p_site = w.model_trace.nodes[name]
             try:
@@ -324,14 +372,14 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
             except NotImplementedError:
                 analytic = False
                 site_kl = log_prob(q_site) - log_prob(p_site)
-            kl_b = kl_b + reduce_site(name, q_site, site_kl, *shape, nesting)
-            d = (_kl_per_dim(q_site, p_site, nesting, same_order) if per_dim is not None
-                 else None)
+            kl_b = kl_b + reduce_site(name, q_site, site_kl, *shape, nesting, plate)
+            d = (_kl_per_dim(q_site, p_site, nesting, plate, same_order)
+                 if per_dim is not None else None)
             if d is None:
                 per_dim = None
             else:
                 dims_b.append(d.mean(0).sum(0))
-            means_b.append(_posterior_mean(q_site, nesting))
+            means_b.append(_posterior_mean(q_site, nesting, plate))
         if not analytic:
             kl_b = w.log_guide - w.log_prior
         recon.append(w.log_likelihood.mean(0))

@@ -1,6 +1,6 @@
 """Effect handlers that turn any model and guide into the program an objective needs:
-:class:`scale_latents` (beta-weighted KL) and :class:`score_function` (REINFORCE gradients with
-baselines)."""
+:class:`scale_latents` (beta-weighted KL), :class:`score_function` (REINFORCE gradients with
+baselines) and :class:`observed_scale` (the scale of the data, to report values per datapoint)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from pvae.distributions import base_dist
 
-__all__ = ["BASELINES", "scale_latents", "score_function"]
+__all__ = ["BASELINES", "observed_scale", "scale_latents", "score_function"]
 
 #: Baseline options of the score-function estimator.
 BASELINES = (None, "average", "neural")
@@ -34,6 +34,33 @@ class scale_latents(Messenger):
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg) \
                 and (isinstance(self.beta, torch.Tensor) or self.beta != 1.0):
             msg["scale"] = self.beta * msg["scale"]
+
+
+class observed_scale(Messenger):
+    """Record the scale that the model's **observed** sites carry: the mini-batch scaling of a
+    subsampled plate (``pyro.plate("data", N, subsample=...)``: N / batch) times any
+    ``poutine.scale`` around them. An objective divides its value by it to report nats per
+    datapoint, unscaled. Only reads ``msg["scale"]`` (no host synchronization, nothing changed).
+
+    :ivar scale: the observed sites' common scale (a float, or a tensor as ``poutine.scale``
+        got it), 1.0 before any observed site is seen.
+    :ivar bool agree: ``False`` when observed sites carried different float scales (a weighted
+        objective: no single factor makes it per datapoint).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.agree, self._seen = 1.0, True, False
+
+    def _postprocess_message(self, msg):
+        if msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg):
+            return
+        scale = msg["scale"]
+        if not self._seen:
+            self.scale, self._seen = scale, True
+        elif not isinstance(scale, torch.Tensor) and not isinstance(self.scale, torch.Tensor) \
+                and scale != self.scale:
+            self.agree = False
 
 
 def baseline_key(site_name: str) -> str:

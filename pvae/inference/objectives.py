@@ -14,26 +14,32 @@ All estimators work on any model meeting the model contract.
   optionally with a decaying-average or neural baselines (Mnih & Gregor 2014).
 - ``"iwae"``: the importance-weighted bound (Burda et al. 2015, eq. 8), per datapoint, with the
   standard or the doubly-reparameterized gradient (DReG; Tucker et al. 2019, eq. 7).
+
+:class:`LossEstimator` wraps any Pyro ELBO object (``TraceEnum_ELBO``, ``TraceCausalEffect_ELBO``,
+...) or a callable ``(model, guide, *args) -> loss`` as an estimator of the same kind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.elbo import ELBOModule
 from torch import nn
 from torch.distributions import kl_divergence
 
 from pvae import parallel
 from pvae.contract import trusted_inputs
 from pvae.distributions import base_dist, detached
-from pvae.inference.handlers import BASELINES, scale_latents, score_function
+from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule
 from pvae.inference.traces import (
+    data_layout,
     in_model_order,
     log_prob,
     max_plate_nesting,
@@ -41,11 +47,12 @@ from pvae.inference.traces import (
     site_shaped,
     sites,
     traces,
+    vectorizes,
 )
 from pvae.stats import logmeanexp
 
-__all__ = ["CAPTURABLE", "ESTIMATORS", "GRADIENTS", "IWAEEstimator", "ReparamEstimator", "SVIObjective",
-           "ScoreEstimator", "make_estimator"]
+__all__ = ["CAPTURABLE", "ESTIMATORS", "GRADIENTS", "IWAEEstimator", "LossEstimator",
+           "ReparamEstimator", "SVIObjective", "ScoreEstimator", "make_estimator"]
 
 #: Gradient variants of the IWAE estimator.
 GRADIENTS = ("standard", "dreg")
@@ -97,7 +104,7 @@ class ReparamEstimator(nn.Module):
             self._nesting = max_plate_nesting(model, guide, args)
         guide_tr, model_tr = traces(model, guide, args, K if K > 1 else None, self._nesting or 0,
                                     block=False)
-        guide_sites = dict(sites(guide_tr, False))
+        guide_sites = dict(sites(guide_tr, False, auxiliary=True))
         for name, q_site in guide_sites.items():
             if not q_site["fn"].has_rsample:
                 raise ValueError(f"the capturable reparam ELBO needs reparameterizable guide "
@@ -198,6 +205,10 @@ class IWAEEstimator(nn.Module):
     ``beta_n = s_latent / s_n`` is the extra scale of the latent sites (beta / KL annealing
     through :class:`~pvae.inference.handlers.scale_latents`; 1 by default, the plain IWAE bound).
 
+    The K particles are one vectorized trace (a plate left of the model's plates); a model
+    that does not broadcast over it (checked once, on the first batch, with
+    :func:`~pvae.inference.traces.vectorizes`, which warns) is traced once per particle.
+
     :param int num_particles: K.
     :param str gradient: ``"standard"`` or ``"dreg"``, the doubly-reparameterized gradient of
         Tucker, Lawson, Gu & Maddison (2019), eq. (7): the guide's parameters get
@@ -211,46 +222,127 @@ class IWAEEstimator(nn.Module):
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
         self.num_particles, self.gradient = num_particles, gradient
-        self._nesting = None  # found by tracing once, on the first call
+        # (nesting, data plate, vectorize), found by tracing once, on the first call
+        self._layout = None
 
     def forward(self, model, guide, *args):
         K, N = self.num_particles, args[0].shape[0]
-        if self._nesting is None:
-            self._nesting = max_plate_nesting(model, guide, args)
-        nesting = self._nesting
-        guide_tr, model_tr = traces(model, guide, args, K, nesting, block=False)
-        obs_scale = None
-        log_w = args[0].new_zeros(K, N)
-        for name, site in sites(model_tr, True):
-            log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting)
-            obs_scale = site["scale"]
-        if obs_scale is None:
-            raise ValueError("the model has no observed site")
+        if self._layout is None:
+            nesting, plate = data_layout(model, guide, args)
+            x = args[0]
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
+            self._layout = nesting, plate, vectorize
+        nesting, plate, vectorize = self._layout
         dreg = self.gradient == "dreg"
-        for name, site in sites(model_tr, False):
-            beta = site["scale"] / obs_scale
-            log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting)
-        for name, site in sites(guide_tr, False):
-            fn = site["fn"]
-            if dreg:
-                if not fn.has_rsample:
-                    raise ValueError(f"gradient='dreg' needs reparameterizable guide sites; "
-                                     f"{name!r} is {type(base_dist(fn)).__name__}")
-                fn = detached(fn)
-            beta = site["scale"] / obs_scale
-            log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting)
+        # the K particles in one vectorized trace, or (a model that does not broadcast over a
+        # leading particle dim) one trace per particle, as Trace_ELBO(vectorize_particles=False)
+        parts = ([traces(model, guide, args, K, nesting, block=False)] if vectorize else
+                 [traces(model, guide, args, None, nesting, block=False) for _ in range(K)])
+        k = K if vectorize else 1
+        log_w, obs_scale = [], None
+        for guide_tr, model_tr in parts:
+            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, N, nesting, plate, dreg)
+            log_w.append(part)
+        log_w = torch.cat(log_w) if len(log_w) > 1 else log_w[0]  # (K, N)
         objective = (obs_scale * logmeanexp(log_w, 0)).sum()
         if not dreg:
             return objective.detach(), -objective
         w_tilde = torch.softmax(log_w.detach(), 0)  # (K, N)
-        for _, site in sites(guide_tr, False):
-            z = site["value"]
-            if z.requires_grad:
-                # z's batch dims hold the particle and data dims; broadcast w~ onto them
-                weight = site_shaped(w_tilde, site, nesting)
-                z.register_hook(lambda g, w=weight: g * w)
+        for i, (guide_tr, _) in enumerate(parts):
+            for _, site in sites(guide_tr, False):
+                z = site["value"]
+                if z.requires_grad:
+                    # z's batch dims hold the particle and data dims; broadcast w~ onto them
+                    weight = site_shaped(w_tilde[i * k:(i + 1) * k], site, nesting, plate)
+                    if weight.dim() > z.dim():  # one particle, no particle dim: leading 1s
+                        weight = weight.reshape(weight.shape[weight.dim() - z.dim():])
+                    z.register_hook(lambda g, w=weight: g * w)
         surrogate = -(obs_scale * (w_tilde * log_w).sum(0)).sum()
         return objective.detach(), surrogate
+
+
+def _iw_log_weight(guide_tr, model_tr, K, N, nesting, plate, dreg):
+    """``(log_w, obs_scale)``: the beta-weighted log importance weights ``(K, N)`` of one trace
+    pair (see :class:`IWAEEstimator`) and the observed sites' scale; with ``dreg`` log q with
+    stopped parameters."""
+    obs_scale = None
+    log_w = 0.0
+    for name, site in sites(model_tr, True):
+        log_w = log_w + reduce_site(name, site, log_prob(site), K, N, nesting, plate)
+        obs_scale = site["scale"]
+    if obs_scale is None:
+        raise ValueError("the model has no observed site")
+    for name, site in sites(model_tr, False):
+        beta = site["scale"] / obs_scale
+        log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting, plate)
+    for name, site in sites(guide_tr, False, auxiliary=True):
+        fn = site["fn"]
+        if dreg:
+            if site["infer"].get("is_auxiliary"):
+                raise ValueError(f"gradient='dreg' does not take guides with auxiliary sites "
+                                 f"({name!r}: a Pyro autoguide's unconstrained draw); use "
+                                 "gradient='standard'")
+            if not fn.has_rsample:
+                raise ValueError(f"gradient='dreg' needs reparameterizable guide sites; "
+                                 f"{name!r} is {type(base_dist(fn)).__name__}")
+            fn = detached(fn)
+        beta = site["scale"] / obs_scale
+        log_w = log_w - beta * reduce_site(name, site, log_prob(site, fn), K, N, nesting, plate)
+    return log_w, obs_scale
+
+
+class LossEstimator(nn.Module):
+    """Any Pyro ELBO, or any differentiable loss, as an estimator: ``loss`` is a
+    ``pyro.infer.ELBO`` object with ``differentiable_loss`` (``Trace_ELBO``, ``TraceEnum_ELBO``
+    for enumerated discrete latents, ``TraceMeanField_ELBO``, ``TraceCausalEffect_ELBO``,
+    ``TraceTMC_ELBO``, their ``Jit*`` variants...) or a callable ``loss(model, guide, *args)``
+    returning a 0-dim tensor to minimize, in nats summed over the mini-batch (with the model's
+    own scales). The value reported is ``-loss``, so it is the ELBO exactly when ``loss`` is a
+    negative ELBO (for ``TraceEnum_ELBO``: with the enumerated sites summed out, a bound at
+    least as tight as the sampled one). A callable that is an ``nn.Module`` is registered here,
+    so that its parameters are trained and saved.
+
+    :raises TypeError: ``loss`` is an ELBO without ``differentiable_loss`` (``TraceGraph_ELBO``,
+        ``RenyiELBO`` step their own ``backward``: use ``estimator="score"`` / ``"iwae"``), an
+        ``ELBOModule`` (``Trace_ELBO()(model, guide)``: pass the ELBO itself), or not callable;
+        at a step, the loss is not a 0-dim tensor.
+    """
+
+    def __init__(self, loss):
+        super().__init__()
+        if isinstance(loss, ELBOModule):
+            raise TypeError("loss is an ELBOModule (Trace_ELBO()(model, guide)), bound to "
+                            "programs already; pass the ELBO itself: loss=Trace_ELBO()")
+        if isinstance(loss, ELBO):
+            if not callable(getattr(loss, "differentiable_loss", None)):
+                raise TypeError(f"{type(loss).__name__} has no differentiable_loss (it runs its "
+                                "own backward pass); use estimator='score' for TraceGraph_ELBO's "
+                                "score-function gradients or estimator='iwae' for a "
+                                "multi-sample bound")
+            self._loss, self._elbo = loss.differentiable_loss, loss
+        elif callable(loss):
+            self._elbo = None
+            self._loss = loss
+        else:
+            raise TypeError(f"loss must be a pyro.infer ELBO or a callable (model, guide, *args) "
+                            f"-> loss, got {type(loss).__name__}")
+        if isinstance(loss, nn.Module):
+            self.module = loss
+        self.name = type(loss).__name__ if isinstance(loss, ELBO) else getattr(
+            loss, "__qualname__", type(loss).__name__)
+
+    def forward(self, model, guide, *args):
+        if self._elbo is not None and not torch.is_grad_enabled():
+            # validation: Pyro's differentiable_loss refuses a loss without gradient
+            loss = args[0].new_tensor(self._elbo.loss(model, guide, *args))
+            return -loss, loss
+        loss = self._loss(model, guide, *args)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise TypeError(f"the loss {self.name} must return a 0-dim tensor, got "
+                            f"{type(loss).__name__}"
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        return -loss.detach(), loss
 
 
 #: Registry of estimators by name (``--estimator`` on the command line).
@@ -301,7 +393,14 @@ class SVIObjective(nn.Module):
 
     ``objective(*batch)`` returns ``(value, loss)``, both per datapoint: the objective's value
     (the beta-weighted ELBO or IWAE bound, nats, no gradient) and the surrogate loss to
-    differentiate. The model's own ``state_dict`` is not part of this module's (it is saved
+    differentiate. Per datapoint means: the estimator's sums over the batch divided by the
+    batch size ``n`` and by the scale ``s`` of the model's observed sites
+    (:class:`~pvae.inference.handlers.observed_scale`), so that a model that scales its data
+    term (plate subsampling, ``pyro.plate("data", N, subsample=idx)``: ``s = N / n``;
+    ``poutine.scale(scale=s)``) still reports the unscaled ELBO per datapoint, and its loss
+    (hence its gradient) is that of the ELBO per datapoint. Where the observed sites carry
+    different scales no single ``s`` exists: nothing is divided out beyond ``n``, with one
+    warning. The model's own ``state_dict`` is not part of this module's (it is saved
     beside it); the estimator's state and the values of Pyro param-store parameters that the
     programs use (user models with ``pyro.param``) are.
 
@@ -326,16 +425,26 @@ class SVIObjective(nn.Module):
         else:
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
-        self.trusted = False
+        self.trusted, self._warned = False, False
 
     def forward(self, *batch):
         with contextlib.ExitStack() as stack:
             if self.trusted:
                 stack.enter_context(trusted_inputs())
                 stack.enter_context(pyro.validation_enabled(False))
+            scale = stack.enter_context(observed_scale())
             value, surrogate = self.estimator(self._model, self._guide, *batch)
         n = batch[0].shape[0]
-        return value / n, surrogate / n
+        value, surrogate = value / n, surrogate / n
+        if not scale.agree:
+            if not self._warned:
+                warnings.warn("the model's observed sites carry different scales "
+                              "(poutine.scale): the training value is reported per datapoint "
+                              "without removing them", RuntimeWarning, stacklevel=2)
+                self._warned = True
+        elif isinstance(scale.scale, torch.Tensor) or scale.scale != 1.0:
+            value, surrogate = value / scale.scale, surrogate / scale.scale
+        return value, surrogate
 
     def set_step(self, step: int) -> None:
         """Set beta for optimizer step ``step`` (counted from 0 over the whole run); in place

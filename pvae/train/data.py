@@ -8,7 +8,7 @@ import math
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pvae.contract import place_data, to_placement
+from pvae.contract import place_data, program_args, to_placement
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
 from pvae.parallel import shard
 
@@ -20,7 +20,8 @@ class TrainingData:
 
     :param x: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or ``(x, c)``
         (streamed through a ``DataLoader``; each batch is placed when it is drawn).
-    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` aligned with a tensor ``x``.
+    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` aligned with a tensor ``x``, or
+        a tuple of such tensors: the programs then take ``(x, *c)``.
     :param model: the model, whose ``likelihood.check(x)`` (where it has one) refuses data
         outside the likelihood's support.
     :param binarize: ``None`` or ``"dynamic"``: every batch is a fresh Bernoulli draw of the
@@ -74,7 +75,7 @@ class TrainingData:
             xb = to_placement(xb, self.device, self.dtype)
             cb = None if cb is None else to_placement(cb, self.device, self.dtype)
             _check(self.model, xb, cb, self.binarize)
-        return (xb,) if cb is None else (xb, cb)
+        return program_args(xb, cb)
 
     def transform(self, batch: tuple) -> tuple:
         """A placed batch as the model's positional arguments: with dynamic binarization a
@@ -84,9 +85,15 @@ class TrainingData:
         return (bernoulli_sample(batch[0]), *batch[1:])
 
     def shuffled(self, generator: torch.Generator):
-        """One epoch of placed mini-batches ``(x,)`` or ``(x, c)`` in an order drawn from
-        ``generator``; pass each through :meth:`transform` before the model."""
-        for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=True,
+        """One epoch of placed mini-batches ``(x,)``, ``(x, c)`` or ``(x, *c)`` in an order drawn from
+        ``generator``; pass each through :meth:`transform` before the model. When one batch
+        holds the whole data set (``batch_size >= N``) it comes in stored order, every epoch,
+        without drawing from ``generator``: the gradient of a full batch does not depend on the
+        order, and guides with per-datapoint parameters (Pyro's ``AutoNormal`` on a plate of the
+        batch's size, ``pyro.param`` of shape ``(N, ...)``) stay aligned with their
+        datapoints."""
+        shuffle = self.steps_per_epoch > 1
+        for xb, cb in batches(self.x, self.c, batch_size=self.batch_size, shuffle=shuffle,
                               generator=generator, pin_memory=self.device.type == "cuda"):
             if self.world_size > 1:  # this rank's slice of the global batch
                 mine = shard(len(xb), self.rank, self.world_size)
@@ -107,9 +114,18 @@ class TrainingData:
             yield self.transform(self._placed(xb, cb))
 
     def probe(self, seed: int, size: int = 8) -> tuple:
-        """A few datapoints drawn with their own generator (seeded with ``seed``), to run the
-        objective once before training: it creates lazily built parts and finds the
-        parameters."""
+        """The batch on which ``fit`` runs the objective once before training, with Pyro's
+        validation on, to create lazily built parts (lazy modules, autoguides' parameters,
+        neural baselines) and find the parameters. When one batch holds the whole data set,
+        it is that batch, exactly as training sees it (stored order, this rank's slice), so
+        that parameters shaped by the batch (per-datapoint guides) get their real shape;
+        otherwise ``min(batch_size, size)`` datapoints drawn with their own generator (seeded
+        with ``seed``), which leaves the shuffling stream alone. Guides with per-datapoint
+        parameters trained on mini-batches index them by datapoint (Pyro's
+        ``pyro.plate("data", N, subsample=idx)`` with ``idx`` a data argument), which any
+        subset of rows satisfies."""
+        if self.steps_per_epoch == 1:
+            return self.transform(next(self.shuffled(None)))
         generator = torch.Generator().manual_seed(seed)
         xb, cb = next(batches(self.x, self.c, batch_size=min(self.batch_size, size),
                               shuffle=True, generator=generator))

@@ -10,7 +10,13 @@ from torch import nn
 
 from pvae import parallel
 from pvae.contract import check_model, placement
-from pvae.inference import CAPTURABLE, ReparamEstimator, SVIObjective, make_estimator
+from pvae.inference import (
+    CAPTURABLE,
+    LossEstimator,
+    ReparamEstimator,
+    SVIObjective,
+    make_estimator,
+)
 from pvae.train.checkpoint import CHECKPOINT_NAME
 from pvae.train.data import TrainingData
 from pvae.train.distributed import DistributedStep, check_batches, use_distributed, wrap
@@ -24,14 +30,14 @@ from pvae.validation import check_count, check_float
 __all__ = ["fit"]
 
 
-def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
+def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
         batch_size: int = 256, lr: float = 1e-3, lr_decay: float = 1.0,
         estimator: str = "reparam", analytic_kl: bool = False, num_particles: int = 1,
         beta=1.0, baseline: str | None = None, gradient: str = "standard",
         device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
         progress: bool = True, config: dict | None = None, cuda_graph="auto",
-        distributed="auto", objective=None) -> History:
+        distributed="auto", objective=None, loss=None) -> History:
     r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
     mini-batches.
 
@@ -46,8 +52,17 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     dynamic binarization compares uniforms with ``x`` (:func:`pvae.data.bernoulli_sample`):
     per-step costs outside the Pyro program that a default plain PyTorch loop pays in full.
 
-    Pyro's validation runs on a first probe step; the loop itself runs with it off, since the
-    whole dataset is checked once up front and NaN/inf losses stop training here.
+    Before the first step the objective runs once, with Pyro's validation on, on a probe batch
+    (:meth:`~pvae.train.data.TrainingData.probe`): it creates lazily built parts (lazy modules,
+    Pyro autoguides' parameters, neural baselines) and finds the parameters to train. With
+    full batches (``batch_size >= N``) the probe is the batch that training sees, in stored
+    order, so guides with per-datapoint parameters (Pyro's ``AutoNormal`` or
+    ``AutoDiagonalNormal`` as guide, ``pyro.param`` of shape ``(N, ...)``) train as under
+    Pyro's ``SVI``; with mini-batches it is ``min(batch_size, 8)`` datapoints, and such guides
+    index their parameters by datapoint through plate subsampling
+    (``pyro.plate("data", N, subsample=idx)``, ``idx`` passed as ``c``). The loop runs with
+    validation off, since the whole dataset is checked once up front and NaN/inf losses stop
+    training here.
 
     ``fit`` assembles the parts: :class:`~pvae.train.data.TrainingData` (checks, placement,
     batches), :class:`~pvae.inference.SVIObjective` (estimator, beta, parameters),
@@ -58,7 +73,14 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or
         ``(x, c)`` (streamed through a ``DataLoader``). A :class:`pvae.data.Splits` is refused
         with a message naming the tensors to pass.
-    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models.
+    :param data: further tensors aligned with ``x_train``, positionally, as with Pyro's
+        ``SVI.step(*args)``: ``fit(model, x, t, y)`` trains ``model(x, t, y)`` (the same as
+        ``c=(t, y)``); each mini-batch slices them alike.
+    :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models, or any
+        tensor aligned with ``x_train`` that the programs take as their second argument (e.g.
+        ``torch.arange(N)``, the indices that ``pyro.plate("data", N, subsample=idx)`` needs
+        for per-datapoint parameters), or a tuple of such tensors (``model(x, *c)``).
+    :param c_val: the validation set's ``c``, of the same form.
     :param x_val: validation data ``(N_val, D)`` for the per-epoch validation ELBO.
     :param int num_epochs: total number of epochs (a resumed run continues up to it).
     :param float lr: Adam's learning rate.
@@ -113,12 +135,28 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         ``config`` (where it has one) joins the checkpoint's settings; its ``value_name``
         names the history's columns; the estimator settings must keep their defaults; it is
         also the validation objective (in ``eval()`` mode); the step runs eagerly.
+    :param loss: ``None`` (the estimator settings above), or any Pyro ELBO object
+        (``pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)`` for enumerated discrete latents,
+        ``TraceCausalEffect_ELBO``, ``Trace_ELBO(num_particles=...)``...) or a callable
+        ``loss(model, guide, *args) -> loss`` (a 0-dim tensor to minimize, nats summed over the
+        batch), trained in place of the built-in estimators
+        (:class:`~pvae.inference.LossEstimator`); the estimator settings must then keep their
+        defaults, ``beta`` still applies, the step runs eagerly, and the validation value is
+        the same loss, negated.
     :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
-        beta-weighted ELBO, or the K-sample IWAE bound for ``iwae``) and ``val_elbo`` in nats
-        per datapoint, ``beta``, ``seconds`` and ``images_per_s``.
-    :raises TypeError: ``model`` does not meet the model contract, or ``x_train`` is not a
-        tensor or ``Dataset``.
-    :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), a
+        beta-weighted ELBO, the K-sample IWAE bound for ``iwae``, or minus ``loss``) and
+        ``val_elbo`` in nats per datapoint, ``beta``, ``seconds`` and ``images_per_s``. Per
+        datapoint and unscaled: each step's value (minus the surrogate loss's estimate, summed
+        over the batch with the model's scales) is divided by the batch size and by the scale
+        of the model's observed sites (``N / batch`` for ``pyro.plate("data", N,
+        subsample=...)``, ``s`` for ``poutine.scale(scale=s)``), and the epoch's value is the
+        batch-size-weighted mean of its steps'; the loss that is differentiated is divided
+        alike (:class:`~pvae.inference.SVIObjective`).
+    :raises TypeError: ``model`` does not meet the model contract, ``x_train`` is not a
+        tensor or ``Dataset``, or ``loss`` is neither a Pyro ELBO with ``differentiable_loss``
+        nor a callable.
+    :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), both
+        ``objective`` and ``loss``, estimator settings beside ``loss`` or ``objective``, a
         checkpoint written with another configuration or number of processes, or
         ``cuda_graph=True`` where the step cannot be captured (not on CUDA, score-function
         estimator, data-parallel training); with several processes, a mini-batch with fewer
@@ -127,9 +165,20 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """
+    if data:
+        if c is not None:
+            raise ValueError("fit takes the data after x_train either positionally "
+                             "(fit(model, x, t, y)) or as c, not both")
+        c = data[0] if len(data) == 1 else tuple(data)
     if objective is None:
         check_model(model, "fit")
+        if loss is not None:
+            _check_unused("a loss", "the default SVI estimator", estimator, analytic_kl,
+                          num_particles, 1.0, baseline, gradient)
     else:
+        if loss is not None:
+            raise ValueError("fit takes an objective or a loss, not both: an objective already "
+                             "defines what is minimized")
         _check_objective(objective, estimator, analytic_kl, num_particles, beta, baseline,
                          gradient, cuda_graph)
     num_epochs, batch_size, lr, lr_decay, seed = _check_settings(
@@ -151,7 +200,14 @@ def fit(model, x_train, *, c=None, x_val=None, c_val=None, num_epochs: int,
         check_batches(data)
     settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
                 "binarize": binarize}
-    if objective is None:
+    if objective is None and loss is not None:
+        estimated = LossEstimator(loss)
+        capture = _capture(cuda_graph, device, f"loss={estimated.name}", ddp)
+        settings.update({"loss": _loss_config(loss),
+                         "beta": beta if not callable(beta) else repr(beta)})
+        objective = SVIObjective(model, estimated, beta)
+        val_objective = SVIObjective(model, estimated)
+    elif objective is None:
         capture = _capture(cuda_graph, device, estimator, ddp)
         objective, val_objective = _svi_objectives(
             model, settings, estimator=estimator, num_particles=num_particles,
@@ -204,6 +260,19 @@ def _svi_objectives(model, settings: dict, *, estimator, num_particles, analytic
     return objective, SVIObjective(model, ReparamEstimator(1, analytic_kl))
 
 
+def _loss_config(loss) -> dict:
+    """What identifies a given loss in the checkpoint's settings: its type and, for Pyro's
+    ELBOs, their numeric options."""
+    config = {"name": LossEstimator(loss).name}
+    for key in ("num_particles", "max_plate_nesting", "max_iarange_nesting",
+                "vectorize_particles", "strict_enumeration_warning"):
+        value = getattr(loss, key, None)
+        if isinstance(value, (bool, int, float)) and not (isinstance(value, float)
+                                                          and value != value):
+            config[key] = value
+    return config
+
+
 def _capture(cuda_graph, device: torch.device, estimator: str, distributed: bool) -> bool:
     """Whether the training step is captured as a CUDA graph (see ``fit``'s ``cuda_graph``)."""
     if cuda_graph not in ("auto", True, False):
@@ -230,16 +299,23 @@ def _check_objective(objective, estimator, analytic_kl, num_particles, beta, bas
         raise TypeError(f"fit's objective must be an nn.Module mapping a batch to (value, loss) "
                         f"with {', '.join(needed)} (e.g. pvae.autoencoders.AutoencoderObjective), "
                         f"got {type(objective).__name__}")
+    _check_unused("an objective", "the default SVI objective", estimator, analytic_kl,
+                  num_particles, beta, baseline, gradient)
+    if cuda_graph is True:
+        raise ValueError("cuda_graph=True is for the SVI objective; a given objective trains "
+                         "eagerly: pass cuda_graph='auto' or False")
+
+
+def _check_unused(given_what: str, configures: str, estimator, analytic_kl, num_particles,
+                  beta, baseline, gradient) -> None:
+    """Refuse estimator settings that a given objective or loss would ignore."""
     given = {"estimator": (estimator, "reparam"), "analytic_kl": (analytic_kl, False),
              "num_particles": (num_particles, 1), "beta": (beta, 1.0),
              "baseline": (baseline, None), "gradient": (gradient, "standard")}
     ignored = [k for k, (value, default) in given.items() if value != default]
     if ignored:
-        raise ValueError(f"fit was given an objective, which ignores {ignored}: drop them (they "
-                         "configure the default SVI objective)")
-    if cuda_graph is True:
-        raise ValueError("cuda_graph=True is for the SVI objective; a given objective trains "
-                         "eagerly: pass cuda_graph='auto' or False")
+        raise ValueError(f"fit was given {given_what}, which ignores {ignored}: drop them (they "
+                         f"configure {configures}; a Pyro ELBO takes num_particles itself)")
 
 
 def _check_settings(num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume,

@@ -13,7 +13,14 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enume
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import nn
 
-from pvae.inference import elbo_terms, iw_log_likelihood, log_weights
+from pvae.inference import (
+    elbo_terms,
+    guide_samples,
+    inference_gap,
+    iw_log_likelihood,
+    log_weights,
+    nuts_posterior,
+)
 from pvae.train import fit
 
 
@@ -595,3 +602,29 @@ def test_three_data_arguments_train_and_evaluate():
         fit(model, x, t, c=y, num_epochs=1)
     with pytest.raises(ValueError, match="c has 99 rows but x has 100"):
         iw_log_likelihood(model, x, c=(t, y[:99]), num_samples=2)
+
+
+def test_posterior_tools_find_the_data_plate_whatever_its_name():
+    """NUTS, the guide's draws and the inference gap on the "batch"-plate model with the exact
+    posterior as guide: N(w.x / (1 + |w|^2), 1 / (1 + |w|^2)) per datapoint."""
+    w, x = linear_gaussian_data(n=3)
+    model = BatchPlate(w)
+    precision = 1 + w @ w
+    with torch.no_grad():
+        model.a.copy_(w / precision)
+        model.log_s.fill_(-0.5 * precision.log())
+    mean, sd = x @ w / precision, precision ** -0.5
+    nuts = nuts_posterior(model, x, num_samples=300, warmup_steps=200, num_chains=2, seed=0)
+    draws = nuts.draws["z"]  # (chains, draws, N)
+    assert draws.shape == (2, 300, 3)
+    # 600 correlated draws: a conservative ESS of 100 gives an SE of sd / 10
+    assert (draws.mean((0, 1)) - mean).abs().max() < 4 * sd / 10
+    guide = guide_samples(model, x, num_samples=4000, seed=0).draws["z"]
+    assert guide.shape == (1, 4000, 3)
+    assert (guide.mean((0, 1)) - mean).abs().max() < 4 * sd / 4000 ** 0.5
+    gap = inference_gap(model, x, num_steps=20, num_elbo_samples=200, num_samples=200)
+    # the guide is exact: log p(x) and both ELBOs are log p(x), to Monte Carlo error
+    exact = exact_log_marginal(w, x).double()
+    assert torch.allclose(gap.elbo_amortized, exact, atol=1e-4)
+    # the refined guide moved off the optimum by its noisy steps only: IW still ~exact
+    assert torch.allclose(gap.log_likelihood, exact, atol=1e-2)

@@ -26,7 +26,7 @@ from torch.distributions import MultivariateNormal, Normal
 
 from pvae.contract import fixed_parameters, prepare_data, program_args
 from pvae.distributions import base_dist
-from pvae.inference.traces import max_plate_nesting, sites, traces, weights
+from pvae.inference.traces import data_layout, sites, traces, weights
 from pvae.stats import mean_stderr
 from pvae.validation import check_choice, check_count, check_float
 
@@ -158,12 +158,13 @@ class InferenceGap:
 
 
 @torch.no_grad()
-def _elbo(program, args, num_samples, nesting, chunk=256):
+def _elbo(program, args, num_samples, layout, chunk=256):
     """Per-datapoint ELBO estimate and its Monte Carlo standard error, ``(N,)`` each."""
     total, total_sq = 0.0, 0.0
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
-        log_w = weights(program.model, program.guide, args, k, nesting).log_weight.double()
+        log_w = weights(program.model, program.guide, args, k, layout[0],
+                        plate=layout[1]).log_weight.double()
         total, total_sq = total + log_w.sum(0), total_sq + log_w.pow(2).sum(0)
     mean = total / num_samples
     var = (total_sq / num_samples - mean**2).clamp_min(0) * num_samples / max(num_samples - 1, 1)
@@ -171,12 +172,13 @@ def _elbo(program, args, num_samples, nesting, chunk=256):
 
 
 @torch.no_grad()
-def _iw(program, args, num_samples, nesting, chunk=256):
+def _iw(program, args, num_samples, layout, chunk=256):
     """IW estimate of log p(x) and its delta-method Monte Carlo error ``sqrt((K/ESS - 1) / K)``."""
     lse = lse2 = None
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
-        log_w = weights(program.model, program.guide, args, k, nesting).log_weight.double()
+        log_w = weights(program.model, program.guide, args, k, layout[0],
+                        plate=layout[1]).log_weight.double()
         a, b = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
         lse = a if lse is None else torch.logaddexp(lse, a)
         lse2 = b if lse2 is None else torch.logaddexp(lse2, b)
@@ -218,7 +220,8 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     x, c = prepare_data(model, x, c, device, "inference_gap")
     args = program_args(x, c)
     pyro.set_rng_seed(seed)
-    nesting = max_plate_nesting(model.model, model.guide, args)
+    layout = data_layout(model.model, model.guide, args)  # (nesting, data plate)
+    nesting = layout[0]
     refined = RefinedGuide(model, args, family)
     with fixed_parameters(model):
         elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
@@ -234,8 +237,8 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
                 optimizer.step()
                 decay.step()
     amortized, refined_program = _Program(model, model.guide), _Program(model, refined)
-    elbo_q, elbo_q_se = _elbo(amortized, args, num_elbo_samples, nesting)
-    elbo_star, elbo_star_se = _elbo(refined_program, args, num_elbo_samples, nesting)
-    log_px, log_px_se = _iw(refined_program, args, num_samples, nesting)
+    elbo_q, elbo_q_se = _elbo(amortized, args, num_elbo_samples, layout)
+    elbo_star, elbo_star_se = _elbo(refined_program, args, num_elbo_samples, layout)
+    log_px, log_px_se = _iw(refined_program, args, num_samples, layout)
     return InferenceGap(log_px, log_px_se, elbo_q, elbo_q_se, elbo_star, elbo_star_se,
                         num_samples, num_elbo_samples, num_steps)

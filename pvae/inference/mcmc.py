@@ -45,7 +45,7 @@ import torch
 from pyro.ops.stats import effective_sample_size
 
 from pvae.contract import fixed_parameters, prepare_data, program_args, trusted_inputs
-from pvae.inference.traces import PARTICLE_PLATE, max_plate_nesting, sites
+from pvae.inference.traces import PARTICLE_PLATE, data_layout, sites
 from pvae.stats import mean_stderr
 from pvae.validation import check_count
 
@@ -137,15 +137,16 @@ class PosteriorSamples:
                 "num_chains": self.num_chains, "num_draws": self.num_draws}
 
 
-def _data_pos(name, site, value_dim: int) -> int:
-    """Position of the ``"data"`` plate's dim in the site's value (``value_dim`` dims)."""
-    frames = [f for f in site["cond_indep_stack"] if f.name == "data"]
-    if not frames:  # checked by max_plate_nesting
-        raise ValueError(f"sample site {name!r} is outside pyro.plate('data', ...)")
+def _data_pos(name, site, value_dim: int, plate: str) -> int:
+    """Position of the data plate's dim (``plate``, found by
+    :func:`~pvae.inference.traces.data_layout`) in the site's value (``value_dim`` dims)."""
+    frames = [f for f in site["cond_indep_stack"] if f.name == plate]
+    if not frames:  # checked by data_layout
+        raise ValueError(f"sample site {name!r} is outside pyro.plate({plate!r}, ...)")
     pos = value_dim - len(site["fn"].event_shape) + frames[0].dim
     if pos < 0:
         raise ValueError(f"latent site {name!r} has a value of {value_dim} dims, without the "
-                         "'data' plate's dim; give its distribution that batch dim")
+                         f"{plate!r} plate's dim; give its distribution that batch dim")
     return pos
 
 
@@ -252,8 +253,8 @@ def nuts_posterior(model, x: torch.Tensor, c=None, *, num_samples: int = 500,
     chains, diverging = [], torch.zeros(num_chains, num_samples, N, dtype=torch.bool)
     for n in range(N):
         args = program_args(x[n:n + 1], None if c is None else c[n:n + 1])
-        # the model's own checks, once; also refuses sites outside the "data" plate
-        nesting = max_plate_nesting(model.model, model.guide, args)
+        # the model's own checks, once; also refuses sites outside the data plate
+        nesting, plate = data_layout(model.model, model.guide, args)
         with poutine.block():
             proto = poutine.trace(model.model).get_trace(*args)
         latent = {name: site for name, site in sites(proto, False)
@@ -274,7 +275,7 @@ def nuts_posterior(model, x: torch.Tensor, c=None, *, num_samples: int = 500,
             samples = mcmc.get_samples()
             per_chain.append({
                 name: _rearrange(name, samples[name].detach().cpu(),
-                                 _data_pos(name, site, samples[name].dim() - 1), 1)
+                                 _data_pos(name, site, samples[name].dim() - 1, plate), 1)
                 for name, site in latent.items()})
             divergent = mcmc.diagnostics()["divergences"]["chain 0"]
             diverging[k, torch.as_tensor(divergent, dtype=torch.long), n] = True
@@ -318,7 +319,7 @@ def guide_samples(model, x: torch.Tensor, c=None, *, num_samples: int = 2000,
     start = time.perf_counter()
     pyro.set_rng_seed(seed)
     with fixed_parameters(model):
-        nesting = max_plate_nesting(model.model, model.guide, args)
+        nesting, plate = data_layout(model.model, model.guide, args)
         with poutine.block():
             model_tr = poutine.trace(model.model).get_trace(*args)
             with pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
@@ -328,7 +329,7 @@ def guide_samples(model, x: torch.Tensor, c=None, *, num_samples: int = 2000,
         site = guide_tr.nodes[name]
         value = site["value"]
         # value: (K, ..., N at the data dim, ..., *event), batch rank nesting + 1
-        pos = _data_pos(name, site, value.dim()) - 1
+        pos = _data_pos(name, site, value.dim(), plate) - 1
         draws[name] = _rearrange(name, value.detach().cpu(), pos, 1)[None]
     return PosteriorSamples(draws, "guide", seconds=time.perf_counter() - start)
 

@@ -6,7 +6,6 @@ log-likelihood and the ELBO's terms, from the shared trace code of
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from pvae.inference.traces import (
     features,
     in_model_order,
     log_prob,
+    own_rng,
     reduce_site,
     sites,
     vectorizes,
@@ -188,7 +188,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
                                            x.element_size(), batch_size, chunk_size)
     if sharded and seed is None:
         seed = parallel.broadcast(int(torch.randint(2**62, ())))
-    with _own_rng(seed, x.device):  # the trace that finds the nesting draws too
+    with own_rng(seed, x.device):  # the trace that finds the nesting draws too
         layout = _layout(model, x, c, batch_size, data_plate)
     rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
 
@@ -208,7 +208,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
             if b % world == rank]
     for b, xb, cb in tqdm(mine, disable=not progress or rank != 0, desc="IW log-likelihood",
                           unit="batch"):
-        with _own_rng(None if seed is None else seed + b, x.device):
+        with own_rng(None if seed is None else seed + b, x.device):
             results[b] = one_batch(xb, cb)
     both = torch.cat(parallel.gather_in_order(results) if sharded else
                      [results[b] for b in sorted(results)], dim=1).to(x.device)
@@ -218,21 +218,6 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
                                  "weight was NaN or -inf (data outside the likelihood's support?)")
     mean, stderr = mean_stderr(per_datapoint)
     return IWResult(per_datapoint.to(x.dtype), mean, stderr, ess, num_samples)
-
-
-def _own_rng(seed: int | None, device: torch.device):
-    """With a seed, a context in which torch's RNGs (CPU and ``device``) are seeded with it and
-    restored afterwards; without one, nothing (the global streams are used as they stand)."""
-    if seed is None:
-        return contextlib.nullcontext()
-    return _seeded(seed, device)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def _sharded(distributed) -> bool:

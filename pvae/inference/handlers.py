@@ -1,6 +1,7 @@
 """Effect handlers that turn any model and guide into the program an objective needs:
 :class:`scale_latents` (beta-weighted KL), :class:`score_function` (REINFORCE gradients with
-baselines) and :class:`observed_scale` (the scale of the data, to report values per datapoint)."""
+baselines), :class:`observed_scale` (the scale of the data, to report values per datapoint)
+and :class:`mask_entries` (the likelihood of some entries of x only, for imputation)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from pvae.distributions import base_dist
 
-__all__ = ["BASELINES", "observed_scale", "scale_latents", "score_function"]
+__all__ = ["BASELINES", "mask_entries", "observed_scale", "scale_latents", "score_function"]
 
 #: Baseline options of the score-function estimator.
 BASELINES = (None, "average", "neural")
@@ -34,6 +35,37 @@ class scale_latents(Messenger):
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg) \
                 and (isinstance(self.beta, torch.Tensor) or self.beta != 1.0):
             msg["scale"] = self.beta * msg["scale"]
+
+
+class mask_entries(Messenger):
+    """Score only the entries of the observed site ``name`` where ``mask`` is true: its
+    distribution, which must factorize over the entries (a ``.to_event(k)`` of a batch of
+    univariate distributions, as every pvae likelihood is), becomes
+    ``base.mask(mask).to_event(k)``, so ``log_prob`` sums the observed entries' terms alone
+    (``pyro.poutine.mask`` masks whole batch elements, not entries of an event).
+
+    :param str name: the observed site.
+    :param torch.Tensor mask: bool, broadcastable to the site's ``batch_shape + event_shape``
+        (``(N, D)`` for ``x`` of that shape).
+    :raises ValueError: (when the site runs) its distribution does not factorize over entries.
+    """
+
+    def __init__(self, name: str, mask: torch.Tensor):
+        super().__init__()
+        self.name, self.mask = name, mask
+
+    def _pyro_sample(self, msg):
+        if msg["name"] != self.name:
+            return
+        fn = msg["fn"]
+        base = base_dist(fn)
+        if base.event_shape:
+            raise ValueError(
+                f"site {self.name!r} has a {type(base).__name__} distribution over whole "
+                f"vectors (event shape {tuple(base.event_shape)}): masking some of its entries "
+                "needs one that factorizes over them, a batch of univariate distributions "
+                "made into one event with .to_event(...)")
+        msg["fn"] = base.mask(self.mask).to_event(len(fn.event_shape))
 
 
 class observed_scale(Messenger):

@@ -1,10 +1,13 @@
-r"""Filling in missing data with a trained VAE or CVAE.
+r"""Filling in missing data with any trained model meeting the model contract: the VAE, the
+CVAE, the hierarchical VAE, PPCA, or your own Pyro program.
 
 For an image x with observed pixels o and missing pixels m, the posterior predictive of the
-missing part is p(x_m | x_o) = E_{p(z | x_o)}[p(x_m | z)]. :func:`impute` estimates it by
-self-normalized importance sampling over z with the likelihood of the **observed pixels only**
-in the weights. The proposal is a defensive mixture (Hesterberg 1995) of the amortized guide,
-fed the current fill of x, and the prior,
+missing part is p(x_m | x_o) = E_{p(z | x_o)}[p(x_m | z)], z all the latent sites.
+:func:`impute` estimates it by self-normalized importance sampling over z with the likelihood
+of the **observed pixels only** in the weights (:class:`~pvae.inference.handlers.mask_entries`
+on the model's observed site). The proposal is a defensive mixture (Hesterberg 1995) of the
+amortized guide, fed the current fill of x, and the prior (the model's own latent sites run
+forward),
 
     pi(z) = (1 - a) q(z | x_fill) + a p(z),
     w_k ∝ p(x_o | z_k) p(z_k) / pi(z_k),
@@ -23,12 +26,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pyro
+import pyro.poutine as poutine
 import torch
-from torch.distributions import Normal
+from torch import nn
 
 from pvae import stats
-from pvae.contract import placement, to_placement
+from pvae.contract import (
+    check_model,
+    place_data,
+    placement,
+    program_args,
+    to_placement,
+    trusted_inputs,
+)
+from pvae.inference.handlers import mask_entries
 from pvae.inference.sizes import pass_rows
+from pvae.inference.traces import (
+    data_layout,
+    features,
+    own_rng,
+    replayed_log_density,
+    sites,
+    vectorizes,
+    weights,
+)
 from pvae.validation import check_count, check_probability
 
 __all__ = ["Imputation", "impute"]
@@ -55,35 +77,40 @@ class Imputation:
 @torch.no_grad()
 def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: int = 1000,
            num_draws: int = 10, num_gibbs: int = 0, prior_fraction: float = 0.5,
-           chunk_size: int | None = None, generator: torch.Generator | None = None
-           ) -> Imputation:
-    """Fill in the missing entries of ``x`` (where ``mask`` is 0/False) with a trained VAE/CVAE.
+           chunk_size: int | None = None, seed: int | None = None,
+           data_plate: str | None = None) -> Imputation:
+    """Fill in the missing entries of ``x`` (where ``mask`` is 0/False) with a trained model.
 
-    :param model: a model with ``likelihood`` (``likelihood(out)`` a distribution over x,
-        ``likelihood.mean(out)``) and ``imputation_parts(c, like)`` giving the Gaussian prior's
-        ``loc, scale``, ``decode(z)`` and the guide's ``guide(x) -> (loc, scale)``: the
-        built-in :class:`pvae.models.VAE` and :class:`pvae.models.CVAE`.
+    :param model: any object meeting the model contract (``model(x, c=None)`` and
+        ``guide(x, c=None)`` Pyro programs, README "Your own model") whose observed site of
+        ``x`` has a distribution that factorizes over the entries of x (a ``.to_event(1)`` of
+        univariate distributions, as every pvae likelihood is): :class:`pvae.models.VAE`,
+        ``CVAE``, ``HierarchicalVAE``, ``PPCA`` and user programs.
     :param torch.Tensor x: ``(N, D)``; missing entries may hold anything, NaN included.
     :param torch.Tensor mask: ``(N, D)`` bool or 0/1: 1 = observed (may be all 0, e.g. for a
         structured-prediction CVAE whose ``c`` is the observed part).
-    :param c: conditioning for a CVAE.
+    :param c: conditioning for a conditional model (a tensor, or a tuple of tensors).
     :param int num_samples: importance samples of z per datapoint.
     :param int num_draws: posterior-predictive draws to return.
     :param int num_gibbs: pseudo-Gibbs refinements of the proposal's input before the final
         importance-sampling pass (0: the missing entries start at the mean of the observed ones).
-    :param float prior_fraction: share ``a`` of the samples drawn from the prior p(z | c) in the
+    :param float prior_fraction: share ``a`` of the samples drawn from the prior in the
         defensive mixture proposal (0: the guide alone; 1: the prior alone).
     :param chunk_size: samples of z per pass (default: chosen for the device and ``N``, see
         :mod:`pvae.inference.sizes`).
+    :param seed: ``None`` (torch's global RNG, as it stands) or an int: the draws come from
+        ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the caller's streams are
+        left alone), so the same seed gives the same imputation.
+    :param data_plate: the name of the data plate, where it cannot be found (see
+        :func:`~pvae.inference.iw_log_likelihood`).
     :returns: :class:`Imputation`.
     :raises ValueError: shapes disagree, non-binary mask, NaN in observed entries,
-        ``prior_fraction`` outside [0, 1].
-    :raises TypeError: the model does not offer ``imputation_parts`` and ``likelihood``.
+        ``prior_fraction`` outside [0, 1], no observed site holding ``x``, a likelihood that
+        does not factorize over entries, or a guide with auxiliary sites (a Pyro autoguide)
+        mixed with prior draws (pass ``prior_fraction=0``).
+    :raises TypeError: the model does not meet the model contract.
     """
-    for attr in ("imputation_parts", "likelihood"):
-        if not hasattr(model, attr):
-            raise TypeError(f"impute needs a model with a Gaussian latent and amortized guide "
-                            f"(pvae.models.VAE or CVAE: {attr}); {type(model).__name__} has none")
+    check_model(model, "impute")
     if x.shape != mask.shape or x.dim() != 2:
         raise ValueError(f"x and mask must both have shape (N, D), got {tuple(x.shape)} and "
                          f"{tuple(mask.shape)}")
@@ -93,6 +120,8 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     prior_fraction = check_probability("prior_fraction", prior_fraction)
     if chunk_size is not None:
         check_count("chunk_size", chunk_size)
+    if seed is not None:
+        check_count("seed", seed, 0)
     device, dtype = placement(model, "auto", x)
     x, mask = to_placement(x, device, dtype), mask.to(device)
     if mask.dtype != torch.bool:
@@ -102,53 +131,95 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     x_obs = torch.where(mask, x, torch.zeros_like(x))
     if not torch.isfinite(x_obs).all():
         raise ValueError("observed entries of x (mask = 1) contain NaN or inf")
-    model.eval()
-    if c is not None:
-        c = to_placement(c, device, dtype)
-    prior_loc, prior_scale, decode, guide = model.imputation_parts(c, x)
+    x_obs, c = place_data(x_obs, c, device, dtype)
+    if isinstance(model, nn.Module):
+        model.eval()
     chunk_size = chunk_size or max(1, pass_rows(device, x.shape[-1], x.element_size()) // len(x))
     row_mean = x_obs.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
     fill = torch.where(mask, x_obs, row_mean.expand_as(x))
-    num_prior = round(prior_fraction * num_samples)
-    a = num_prior / num_samples
-    p = Normal(prior_loc, prior_scale)
-
-    def draw(loc, scale, k):
-        eps = torch.randn((k, *loc.shape), generator=generator, device=loc.device,
-                          dtype=loc.dtype)
-        return loc + scale * eps
-
-    for _ in range(num_gibbs + 1):
-        q = Normal(*guide(fill))
-        log_w, means, zs = [], [], []
-        for start in range(0, num_samples, chunk_size):
-            k = min(chunk_size, num_samples - start)
-            # samples [0, num_samples - num_prior) from the guide, the rest from the prior
-            k_q = min(max(num_samples - num_prior - start, 0), k)
-            z = torch.cat([draw(q.loc, q.scale, k_q), draw(p.loc, p.scale, k - k_q)])
-            log_p, log_q = p.log_prob(z).sum(-1), q.log_prob(z).sum(-1)
-            if a == 0.0:
-                log_pi = log_q
-            elif a == 1.0:
-                log_pi = log_p
-            else:
-                log_pi = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
-            out = decode(z)
-            lik = model.likelihood(out).base_dist
-            log_px = (lik.log_prob(x_obs.expand(*out.shape[:-1], x_obs.shape[-1])) * mask).sum(-1)
-            log_w.append(log_px + log_p - log_pi)
-            means.append(model.likelihood.mean(out))
-            zs.append(z)
-        log_w = torch.cat(log_w)  # (K, N)
-        w = torch.softmax(log_w, 0)
-        mean = (w.unsqueeze(-1) * torch.cat(means)).sum(0)
-        fill = torch.where(mask, x_obs, mean)
+    with own_rng(seed, device), trusted_inputs(), pyro.validation_enabled(False):
+        sampler = _Sampler(model, mask, program_args(fill, c), prior_fraction, data_plate)
+        for _ in range(num_gibbs + 1):
+            log_w, means, draws = sampler.run(program_args(fill, c), num_samples, chunk_size)
+            w = torch.softmax(log_w, 0)  # (K, N)
+            fill = torch.where(mask, x_obs, (w.unsqueeze(-1) * means).sum(0))
+        # draws from p(x_m | x_o): particles resampled by weight, each with its own x ~ p(x | z)
+        idx = torch.multinomial(w.T, num_draws, replacement=True).T  # (S, N)
+        x_draw = torch.gather(draws, 0, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     ess = stats.ess(log_w, 0)
     log_evidence = torch.logsumexp(log_w, 0) - math.log(num_samples)
-    # draws: resample z by weight, then x_m ~ p(x_m | z)
-    idx = torch.multinomial(w.T, num_draws, replacement=True, generator=generator).T  # (S, N)
-    z_all = torch.cat(zs)  # (K, N, L)
-    z_draw = torch.gather(z_all, 0, idx.unsqueeze(-1).expand(-1, -1, z_all.shape[-1]))
-    x_draw = model.likelihood(decode(z_draw)).sample()
-    samples = torch.where(mask, x_obs, x_draw)
-    return Imputation(fill, samples, ess, log_evidence)
+    return Imputation(fill, torch.where(mask, x_obs, x_draw), ess, log_evidence)
+
+
+class _Sampler:
+    """The importance sampler of :func:`impute` for one model and mask: particles from the
+    guide and from the prior, with the weights of the defensive mixture."""
+
+    def __init__(self, model, mask, args: tuple, prior_fraction: float, data_plate):
+        self.guide, self.prior_fraction = model.guide, prior_fraction
+        self.nesting, self.plate = data_layout(model.model, model.guide, args, data_plate)
+        self.site = _data_site(model, args)
+        self.model = mask_entries(self.site, mask)(model.model)
+
+        def prior(*a):  # the model's latent sites run forward: a guide that is the prior
+            with poutine.block(hide_fn=lambda msg: msg.get("is_observed", False)):
+                return model.model(*a)
+
+        self.prior = prior
+        self.vectorize = vectorizes(self.model, model.guide, args, self.nesting, self.plate,
+                                    task="imputing")
+        if prior_fraction > 0:
+            with poutine.block():
+                guide_tr = poutine.trace(model.guide).get_trace(*args)
+            if any(site["infer"].get("is_auxiliary")
+                   for _, site in sites(guide_tr, False, auxiliary=True)):
+                raise ValueError("the guide has auxiliary sites (a Pyro autoguide): its density "
+                                 "at the prior's draws is not defined site by site; impute with "
+                                 "prior_fraction=0 (guide draws only)")
+
+    def run(self, args: tuple, num_samples: int, chunk_size: int):
+        """``(log_w, means, draws)``: ``(K, N)`` log weights, ``(K, N, D)`` E[x | z_k] and
+        one draw x ~ p(x | z_k) per particle; the first ``K - round(a K)`` particles from the
+        guide fed ``args``, the rest from the prior."""
+        num_prior = round(self.prior_fraction * num_samples)
+        a = num_prior / num_samples
+        out = []
+        for proposal, total in ((self.guide, num_samples - num_prior), (self.prior, num_prior)):
+            step = chunk_size if self.vectorize else 1
+            for start in range(0, total, step):
+                k = min(step, total - start)
+                w = weights(self.model, proposal, args, k, self.nesting, self.vectorize,
+                            self.plate)
+                if proposal is self.guide:
+                    log_q = w.log_guide
+                else:  # the guide's density at the prior's draws (only needed in a mixture)
+                    log_q = w.log_guide if a == 1.0 else replayed_log_density(
+                        self.guide, w.guide_trace, args, k if self.vectorize else None,
+                        self.nesting, self.plate)
+                log_p = w.log_prior
+                if a == 0.0:
+                    log_pi = log_q
+                elif a == 1.0:
+                    log_pi = log_p
+                else:
+                    log_pi = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
+                site = w.model_trace.nodes[self.site]
+                mean, draw = (features(site, t, self.nesting, self.plate).expand(k, -1, -1)
+                              for t in (site["fn"].mean, site["fn"].sample()))
+                out.append((w.log_likelihood + log_p - log_pi, mean, draw))
+        return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+def _data_site(model, args: tuple) -> str:
+    """The name of the model's observed site whose value is ``x`` (``args[0]``).
+
+    :raises ValueError: there is none.
+    """
+    with poutine.block():
+        tr = poutine.trace(model.model).get_trace(*args)
+    for name, site in sites(tr, True):
+        if site["value"] is args[0] or site["value"].shape == args[0].shape:
+            return name
+    raise ValueError(f"impute needs an observed site holding x (shape {tuple(args[0].shape)}), "
+                     "e.g. pyro.sample('x', ..., obs=x); the model observes "
+                     f"{[n for n, _ in sites(tr, True)]}")

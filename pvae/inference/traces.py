@@ -285,6 +285,38 @@ def _reduce(guide_tr, model_tr, args, num_particles, nesting, plate) -> Weights:
     return Weights(parts["obs"], parts["prior"], parts["guide"], guide_tr, model_tr)
 
 
+def own_rng(seed: int | None, device: torch.device):
+    """With a seed, a context in which torch's RNGs (CPU and ``device``) are seeded with it and
+    restored afterwards; without one, nothing (the global streams are used as they stand)."""
+    if seed is None:
+        return contextlib.nullcontext()
+    return _seeded(seed, device)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def replayed_log_density(program, trace, args: tuple, num_particles: int | None, nesting: int,
+                         plate: str = "data") -> torch.Tensor:
+    """log q(z) of ``program`` (a guide) at the latent values of ``trace`` (drawn by another
+    program with the same particle layout), reduced per datapoint to ``(K, N)``; ``K`` is 1
+    without a particle plate (``num_particles`` ``None``)."""
+    with poutine.block():
+        particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
+                     if num_particles is not None else contextlib.nullcontext())
+        with particles:
+            tr = poutine.trace(poutine.replay(program, trace=trace)).get_trace(*args)
+    shape = (num_particles or 1, args[0].shape[0])
+    total = args[0].new_zeros(shape)
+    for name, site in sites(tr, False, auxiliary=True):
+        total = total + reduce_site(name, site, log_prob(site), *shape, nesting, plate)
+    return total
+
+
 def vectorizes(model, guide, args: tuple, nesting: int, plate: str = "data",
                task: str = "evaluating") -> bool:
     """Whether the programs run with vectorized particles (a plate left of their own plates):

@@ -154,14 +154,6 @@ class CVAE(LatentVariableModel):
         with pyro.plate("data", x.shape[0], dim=-1):
             pyro.sample("z", gaussian_guide(*self.encoder(torch.cat([x, ce], -1))))
 
-    def imputation_parts(self, c, like: torch.Tensor):
-        """The pieces :func:`pvae.inference.impute` needs (see :meth:`VAE.imputation_parts`),
-        with the prior p(z | c) and guide q(z | x, c) for the conditioning ``c``."""
-        ce = self.embed(c, like)
-        loc, scale = self.prior(ce)
-        return (loc, scale, lambda z: self._decode_out(z, ce),
-                lambda x: self._loc_scale(torch.cat([x, ce], -1)))
-
     def _loc_scale(self, xc):
         loc, scale = self.encoder(xc)
         return loc, marginal_scale(loc, scale)

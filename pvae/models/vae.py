@@ -164,16 +164,6 @@ class VAE(LatentVariableModel):
             raise ValueError("VAE is unconditional and takes c=None; use pvae.models.CVAE to "
                              "condition on c")
 
-    def imputation_parts(self, c, like: torch.Tensor):
-        """The pieces :func:`pvae.inference.impute` needs, for a batch like ``like``
-        ``(batch, x_dim)``: ``(prior_loc, prior_scale, decode, guide)`` with the prior's
-        ``(batch, latent_dim)`` parameters, ``decode(z)`` the likelihood's parameters for z
-        ``(..., batch, latent_dim)``, and ``guide(x)`` the guide's ``loc, scale`` for a filled-in
-        ``x`` ``(batch, x_dim)`` (marginal scales for a full-covariance guide: a proposal)."""
-        self._check_c(c)
-        zeros = like.new_zeros(like.shape[0], self.latent_dim)
-        return zeros, zeros + 1.0, self.decoder, lambda x: self._loc_scale(x)
-
     def _loc_scale(self, x):
         loc, scale = self.encoder(x)
         return loc, marginal_scale(loc, scale)

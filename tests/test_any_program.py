@@ -598,6 +598,16 @@ def test_three_data_arguments_train_and_evaluate():
     gap = exact - terms.elbo  # KL(q || p(z | x, y, t)) >= 0, small for a near-exact guide
     se = gap.std() / len(gap) ** 0.5
     assert -3 * se < gap.mean() < 3 * se + 0.02, (gap.mean(), se)
+    # observed=("x",): log p(x | t) = log N(x; 0, I + w w^T), y marginalized (a leaf)
+    only_x = iw_log_likelihood(model, x, c=(t, y), num_samples=2000, seed=0, observed=("x",))
+    diff = only_x.per_datapoint - exact_log_marginal(w, x)
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+    assert (only_x.per_datapoint - iw.per_datapoint).mean() > 1.0  # not log p(x, y | t)
+    terms_x = elbo_terms(model, x, c=(t, y), num_samples=50, observed="x")
+    d = only_x.per_datapoint - terms_x.elbo  # log p(x | t) - ELBO >= 0 on average
+    assert d.mean() > -3 * d.std() / len(d) ** 0.5
+    with pytest.raises(ValueError, match=r"observed sites \['x', 'y'\], got \['w'\]"):
+        iw_log_likelihood(model, x, c=(t, y), num_samples=2, observed=("w",))
     with pytest.raises(ValueError, match="positionally.*or as c, not both"):
         fit(model, x, t, c=y, num_epochs=1)
     with pytest.raises(ValueError, match="c has 99 rows but x has 100"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
@@ -16,6 +17,7 @@ from pvae import parallel
 from pvae.contract import prepare_data, program_args
 from pvae.data import batches
 from pvae.distributions import base_dist, closed_form_kl
+from pvae.inference.handlers import select_observed
 from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
     PlateSizeError,
@@ -78,17 +80,48 @@ def _weights(model, x, c, num_particles, layout):
                    vectorize, plate)
 
 
-def log_weights(model, x, *, c=None, num_samples: int = 1,
-                data_plate: str | None = None) -> torch.Tensor:
+class _Programs:
+    """A model's programs with only the observed sites ``observed`` scored
+    (:class:`~pvae.inference.handlers.select_observed`)."""
+
+    def __init__(self, model, observed):
+        self.model, self.guide = select_observed(observed)(model.model), model.guide
+
+
+def _select(model, x, c, observed):
+    """``model``, or its programs scoring only the observed sites named in ``observed``
+    (checked against a trace of the first datapoint).
+
+    :raises ValueError: ``observed`` is empty or names a site that is not observed.
+    """
+    if observed is None:
+        return model
+    observed = (observed,) if isinstance(observed, str) else tuple(observed)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with poutine.block():
+            tr = poutine.trace(model.model).get_trace(*program_args(x[:1], None if c is None
+                                                                    else c[:1]))
+    names = [name for name, _ in sites(tr, True)]
+    unknown = [n for n in observed if n not in names]
+    if not observed or unknown:
+        raise ValueError(f"observed must name some of the model's observed sites {names}, got "
+                         f"{list(observed)}")
+    return _Programs(model, observed)
+
+
+def log_weights(model, x, *, c=None, num_samples: int = 1, data_plate: str | None = None,
+                observed=None) -> torch.Tensor:
     """Log importance weights ``log p(x_n, z_nk) - log q(z_nk | x_n)``, shape
     ``(num_samples, N)``, in nats, with gradients (for custom objectives).
 
     :param data_plate: the data plate's name; by default found (see :func:`iw_log_likelihood`).
-    :raises ValueError: a site outside the data plate, or bad ``x``.
+    :param observed: the observed sites in p(x_n | z) (see :func:`iw_log_likelihood`).
+    :raises ValueError: a site outside the data plate, or bad ``x`` or ``observed``.
     """
     x, c = prepare_data(model, x, c, "auto")
-    return _weights(model, x, c, num_samples,
-                    _layout(model, x, c, len(x), data_plate)).log_weight
+    programs = _select(model, x, c, observed)
+    return _weights(programs, x, c, num_samples,
+                    _layout(programs, x, c, len(x), data_plate)).log_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +156,7 @@ class IWResult:
 def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: int | None = None,
                       chunk_size: int | None = None, device="auto", progress: bool = False,
                       seed: int | None = None, distributed="auto",
-                      data_plate: str | None = None) -> IWResult:
+                      data_plate: str | None = None, observed=None) -> IWResult:
     r"""Importance-weighted estimate of log p(x), per datapoint (Burda, Grosse & Salakhutdinov
     2015, "Importance Weighted Autoencoders", eq. 8, the bound :math:`\mathcal{L}_K`):
 
@@ -168,6 +201,10 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     :param distributed: ``"auto"`` (shard when a process group is initialized), ``True``
         (needs one) or ``False`` (every process computes everything).
     :param data_plate: ``None`` (found) or the name of the per-datapoint plate.
+    :param observed: ``None`` (every observed site: log p(x, y | t) for ``model(x, t, y)``
+        observing x and y) or the names of the observed sites whose likelihood is estimated,
+        the others left out of the weights: ``observed=("x",)`` gives log p(x | t), y
+        marginalized (exact when y is a leaf of the model, as a label or a second view is).
     :returns: :class:`IWResult` (nats per datapoint), the same on every rank.
     :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``/``seed``/
         ``distributed``, data of the wrong width or with NaNs, a sample site outside the
@@ -188,6 +225,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
                                            x.element_size(), batch_size, chunk_size)
     if sharded and seed is None:
         seed = parallel.broadcast(int(torch.randint(2**62, ())))
+    model = _select(model, x, c, observed)
     with own_rng(seed, x.device):  # the trace that finds the nesting draws too
         layout = _layout(model, x, c, batch_size, data_plate)
     rank, world = (parallel.rank(), parallel.world_size()) if sharded else (0, 1)
@@ -301,7 +339,7 @@ def _posterior_mean(q_site, nesting, plate):
 @torch.no_grad()
 def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None = None,
                active_threshold: float = 0.01, device="auto",
-               data_plate: str | None = None) -> ElboTerms:
+               data_plate: str | None = None, observed=None) -> ElboTerms:
     """ELBO, reconstruction term and KL per datapoint, KL per latent dimension and active units.
 
     The KL is analytic when Pyro/torch know KL(q || p) for every latent site (e.g. both
@@ -318,6 +356,8 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     :param int num_samples: particles per datapoint for the Monte Carlo terms.
     :param data_plate: ``None`` (found, see :func:`iw_log_likelihood`) or the per-datapoint
         plate's name.
+    :param observed: the observed sites of the reconstruction term (default: all; see
+        :func:`iw_log_likelihood`).
     :param batch_size: datapoints per pass (default: chosen for the device with all
         ``num_samples`` particles in one pass, see :mod:`pvae.inference.sizes`).
     :returns: :class:`ElboTerms`.
@@ -328,6 +368,7 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     x, c = prepare_data(model, x, c, device)
     batch_size = batch_size or max(1, min(len(x), pass_rows(x.device, x[0].numel(),
                                                             x.element_size()) // num_samples))
+    model = _select(model, x, c, observed)
     layout = _layout(model, x, c, batch_size, data_plate)
     nesting, vectorize, plate = layout
     if not vectorize and num_samples > 1:

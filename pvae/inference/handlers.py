@@ -1,7 +1,8 @@
 """Effect handlers that turn any model and guide into the program an objective needs:
 :class:`scale_latents` (beta-weighted KL), :class:`score_function` (REINFORCE gradients with
 baselines), :class:`observed_scale` (the scale of the data, to report values per datapoint)
-and :class:`mask_entries` (the likelihood of some entries of x only, for imputation)."""
+and :class:`mask_entries` / :class:`select_observed` (the likelihood of some entries of x, or
+of some observed sites, only)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 
 from pvae.distributions import base_dist
 
-__all__ = ["BASELINES", "mask_entries", "observed_scale", "scale_latents", "score_function"]
+__all__ = ["BASELINES", "mask_entries", "observed_scale", "scale_latents", "score_function",
+           "select_observed"]
 
 #: Baseline options of the score-function estimator.
 BASELINES = (None, "average", "neural")
@@ -66,6 +68,24 @@ class mask_entries(Messenger):
                 "needs one that factorizes over them, a batch of univariate distributions "
                 "made into one event with .to_event(...)")
         msg["fn"] = base.mask(self.mask).to_event(len(fn.event_shape))
+
+
+class select_observed(Messenger):
+    """Score only the observed sites named in ``names``: the others are masked out (their
+    log-density counts as 0, as under ``pyro.poutine.mask(mask=False)``), so that importance
+    weights estimate the likelihood of the selected sites alone, the others marginalized:
+    log p(x | t) for ``model(x, t, y)`` with ``names=("x",)``, when y is a leaf of the model.
+
+    :param names: observed site names.
+    """
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = frozenset(names)
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] and msg["name"] not in self.names:
+            msg["mask"] = torch.zeros((), dtype=torch.bool, device=msg["value"].device)
 
 
 class observed_scale(Messenger):

@@ -12,6 +12,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from pvae.inference import (
     elbo_terms,
@@ -608,6 +609,12 @@ def test_three_data_arguments_train_and_evaluate():
     assert d.mean() > -3 * d.std() / len(d) ** 0.5
     with pytest.raises(ValueError, match=r"observed sites \['x', 'y'\], got \['w'\]"):
         iw_log_likelihood(model, x, c=(t, y), num_samples=2, observed=("w",))
+    # a Dataset of (x, t, y) tuples, streamed through a DataLoader, trains the same program
+    streamed = ThreeArguments(w)
+    fit(streamed, TensorDataset(*model.draws(300, seed=0)), num_epochs=60, batch_size=50,
+        lr=0.05, lr_decay=0.97, num_particles=4, seed=0, progress=False)
+    diff = iw_log_likelihood(streamed, x, c=(t, y), num_samples=500, seed=0).per_datapoint - exact
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
     with pytest.raises(ValueError, match="positionally.*or as c, not both"):
         fit(model, x, t, c=y, num_epochs=1)
     with pytest.raises(ValueError, match="c has 99 rows but x has 100"):

@@ -14,8 +14,10 @@ def batches(x, c=None, *, batch_size: int, shuffle: bool = False,
             generator: torch.Generator | None = None, pin_memory: bool = False) -> Iterator:
     """Mini-batches ``(x_batch, c_batch)`` (``c_batch`` is ``None`` without ``c``).
 
-    :param x: a tensor ``(N, ...)``, or a ``torch.utils.data.Dataset`` whose items are ``x`` or
-        ``(x, c)`` (then ``c`` must be ``None``), streamed through a ``DataLoader``.
+    :param x: a tensor ``(N, ...)``, or a ``torch.utils.data.Dataset`` whose items are ``x``,
+        ``(x, c)`` or ``(x, t, y, ...)`` (then ``c`` must be ``None``; with more than two
+        fields ``c_batch`` is the tuple of the fields after x), streamed through a
+        ``DataLoader``.
     :param c: optional tensor ``(N, ...)`` aligned with a tensor ``x``.
     :param int batch_size: datapoints per batch; the last batch may be smaller.
     :param bool shuffle: a fresh random order (drawn from ``generator``) instead of the stored
@@ -27,7 +29,8 @@ def batches(x, c=None, *, batch_size: int, shuffle: bool = False,
                             pin_memory=pin_memory)
         for batch in loader:
             if isinstance(batch, (list, tuple)):
-                yield batch[0], (batch[1] if len(batch) > 1 else None)
+                rest = tuple(batch[1:])
+                yield batch[0], (rest[0] if len(rest) == 1 else rest or None)
             else:
                 yield batch, None
         return

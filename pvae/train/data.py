@@ -8,7 +8,7 @@ import math
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pvae.contract import place_data, program_args, to_placement
+from pvae.contract import place_data, program_args
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
 from pvae.parallel import shard
 
@@ -18,8 +18,9 @@ __all__ = ["TrainingData"]
 class TrainingData:
     """``x`` (and ``c``) for training, checked once up front.
 
-    :param x: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or ``(x, c)``
-        (streamed through a ``DataLoader``; each batch is placed when it is drawn).
+    :param x: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x``, ``(x, c)``
+        or ``(x, t, y, ...)`` (streamed through a ``DataLoader``; each batch is placed when it
+        is drawn; the programs take ``(x, *rest)``).
     :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` aligned with a tensor ``x``, or
         a tuple of such tensors: the programs then take ``(x, *c)``.
     :param model: the model, whose ``likelihood.check(x)`` (where it has one) refuses data
@@ -72,8 +73,7 @@ class TrainingData:
 
     def _placed(self, xb, cb) -> tuple:
         if not isinstance(self.x, torch.Tensor):  # streamed: each batch gets the checks here
-            xb = to_placement(xb, self.device, self.dtype)
-            cb = None if cb is None else to_placement(cb, self.device, self.dtype)
+            xb, cb = place_data(xb, cb, self.device, self.dtype)
             _check(self.model, xb, cb, self.binarize)
         return program_args(xb, cb)
 

@@ -617,6 +617,8 @@ def test_three_data_arguments_train_and_evaluate():
     assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
     with pytest.raises(ValueError, match="positionally.*or as c, not both"):
         fit(model, x, t, c=y, num_epochs=1)
+    with pytest.raises(ValueError, match="pass c_val for x_val"):  # before any training
+        fit(model, x, t, y, x_val=x, num_epochs=1, progress=False)
     with pytest.raises(ValueError, match="c has 99 rows but x has 100"):
         iw_log_likelihood(model, x, c=(t, y[:99]), num_samples=2)
 

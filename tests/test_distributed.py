@@ -321,6 +321,22 @@ def test_batches_smaller_than_the_world_are_refused():
                                    dtype=torch.float32, rank=0, world_size=2))
 
 
+def test_a_dataset_of_tuples_is_sliced_by_rows_for_each_rank():
+    """Items (x, t, y): each rank's slice of a global batch keeps the fields aligned."""
+    from torch.utils.data import TensorDataset
+
+    x, t, y = torch.arange(10.).reshape(5, 2), torch.arange(5.), 10 + torch.arange(5.)
+    parts = []
+    for rank in range(2):
+        data = TrainingData(TensorDataset(x, t, y), batch_size=5, device=torch.device("cpu"),
+                            dtype=torch.float32, rank=rank, world_size=2)
+        (xb, tb, yb), = list(data.shuffled(torch.Generator().manual_seed(0)))
+        assert len(xb) == len(tb) == len(yb) and torch.equal(yb - 10, tb)
+        assert torch.equal(xb[:, 0] / 2, tb)
+        parts.append(tb)
+    assert sorted(torch.cat(parts).tolist()) == t.tolist()  # the ranks share the batch
+
+
 def test_shards_partition_in_order():
     for n in (0, 1, 5, 41):
         parts = [parallel.shard(n, r, 3) for r in range(3)]

@@ -524,6 +524,9 @@ def test_impute_any_program_matches_the_exact_conditional_gaussian():
     centred = (draws - draws.mean(0)).reshape(-1, 3)
     emp = centred.T @ centred / (len(centred) - 30)
     assert torch.allclose(emp.diagonal(), cond_cov.diagonal(), rtol=0.15)
+    # one particle: every draw shares its z, and each has its own x ~ p(x | z)
+    single = impute(program, x, mask, num_samples=1, num_draws=5, seed=3).samples[:, :, m]
+    assert (single[1:] != single[0]).all()
     # the same seed, the same imputation; another seed, another
     again = impute(program, torch.where(mask, x, torch.nan), mask, num_samples=20000, seed=0)
     assert torch.equal(again.mean, res.mean)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pvae.contract import DataArgs
+
 __all__ = ["batches"]
 
 
@@ -16,8 +18,8 @@ def batches(x, c=None, *, batch_size: int, shuffle: bool = False,
 
     :param x: a tensor ``(N, ...)``, or a ``torch.utils.data.Dataset`` whose items are ``x``,
         ``(x, c)`` or ``(x, t, y, ...)`` (then ``c`` must be ``None``; with more than two
-        fields ``c_batch`` is the tuple of the fields after x), streamed through a
-        ``DataLoader``.
+        fields ``c_batch`` is a :class:`pvae.contract.DataArgs` of the fields after x, sliced
+        like one tensor), streamed through a ``DataLoader``.
     :param c: optional tensor ``(N, ...)`` aligned with a tensor ``x``.
     :param int batch_size: datapoints per batch; the last batch may be smaller.
     :param bool shuffle: a fresh random order (drawn from ``generator``) instead of the stored
@@ -29,8 +31,8 @@ def batches(x, c=None, *, batch_size: int, shuffle: bool = False,
                             pin_memory=pin_memory)
         for batch in loader:
             if isinstance(batch, (list, tuple)):
-                rest = tuple(batch[1:])
-                yield batch[0], (rest[0] if len(rest) == 1 else rest or None)
+                rest = batch[1:]
+                yield batch[0], (rest[0] if len(rest) == 1 else DataArgs(rest) if rest else None)
             else:
                 yield batch, None
         return

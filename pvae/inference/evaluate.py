@@ -23,6 +23,8 @@ from pvae.inference.traces import (
     PlateSizeError,
     data_layout,
     features,
+    forked_rng,
+    has_auxiliary,
     in_model_order,
     log_prob,
     own_rng,
@@ -70,7 +72,7 @@ def _layout(model, x, c, rows: int = 1, data_plate: str | None = None
                 "for others. Evaluate it on those data, in stored order and in one pass "
                 "(batch_size=len(x)), or index its parameters with pyro.plate('data', N, "
                 "subsample=idx) and pass idx as c") from None
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with forked_rng(x.device):
         return nesting, vectorizes(model.model, model.guide, args, nesting, plate), plate
 
 
@@ -97,7 +99,7 @@ def _select(model, x, c, observed):
     if observed is None:
         return model
     observed = (observed,) if isinstance(observed, str) else tuple(observed)
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with forked_rng(x.device):
         with poutine.block():
             tr = poutine.trace(model.model).get_trace(*program_args(x[:1], None if c is None
                                                                     else c[:1]))
@@ -383,8 +385,7 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
         kl_b, dims_b, means_b = xb.new_zeros(shape), [], []
         # an autoguide's z is a Delta of an auxiliary draw (its entropy is at the auxiliary
         # site): no closed form per site, no KL per dimension
-        auxiliary = any(site["infer"].get("is_auxiliary")
-                        for _, site in sites(w.guide_trace, False, auxiliary=True))
+        auxiliary = has_auxiliary(w.guide_trace)
         same_order = not auxiliary and in_model_order(w.guide_trace, w.model_trace)
         analytic = analytic and same_order
         if auxiliary:

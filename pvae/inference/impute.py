@@ -45,6 +45,8 @@ from pvae.inference.sizes import pass_rows
 from pvae.inference.traces import (
     data_layout,
     features,
+    forked_rng,
+    has_auxiliary,
     own_rng,
     replayed_log_density,
     sites,
@@ -140,12 +142,13 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
     with own_rng(seed, device), trusted_inputs(), pyro.validation_enabled(False):
         sampler = _Sampler(model, mask, program_args(fill, c), prior_fraction, data_plate)
         for _ in range(num_gibbs + 1):
-            log_w, means, draws = sampler.run(program_args(fill, c), num_samples, chunk_size)
+            args = program_args(fill, c)
+            log_w, means = sampler.run(args, num_samples, chunk_size)
             w = torch.softmax(log_w, 0)  # (K, N)
             fill = torch.where(mask, x_obs, (w.unsqueeze(-1) * means).sum(0))
-        # draws from p(x_m | x_o): particles resampled by weight, each with its own x ~ p(x | z)
+        # draws from p(x_m | x_o): particles resampled by weight, x ~ p(x | z) drawn afresh
         idx = torch.multinomial(w.T, num_draws, replacement=True).T  # (S, N)
-        x_draw = torch.gather(draws, 0, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x_draw = sampler.draws(args, idx)
     ess = stats.ess(log_w, 0)
     log_evidence = torch.logsumexp(log_w, 0) - math.log(num_samples)
     return Imputation(fill, torch.where(mask, x_obs, x_draw), ess, log_evidence)
@@ -157,57 +160,100 @@ class _Sampler:
 
     def __init__(self, model, mask, args: tuple, prior_fraction: float, data_plate):
         self.guide, self.prior_fraction = model.guide, prior_fraction
-        self.nesting, self.plate = data_layout(model.model, model.guide, args, data_plate)
-        self.site = _data_site(model, args)
-        self.model = mask_entries(self.site, mask)(model.model)
+        device = args[0].device
+        with forked_rng(device):  # looking at the programs leaves the draws alone
+            self.nesting, self.plate = data_layout(model.model, model.guide, args, data_plate)
+            self.site = _data_site(model, args)
+            self.model = mask_entries(self.site, mask)(model.model)
+            self.vectorize = vectorizes(self.model, model.guide, args, self.nesting,
+                                        self.plate, task="imputing")
+            with poutine.block():
+                self.auxiliary = has_auxiliary(poutine.trace(model.guide).get_trace(*args))
 
         def prior(*a):  # the model's latent sites run forward: a guide that is the prior
             with poutine.block(hide_fn=lambda msg: msg.get("is_observed", False)):
                 return model.model(*a)
 
         self.prior = prior
-        self.vectorize = vectorizes(self.model, model.guide, args, self.nesting, self.plate,
-                                    task="imputing")
-        if prior_fraction > 0:
-            with poutine.block():
-                guide_tr = poutine.trace(model.guide).get_trace(*args)
-            if any(site["infer"].get("is_auxiliary")
-                   for _, site in sites(guide_tr, False, auxiliary=True)):
-                raise ValueError("the guide has auxiliary sites (a Pyro autoguide): its density "
-                                 "at the prior's draws is not defined site by site; impute with "
-                                 "prior_fraction=0 (guide draws only)")
+        self.chunks = []  # the last run's (proposal, start, size, RNG states before the chunk)
 
     def run(self, args: tuple, num_samples: int, chunk_size: int):
-        """``(log_w, means, draws)``: ``(K, N)`` log weights, ``(K, N, D)`` E[x | z_k] and
-        one draw x ~ p(x | z_k) per particle; the first ``K - round(a K)`` particles from the
-        guide fed ``args``, the rest from the prior."""
+        """``(log_w, means)``: ``(K, N)`` log weights and ``(K, N, D)`` E[x | z_k]; the first
+        ``K - round(a K)`` particles from the guide fed ``args``, the rest from the prior.
+
+        :raises ValueError: a guide with auxiliary sites in a mixture with the prior.
+        """
         num_prior = round(self.prior_fraction * num_samples)
         a = num_prior / num_samples
-        out = []
+        if 0 < num_prior < num_samples and self.auxiliary:
+            raise ValueError("the guide has auxiliary sites (a Pyro autoguide): its density at "
+                             "the prior's draws is not defined site by site; impute with "
+                             "prior_fraction=0 (guide draws only) or 1 (prior draws only)")
+        out, self.chunks = [], []
+        offset = 0
         for proposal, total in ((self.guide, num_samples - num_prior), (self.prior, num_prior)):
             step = chunk_size if self.vectorize else 1
             for start in range(0, total, step):
                 k = min(step, total - start)
-                w = weights(self.model, proposal, args, k, self.nesting, self.vectorize,
-                            self.plate)
-                if proposal is self.guide:
-                    log_q = w.log_guide
-                else:  # the guide's density at the prior's draws (only needed in a mixture)
-                    log_q = w.log_guide if a == 1.0 else replayed_log_density(
-                        self.guide, w.guide_trace, args, k if self.vectorize else None,
-                        self.nesting, self.plate)
+                self.chunks.append((proposal, offset, k, _rng_state(args[0].device)))
+                offset += k
+                w = self._particles(proposal, args, k)
                 log_p = w.log_prior
                 if a == 0.0:
-                    log_pi = log_q
+                    log_pi = w.log_guide
                 elif a == 1.0:
                     log_pi = log_p
                 else:
+                    log_q = w.log_guide if proposal is self.guide else replayed_log_density(
+                        self.guide, w.guide_trace, args, k if self.vectorize else None,
+                        self.nesting, self.plate)  # the guide's density at the prior's draws
                     log_pi = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
-                site = w.model_trace.nodes[self.site]
-                mean, draw = (features(site, t, self.nesting, self.plate).expand(k, -1, -1)
-                              for t in (site["fn"].mean, site["fn"].sample()))
-                out.append((w.log_likelihood + log_p - log_pi, mean, draw))
+                out.append((w.log_likelihood + log_p - log_pi, self._x(w, k, "mean")))
         return tuple(torch.cat(parts) for parts in zip(*out))
+
+    def draws(self, args: tuple, idx: torch.Tensor) -> torch.Tensor:
+        """``(S, N, D)``: for every draw ``s`` and datapoint ``n``, x ~ p(x | z) for the
+        particle ``idx[s, n]`` of the last :meth:`run`, its z drawn again from the RNG state
+        its chunk started from (so the same z), its x afresh."""
+        device = args[0].device
+        after = _rng_state(device)
+        out = None
+        for proposal, start, k, state in self.chunks:
+            hit = (idx >= start) & (idx < start + k)  # (S, N): draws from this chunk
+            if not hit.any():
+                continue
+            _set_rng_state(state, device)
+            w = self._particles(proposal, args, k)  # the chunk's particles, the same z again
+            _set_rng_state(after, device)
+            local = (idx - start).clamp(0, k - 1)
+            for s in range(len(idx)):
+                x = self._x(w, k, "sample")  # (k, N, D): a fresh draw for every particle
+                picked = x.gather(0, local[s][None, :, None].expand(1, -1, x.shape[-1]))[0]
+                if out is None:
+                    out = picked.new_zeros((len(idx), *picked.shape))
+                out[s] = torch.where(hit[s, :, None], picked, out[s])
+            after = _rng_state(device)
+        return out
+
+    def _particles(self, proposal, args, k):
+        return weights(self.model, proposal, args, k, self.nesting, self.vectorize, self.plate)
+
+    def _x(self, w, k: int, what: str) -> torch.Tensor:
+        """``(k, N, D)``: the likelihood's mean, or one draw, for each particle of ``w``."""
+        site = w.model_trace.nodes[self.site]
+        t = site["fn"].mean if what == "mean" else site["fn"].sample()
+        return features(site, t, self.nesting, self.plate).expand(k, -1, -1)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                   else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _data_site(model, args: tuple) -> str:
@@ -217,8 +263,12 @@ def _data_site(model, args: tuple) -> str:
     """
     with poutine.block():
         tr = poutine.trace(model.model).get_trace(*args)
-    for name, site in sites(tr, True):
-        if site["value"] is args[0] or site["value"].shape == args[0].shape:
+    observed = dict(sites(tr, True))
+    for name, site in observed.items():  # the site given x itself, else one of x's shape
+        if site["value"] is args[0]:
+            return name
+    for name, site in observed.items():
+        if site["value"].shape == args[0].shape:
             return name
     raise ValueError(f"impute needs an observed site holding x (shape {tuple(args[0].shape)}), "
                      "e.g. pyro.sample('x', ..., obs=x); the model observes "

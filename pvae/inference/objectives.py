@@ -40,6 +40,7 @@ from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, sc
 from pvae.inference.schedules import Constant, make_schedule
 from pvae.inference.traces import (
     data_layout,
+    forked_rng,
     in_model_order,
     log_prob,
     max_plate_nesting,
@@ -86,8 +87,7 @@ class ReparamEstimator(nn.Module):
     def forward(self, model, guide, *args):
         if not self.capturable:
             if self.analytic_kl and self._mean_field is None:  # decided once, on the first call
-                devices = [args[0].device] if args[0].is_cuda else []
-                with torch.random.fork_rng(devices):  # the training draws stay as they were
+                with forked_rng(args[0].device):  # the training draws stay as they were
                     self._mean_field = in_model_order(*traces(model, guide, args))
                 if not self._mean_field:  # TraceMeanField_ELBO's KLs would be biased
                     self.elbo = Trace_ELBO(num_particles=self.num_particles,
@@ -168,6 +168,9 @@ class ScoreEstimator(nn.Module):
         self.baseline, self.baseline_beta = baseline, baseline_beta
         self.nets = nn.ModuleDict()
         self.average = None  # decaying average of the per-datapoint ELBO
+        #: set by data-parallel training (:func:`pvae.train.distributed.wrap`): the average
+        #: then follows the global mini-batch's ELBO, all-reduced over the processes
+        self.data_parallel = False
 
     def forward(self, model, guide, *args):
         average = 0.0 if self.average is None else self.average
@@ -180,7 +183,9 @@ class ScoreEstimator(nn.Module):
         elbo = torch.as_tensor(elbo).detach()
         # under data-parallel training, the global mini-batch's ELBO: every rank keeps the same
         # average (and rank 0's checkpoint holds everyone's); one process: this batch's
-        total, count = parallel.all_reduce_sum(elbo.item(), args[0].shape[0])
+        total, count = elbo.item(), args[0].shape[0]
+        if self.data_parallel:
+            total, count = parallel.all_reduce_sum(total, count)
         per_datapoint = total / count
         self.average = per_datapoint if self.average is None else (
             self.baseline_beta * self.average + (1 - self.baseline_beta) * per_datapoint)
@@ -230,7 +235,7 @@ class IWAEEstimator(nn.Module):
         if self._layout is None:
             nesting, plate = data_layout(model, guide, args)
             x = args[0]
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            with forked_rng(x.device):
                 vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
             self._layout = nesting, plate, vectorize
         nesting, plate, vectorize = self._layout

@@ -293,11 +293,24 @@ def own_rng(seed: int | None, device: torch.device):
     return _seeded(seed, device)
 
 
+def forked_rng(device: torch.device):
+    """A context whose draws leave torch's RNG streams (CPU, and ``device`` on CUDA) as they
+    were: for traces that only look at a program (its shapes, plates, sites)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with forked_rng(device):
         torch.manual_seed(seed)
         yield
+
+
+def has_auxiliary(trace) -> bool:
+    """Whether a guide trace has auxiliary sites (Pyro's autoguides: a site's value is a
+    ``Delta`` of an auxiliary draw, whose entropy sits at the auxiliary site)."""
+    return any(site["infer"].get("is_auxiliary")
+               for _, site in sites(trace, False, auxiliary=True))
 
 
 def replayed_log_density(program, trace, args: tuple, num_particles: int | None, nesting: int,

@@ -91,10 +91,14 @@ class CVAE(LatentVariableModel):
         (one-hot for class labels).
 
         :raises ValueError: ``c`` missing, of the wrong shape or width, labels out of range.
+        :raises TypeError: ``c`` is not one tensor (e.g. several data arguments).
         """
         if c is None:
             raise ValueError("CVAE needs the conditioning c: class labels (batch,) or vectors "
                              f"(batch, {self.c_dim})")
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"CVAE takes one conditioning tensor c, got {c!r}: class labels "
+                            f"(batch,) or vectors (batch, {self.c_dim})")
         if self.num_classes is not None:
             if c.is_floating_point() or c.dim() != 1:
                 raise ValueError(f"c must be int64 class labels of shape (batch,), got dtype "

@@ -115,11 +115,16 @@ def check_batches(data: TrainingData) -> None:
 def wrap(model, objective: nn.Module, params: list[torch.Tensor],
          device: torch.device) -> DistributedDataParallel:
     """:class:`Replica` wrapped in DDP. DDP broadcasts rank 0's parameters and buffers when it
-    is built, so every rank starts from the same initialization.
+    is built, so every rank starts from the same initialization. Parts of the objective with a
+    ``data_parallel`` attribute (the score-function estimator's average baseline) are told to
+    keep their statistics over the global batch.
 
     :raises ValueError: see :func:`check_module_parameters`.
     """
     check_module_parameters(model, objective, params)
+    for module in objective.modules():  # parts that keep statistics of the global batch
+        if hasattr(module, "data_parallel"):
+            module.data_parallel = True
     replica = Replica(model, objective)
     return DistributedDataParallel(replica, device_ids=[device] if device.type == "cuda" else None)
 

@@ -30,7 +30,7 @@ from pvae.validation import check_count, check_float
 __all__ = ["fit"]
 
 
-def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
+def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: int,
         batch_size: int = 256, lr: float = 1e-3, lr_decay: float = 1.0,
         estimator: str = "reparam", analytic_kl: bool = False, num_particles: int = 1,
         beta=1.0, baseline: str | None = None, gradient: str = "standard",
@@ -70,17 +70,18 @@ def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
     :func:`~pvae.train.loop.run_epochs` (the loop).
 
     :param model: an object with ``model`` and ``guide`` methods (ideally an ``nn.Module``).
-    :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x`` or
-        ``(x, c)`` (streamed through a ``DataLoader``). A :class:`pvae.data.Splits` is refused
-        with a message naming the tensors to pass.
-    :param data: further tensors aligned with ``x_train``, positionally, as with Pyro's
+    :param x_train: tensor ``(N, D)``, or a ``torch.utils.data.Dataset`` yielding ``x``,
+        ``(x, c)`` or ``(x, t, y, ...)`` (streamed through a ``DataLoader``). A
+        :class:`pvae.data.Splits` is refused with a message naming the tensors to pass.
+    :param data_args: further tensors aligned with ``x_train``, positionally, as with Pyro's
         ``SVI.step(*args)``: ``fit(model, x, t, y)`` trains ``model(x, t, y)`` (the same as
         ``c=(t, y)``); each mini-batch slices them alike.
     :param c: conditioning tensor ``(N,)`` or ``(N, c_dim)`` for conditional models, or any
         tensor aligned with ``x_train`` that the programs take as their second argument (e.g.
         ``torch.arange(N)``, the indices that ``pyro.plate("data", N, subsample=idx)`` needs
         for per-datapoint parameters), or a tuple of such tensors (``model(x, *c)``).
-    :param c_val: the validation set's ``c``, of the same form.
+    :param c_val: the validation set's ``c``, of the same form (needed with ``x_val`` when
+        ``c`` or further data are given).
     :param x_val: validation data ``(N_val, D)`` for the per-epoch validation ELBO.
     :param int num_epochs: total number of epochs (a resumed run continues up to it).
     :param float lr: Adam's learning rate.
@@ -165,15 +166,16 @@ def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
     """
-    if data:
+    if data_args:
         if c is not None:
             raise ValueError("fit takes the data after x_train either positionally "
                              "(fit(model, x, t, y)) or as c, not both")
-        c = data[0] if len(data) == 1 else tuple(data)
+        c = data_args[0] if len(data_args) == 1 else tuple(data_args)
     if objective is None:
         check_model(model, "fit")
         if loss is not None:
-            _check_unused("a loss", "the default SVI estimator", estimator, analytic_kl,
+            _check_unused("a loss", "the default SVI estimator; a Pyro ELBO takes num_particles "
+                          "itself", estimator, analytic_kl,
                           num_particles, 1.0, baseline, gradient)
     else:
         if loss is not None:
@@ -193,6 +195,11 @@ def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
         model.to(device)
     data = TrainingData(x_train, c, model=model, batch_size=batch_size, device=device,
                         dtype=dtype, binarize=binarize, rank=rank, world_size=world)
+    if (isinstance(x_train, torch.Tensor) and isinstance(x_val, torch.Tensor)
+            and (c is None) != (c_val is None)):  # (a Dataset's items may carry c)
+        raise ValueError("the programs take the same arguments in training and validation: "
+                         + ("pass c_val for x_val, of the form of c" if c_val is None else
+                            "c_val was given without c for the training data"))
     val_data = None if x_val is None else TrainingData(
         x_val, c_val, model=model, batch_size=batch_size, device=device, dtype=dtype,
         name="x_val", rank=rank, world_size=world)
@@ -203,7 +210,7 @@ def fit(model, x_train, *data, c=None, x_val=None, c_val=None, num_epochs: int,
     if objective is None and loss is not None:
         estimated = LossEstimator(loss)
         capture = _capture(cuda_graph, device, f"loss={estimated.name}", ddp)
-        settings.update({"loss": _loss_config(loss),
+        settings.update({"loss": _loss_config(loss, estimated.name),
                          "beta": beta if not callable(beta) else repr(beta)})
         objective = SVIObjective(model, estimated, beta)
         val_objective = SVIObjective(model, estimated)
@@ -260,10 +267,10 @@ def _svi_objectives(model, settings: dict, *, estimator, num_particles, analytic
     return objective, SVIObjective(model, ReparamEstimator(1, analytic_kl))
 
 
-def _loss_config(loss) -> dict:
-    """What identifies a given loss in the checkpoint's settings: its type and, for Pyro's
+def _loss_config(loss, name: str) -> dict:
+    """What identifies a given loss in the checkpoint's settings: its ``name`` and, for Pyro's
     ELBOs, their numeric options."""
-    config = {"name": LossEstimator(loss).name}
+    config = {"name": name}
     for key in ("num_particles", "max_plate_nesting", "max_iarange_nesting",
                 "vectorize_particles", "strict_enumeration_warning"):
         value = getattr(loss, key, None)
@@ -315,7 +322,7 @@ def _check_unused(given_what: str, configures: str, estimator, analytic_kl, num_
     ignored = [k for k, (value, default) in given.items() if value != default]
     if ignored:
         raise ValueError(f"fit was given {given_what}, which ignores {ignored}: drop them (they "
-                         f"configure {configures}; a Pyro ELBO takes num_particles itself)")
+                         f"configure {configures})")
 
 
 def _check_settings(num_epochs, batch_size, lr, lr_decay, beta, seed, binarize, resume,

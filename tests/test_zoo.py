@@ -239,6 +239,8 @@ def test_conv_encoder_appends_extra_inputs_to_the_image_features():
     assert torch.allclose(delta, enc.linear.weight[:, -3:].sum(1).expand(7, 6), atol=1e-6)
     with pytest.raises(ValueError, match="extra_dim"):
         ConvEncoder((4, 5), (4,), 6, extra_dim=-1)
+    with pytest.raises(ValueError, match=r"20 pixels .* and 3 extra inputs per row, got rows of 20"):
+        enc(x)  # c forgotten
 
 
 def test_conv_vae_needs_a_matching_image_shape():

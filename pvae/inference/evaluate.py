@@ -210,7 +210,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     :returns: :class:`IWResult` (nats per datapoint), the same on every rank.
     :raises ValueError: ``num_samples < 1``, bad ``batch_size``/``chunk_size``/``seed``/
         ``distributed``, data of the wrong width or with NaNs, a sample site outside the
-        ``"data"`` plate, or a guide with per-datapoint parameters (non-amortized) that cannot
+        data plate, or a guide with per-datapoint parameters (non-amortized) that cannot
         run on the passes asked for: it is evaluated on the data it was fitted on, in one pass
         (``batch_size=len(x)``), or with plate subsampling by indices passed as ``c``.
     """

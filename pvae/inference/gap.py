@@ -220,8 +220,7 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     x, c = prepare_data(model, x, c, device, "inference_gap")
     args = program_args(x, c)
     pyro.set_rng_seed(seed)
-    layout = data_layout(model.model, model.guide, args)  # (nesting, data plate)
-    nesting = layout[0]
+    nesting, plate = layout = data_layout(model.model, model.guide, args)
     refined = RefinedGuide(model, args, family)
     with fixed_parameters(model):
         elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True,

@@ -17,7 +17,7 @@ energy distance (Székely & Rizzo 2013).
 
 Draws are stored per latent site as ``(chains, draws, N, *site_shape)``, the datapoint dim
 after the draws; ``site_shape`` is the shape of the site's value to the right of the
-``"data"`` plate's dim (inner plates, then event dims), e.g. ``(latent_dim,)`` for a VAE.
+data plate's dim (inner plates, then event dims), e.g. ``(latent_dim,)`` for a VAE.
 
 References:
 
@@ -153,12 +153,12 @@ def _data_pos(name, site, value_dim: int, plate: str) -> int:
 def _rearrange(name, value: torch.Tensor, pos: int, lead: int) -> torch.Tensor:
     """``value`` with ``lead`` leading dims (draws, or chains and draws), the data dim at
     ``lead + pos``: -> ``(*lead, N, *site_shape)``; the dims left of the data dim (plates
-    outside ``"data"``) must have size 1."""
+    outside the data plate) must have size 1."""
     outer = value.shape[lead:lead + pos]
     if any(s != 1 for s in outer):
-        raise ValueError(f"latent site {name!r} lies in a plate outside pyro.plate('data', ...) "
+        raise ValueError(f"latent site {name!r} lies in a plate outside the data plate "
                          f"(value shape {tuple(value.shape[lead:])}); per-datapoint draws need "
-                         "every plate of a latent site inside 'data'")
+                         "every plate of a latent site inside the data plate")
     return value.reshape(value.shape[:lead] + value.shape[lead + pos:])
 
 
@@ -215,7 +215,8 @@ def nuts_posterior(model, x: torch.Tensor, c=None, *, num_samples: int = 500,
     (``num_threads``; torch's setting is restored afterwards).
 
     :param model: an object meeting the model contract (``model.model(x, c=None)``,
-        ``model.guide(x, c=None)``, every sample site inside ``pyro.plate("data", N)``).
+        ``model.guide(x, c=None)``, every sample site inside one data plate of any name: see
+        README "Your own model").
     :param torch.Tensor x: ``(N, ...)``, a handful of datapoints; moved to the model's device
         and dtype.
     :param c: optional conditioning tensor with one row per row of ``x``.
@@ -235,7 +236,7 @@ def nuts_posterior(model, x: torch.Tensor, c=None, *, num_samples: int = 500,
         when there were any (the draws near them may be biased).
     :raises TypeError: ``model`` does not meet the contract; a size is not an integer.
     :raises ValueError: a size out of range, ``x`` not ``(N, ...)`` with N >= 1 or not
-        finite, ``c`` of another length, a sample site outside the ``"data"`` plate, or a
+        finite, ``c`` of another length, a sample site outside the data plate, or a
         model without continuous latent sites.
     """
     num_samples = check_count("num_samples", num_samples)
@@ -310,7 +311,7 @@ def guide_samples(model, x: torch.Tensor, c=None, *, num_samples: int = 2000,
     :returns: :class:`PosteriorSamples` with ``draws[site]`` ``(1, num_samples, N,
         *site_shape)``.
     :raises TypeError: ``model`` does not meet the contract.
-    :raises ValueError: a bad ``num_samples`` or ``x``, a sample site outside the ``"data"``
+    :raises ValueError: a bad ``num_samples`` or ``x``, a sample site outside the data
         plate, or a latent site of the model that the guide does not sample.
     """
     num_samples = check_count("num_samples", num_samples)

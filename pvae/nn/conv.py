@@ -80,8 +80,12 @@ class ConvEncoder(nn.Module):
         self.linear = nn.Linear(c_in * h * w + self.extra_dim, check_count("out_dim", out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat, lead = _flat_batch(x, 1)
         pixels = self.image_shape[0] * self.image_shape[1]
+        if x.shape[-1] != pixels + self.extra_dim:
+            raise ValueError(f"ConvEncoder takes {pixels} pixels of a {self.image_shape} image"
+                             + (f" and {self.extra_dim} extra inputs" if self.extra_dim else "")
+                             + f" per row, got rows of {x.shape[-1]}")
+        flat, lead = _flat_batch(x, 1)
         h = self.convs(flat[:, :pixels].reshape(-1, 1, *self.image_shape)).flatten(1)
         if self.extra_dim:
             h = torch.cat([h, flat[:, pixels:]], -1)

@@ -647,3 +647,38 @@ def test_posterior_tools_find_the_data_plate_whatever_its_name():
     assert torch.allclose(gap.elbo_amortized, exact, atol=1e-4)
     # the refined guide moved off the optimum by its noisy steps only: IW still ~exact
     assert torch.allclose(gap.log_likelihood, exact, atol=1e-2)
+
+
+class FeaturePlate(nn.Module):
+    """z ~ N(0, 1), x_d | z ~ N(w_d z, 1) with the features in a plate of their own: with
+    mini-batches as wide as the features, two plates have the batch's size."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.a = nn.Parameter(torch.zeros(len(w)))
+        self.log_s = nn.Parameter(torch.zeros(()))
+
+    def model(self, x):
+        with pyro.plate("batch", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 1), 1.0))
+            with pyro.plate("features", x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(z * self.w, 1.0), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("batch", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal((x @ self.a).unsqueeze(-1), self.log_s.exp()))
+
+
+def test_an_ambiguous_data_plate_is_named_in_fit():
+    w, x = linear_gaussian_data(n=200)  # 3 features: batches of 3 make both plates size 3
+    with pytest.raises(ValueError, match="data_plate="):
+        fit(FeaturePlate(w), x, estimator="iwae", num_particles=2, batch_size=3, num_epochs=1,
+            progress=False)
+    model = FeaturePlate(w)
+    fit(model, x, estimator="iwae", num_particles=4, batch_size=3, num_epochs=3, lr=0.02,
+        seed=0, progress=False, data_plate="batch")
+    x_test = linear_gaussian_draws(w, 60, seed=1)
+    iw = iw_log_likelihood(model, x_test, num_samples=500, seed=0, data_plate="batch")
+    diff = iw.per_datapoint - exact_log_marginal(w, x_test)
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()

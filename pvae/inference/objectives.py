@@ -76,11 +76,12 @@ class ReparamEstimator(nn.Module):
     """
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False,
-                 capturable: bool = False):
+                 capturable: bool = False, data_plate: str | None = None):
         super().__init__()
         cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
         self.elbo = cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
         self.num_particles, self.analytic_kl, self.capturable = num_particles, analytic_kl, capturable
+        self.data_plate = data_plate
         self._nesting = None  # found by tracing once, on the first capturable call
         self._mean_field = None  # with analytic_kl: whether the guide is in the model's order
 
@@ -101,7 +102,7 @@ class ReparamEstimator(nn.Module):
         """Trace_ELBO's (TraceMeanField_ELBO's) particle sum, site by site in the same order."""
         K = self.num_particles
         if K > 1 and self._nesting is None:
-            self._nesting = max_plate_nesting(model, guide, args)
+            self._nesting = max_plate_nesting(model, guide, args, self.data_plate)
         guide_tr, model_tr = traces(model, guide, args, K if K > 1 else None, self._nesting or 0,
                                     block=False)
         guide_sites = dict(sites(guide_tr, False, auxiliary=True))
@@ -222,18 +223,19 @@ class IWAEEstimator(nn.Module):
         several guide sites it treats them as conditionally independent given x.
     """
 
-    def __init__(self, num_particles: int = 1, gradient: str = "standard"):
+    def __init__(self, num_particles: int = 1, gradient: str = "standard",
+                 data_plate: str | None = None):
         super().__init__()
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
-        self.num_particles, self.gradient = num_particles, gradient
+        self.num_particles, self.gradient, self.data_plate = num_particles, gradient, data_plate
         # (nesting, data plate, vectorize), found by tracing once, on the first call
         self._layout = None
 
     def forward(self, model, guide, *args):
         K, N = self.num_particles, args[0].shape[0]
         if self._layout is None:
-            nesting, plate = data_layout(model, guide, args)
+            nesting, plate = data_layout(model, guide, args, self.data_plate)
             x = args[0]
             with forked_rng(x.device):
                 vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
@@ -358,7 +360,8 @@ CAPTURABLE = ("reparam", "iwae")
 
 def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
                    analytic_kl: bool = False, baseline: str | None = None,
-                   gradient: str = "standard", capturable: bool = False) -> nn.Module:
+                   gradient: str = "standard", capturable: bool = False,
+                   data_plate: str | None = None) -> nn.Module:
     """Build an estimator by name.
 
     :param str estimator: ``"reparam"``, ``"score"`` or ``"iwae"``.
@@ -369,6 +372,9 @@ def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
     :param bool capturable: an estimator whose step has no host synchronization (runs on any
         device, can be captured as a CUDA graph): ``reparam`` computed from pvae's traces, and
         ``iwae`` (always capturable).
+    :param data_plate: the data plate's name, for the estimators that trace the programs
+        themselves (``iwae``, capturable ``reparam``) where more than one plate could be it
+        (by default found: see :func:`~pvae.inference.traces.find_data_plate`).
     :raises ValueError: unknown names, ``num_particles < 1``, options that do not apply to the
         estimator, or ``capturable`` with ``score`` (its baselines need the ELBO on the host).
     """
@@ -386,10 +392,11 @@ def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
         raise ValueError(f"estimator={estimator!r} cannot be captured (it reads the ELBO on the "
                          f"host every step); capturable estimators: {CAPTURABLE}")
     if estimator == "reparam":
-        return ReparamEstimator(num_particles, analytic_kl, capturable=capturable)
+        return ReparamEstimator(num_particles, analytic_kl, capturable=capturable,
+                                data_plate=data_plate)
     if estimator == "score":
         return ScoreEstimator(num_particles, baseline)
-    return IWAEEstimator(num_particles, gradient)
+    return IWAEEstimator(num_particles, gradient, data_plate)
 
 
 class SVIObjective(nn.Module):

@@ -37,7 +37,8 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
         device="auto", seed: int = 0,
         binarize: str | None = None, checkpoint_dir=None, resume: bool = False,
         progress: bool = True, config: dict | None = None, cuda_graph="auto",
-        distributed="auto", objective=None, loss=None) -> History:
+        distributed="auto", objective=None, loss=None, data_plate: str | None = None
+        ) -> History:
     r"""Train ``model`` by SVI: maximize the ELBO (or the IWAE bound) with Adam over
     mini-batches.
 
@@ -144,6 +145,9 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
         (:class:`~pvae.inference.LossEstimator`); the estimator settings must then keep their
         defaults, ``beta`` still applies, the step runs eagerly, and the validation value is
         the same loss, negated.
+    :param data_plate: the name of the model's data plate, where the IWAE objective (or the
+        captured ELBO) cannot tell which of several plates of the batch's size it is (by
+        default found: the plate around the observed sites with the batch's size).
     :returns: :class:`History` with, per epoch, ``train_elbo`` (the training objective: the
         beta-weighted ELBO, the K-sample IWAE bound for ``iwae``, or minus ``loss``) and
         ``val_elbo`` in nats per datapoint, ``beta``, ``seconds`` and ``images_per_s``. Per
@@ -219,7 +223,7 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
         objective, val_objective = _svi_objectives(
             model, settings, estimator=estimator, num_particles=num_particles,
             analytic_kl=analytic_kl, baseline=baseline, gradient=gradient, beta=beta,
-            capture=capture)
+            capture=capture, data_plate=data_plate)
     else:
         settings["objective"] = {"name": type(objective).__name__,
                                  **getattr(objective, "config", {})}
@@ -254,16 +258,18 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
 
 
 def _svi_objectives(model, settings: dict, *, estimator, num_particles, analytic_kl, baseline,
-                    gradient, beta, capture):
+                    gradient, beta, capture, data_plate):
     """The SVI training objective and the validation one (the ELBO, one particle); records
     their settings in ``settings``."""
     settings.update({"estimator": estimator, "analytic_kl": analytic_kl,
                      "num_particles": num_particles,
                      "beta": beta if not callable(beta) else repr(beta),
                      "baseline": baseline, "gradient": gradient})
+    if data_plate is not None:
+        settings["data_plate"] = data_plate
     objective = SVIObjective(model, make_estimator(
         estimator, num_particles=num_particles, analytic_kl=analytic_kl, baseline=baseline,
-        gradient=gradient, capturable=capture), beta)
+        gradient=gradient, capturable=capture, data_plate=data_plate), beta)
     return objective, SVIObjective(model, ReparamEstimator(1, analytic_kl))
 
 

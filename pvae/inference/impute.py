@@ -93,7 +93,9 @@ def impute(model, x: torch.Tensor, mask: torch.Tensor, *, c=None, num_samples: i
         structured-prediction CVAE whose ``c`` is the observed part).
     :param c: conditioning for a conditional model (a tensor, or a tuple of tensors).
     :param int num_samples: importance samples of z per datapoint.
-    :param int num_draws: posterior-predictive draws to return.
+    :param int num_draws: posterior-predictive draws to return: particles resampled by weight,
+        each with a fresh x ~ p(x | z) (the particles' chunks are traced again from their RNG
+        states, and x drawn once per draw: ``num_draws`` times the final pass's sampling of x).
     :param int num_gibbs: pseudo-Gibbs refinements of the proposal's input before the final
         importance-sampling pass (0: the missing entries start at the mean of the observed ones).
     :param float prior_fraction: share ``a`` of the samples drawn from the prior in the

@@ -179,3 +179,27 @@ def test_refusals():
         AutoAmortizedNormal(discrete, covariance="low-rank")
     with pytest.raises(TypeError, match="callable"):
         AutoAmortizedNormal(object())
+
+
+def test_data_plate_of_any_name_is_found():
+    """A linear-Gaussian model whose plate is named "batch" (Pyro's scanVI style): the guide
+    finds the plate, amortizes z, and the IW estimate matches log N(x; 0, I + w w^T)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, generator=g)
+
+    def model(x):
+        with pyro.plate("batch", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * w, 1.0).to_event(1), obs=x)
+
+    def draws(n):
+        return torch.randn(n, 1, generator=g) * w + torch.randn(n, 3, generator=g)
+
+    program = Program(model, hidden_dims=())
+    fit(program, draws(300), num_epochs=40, batch_size=50, lr=0.05, seed=0, progress=False)
+    assert program.guide.data_plate == "batch"
+    x_test = draws(100)
+    exact = dist.MultivariateNormal(torch.zeros(3), torch.eye(3) + torch.outer(w, w)).log_prob(
+        x_test)
+    diff = iw_log_likelihood(program, x_test, num_samples=500, seed=0).per_datapoint - exact
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()

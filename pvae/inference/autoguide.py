@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import ReshapeTransform
 
-from pvae.inference.traces import sites
+from pvae.inference.traces import find_data_plate, sites
 from pvae.nn import MLP, activation_layer
 from pvae.validation import check_choice, check_sizes
 
@@ -111,7 +111,9 @@ class AutoAmortizedNormal(nn.Module):
         Cholesky factor per site and datapoint over all its coordinates: sites without plates
         inside the data plate only).
     :param str activation: the default trunk's activation (a key of ``pvae.nn.ACTIVATIONS``).
-    :param str data_plate: name of the model's per-datapoint plate.
+    :param data_plate: name of the model's per-datapoint plate; ``None`` (default): found on
+        the first call, the plate of the batch's size around the observed sites
+        (:func:`~pvae.inference.traces.find_data_plate`).
     :param float init_scale: initial scale of every head (the heads' scale biases are set
         to it), small so that early draws stay near the means.
 
@@ -122,7 +124,7 @@ class AutoAmortizedNormal(nn.Module):
 
     def __init__(self, model, *, encoder: nn.Module | None = None, hidden_dims=(256,),
                  covariance: str = "diagonal", activation: str = "relu",
-                 data_plate: str = "data", init_scale: float = 0.1):
+                 data_plate: str | None = None, init_scale: float = 0.1):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be a Pyro program (a callable), got "
@@ -147,6 +149,8 @@ class AutoAmortizedNormal(nn.Module):
         with poutine.block(), torch.no_grad():
             trace = poutine.trace(model).get_trace(*args)
         n, inputs = _tensor_args(args)
+        # the data plate: named, or found (the plate of the batch's size around the data)
+        self.data_plate = find_data_plate(trace, n, self.data_plate)
         local, global_names = [], []
         for name, site in sites(trace, False):
             if site["fn"].support.is_discrete:

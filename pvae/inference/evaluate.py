@@ -79,7 +79,7 @@ def _layout(model, x, c, rows: int = 1, data_plate: str | None = None
 def _weights(model, x, c, num_particles, layout):
     nesting, vectorize, plate = layout
     return weights(model.model, model.guide, program_args(x, c), num_particles, nesting,
-                   vectorize, plate)
+                   vectorize, plate=plate)
 
 
 class _Programs:

@@ -238,7 +238,8 @@ class _Sampler:
         return out
 
     def _particles(self, proposal, args, k):
-        return weights(self.model, proposal, args, k, self.nesting, self.vectorize, self.plate)
+        return weights(self.model, proposal, args, k, self.nesting, self.vectorize,
+                       plate=self.plate)
 
     def _x(self, w, k: int, what: str) -> torch.Tensor:
         """``(k, N, D)``: the likelihood's mean, or one draw, for each particle of ``w``."""

@@ -72,7 +72,7 @@ def in_model_order(guide_tr, model_tr) -> bool:
     return [n for n, _ in sites(guide_tr, False)] == [n for n, _ in sites(model_tr, False)]
 
 
-def _data_frame(name, site, plate: str = "data"):
+def _data_frame(name, site, plate: str):
     for frame in site["cond_indep_stack"]:
         if frame.name == plate:
             return frame
@@ -86,6 +86,13 @@ def _data_frame(name, site, plate: str = "data"):
     raise ValueError(_OUTSIDE_DATA.format(name=name, plate=plate))
 
 
+def _particles(num_particles: int | None, nesting: int):
+    """The vectorized particle plate at dim ``-(nesting + 1)``, or nothing for ``None``."""
+    if num_particles is None:
+        return contextlib.nullcontext()
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
+
+
 def traces(model, guide, args: tuple, num_particles: int | None = None,
            nesting: int = 0, block: bool = True):
     """``(guide_trace, model_trace)``: the guide traced and the model replayed against it,
@@ -93,12 +100,9 @@ def traces(model, guide, args: tuple, num_particles: int | None = None,
     ``num_particles`` is ``None``). With ``block`` (evaluation) handlers outside see none of
     the programs' sites; objectives pass ``block=False`` so that a param-only trace around them
     finds the parameters they use, as around Pyro's own ELBOs."""
-    with poutine.block() if block else contextlib.nullcontext():
-        particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
-                     if num_particles is not None else contextlib.nullcontext())
-        with particles:
-            guide_tr = poutine.trace(guide).get_trace(*args)
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    with poutine.block() if block else contextlib.nullcontext(), _particles(num_particles, nesting):
+        guide_tr = poutine.trace(guide).get_trace(*args)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
     return guide_tr, model_tr
 
 
@@ -185,8 +189,7 @@ def max_plate_nesting(model, guide, args: tuple, data_plate: str | None = None) 
     return data_layout(model, guide, args, data_plate)[0]
 
 
-def reduce_site(name, site, lp, num_particles, num_data, nesting,
-                plate: str = "data") -> torch.Tensor:
+def reduce_site(name, site, lp, num_particles, num_data, nesting, plate: str) -> torch.Tensor:
     """Sum ``lp`` (the site's batch-shaped log-density or KL) over every dim but the particle
     and data-plate dims (``plate``, from :func:`data_layout`); returns
     ``(num_particles, num_data)``.
@@ -214,7 +217,7 @@ def log_prob(site, fn=None) -> torch.Tensor:
     return scale_and_mask(lp, 1.0, site["mask"])
 
 
-def site_shaped(t: torch.Tensor, site, nesting: int, plate: str = "data") -> torch.Tensor:
+def site_shaped(t: torch.Tensor, site, nesting: int, plate: str) -> torch.Tensor:
     """Place a ``(K, N)`` tensor on a site value's particle and data-plate dims, with size-1
     dims elsewhere, so that it broadcasts against the value."""
     K, N = t.shape
@@ -224,7 +227,7 @@ def site_shaped(t: torch.Tensor, site, nesting: int, plate: str = "data") -> tor
     return t.reshape(shape + [1] * len(site["fn"].event_shape))
 
 
-def features(site, t: torch.Tensor, nesting: int, plate: str = "data") -> torch.Tensor:
+def features(site, t: torch.Tensor, nesting: int, plate: str) -> torch.Tensor:
     """Rearrange a site-shaped tensor (batch dims, then the site's event dims) to
     ``(K or 1, N, features)``: the particle dim, the data plate's dim, everything else flat."""
     event_dims = len(site["fn"].event_shape)
@@ -251,7 +254,7 @@ class Weights:
 
 
 def weights(model, guide, args: tuple, num_particles: int, nesting: int,
-            vectorize: bool = True, plate: str = "data") -> Weights:
+            vectorize: bool = True, *, plate: str) -> Weights:
     """Trace ``num_particles`` particles for the batch ``args`` (``args[0]`` is ``(N, ...)``)
     and reduce every site to ``(K, N)``: vectorized in a particle plate, or with
     ``vectorize=False`` one particle at a time without it (for models that do not broadcast
@@ -314,15 +317,12 @@ def has_auxiliary(trace) -> bool:
 
 
 def replayed_log_density(program, trace, args: tuple, num_particles: int | None, nesting: int,
-                         plate: str = "data") -> torch.Tensor:
+                         plate: str) -> torch.Tensor:
     """log q(z) of ``program`` (a guide) at the latent values of ``trace`` (drawn by another
     program with the same particle layout), reduced per datapoint to ``(K, N)``; ``K`` is 1
     without a particle plate (``num_particles`` ``None``)."""
-    with poutine.block():
-        particles = (pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
-                     if num_particles is not None else contextlib.nullcontext())
-        with particles:
-            tr = poutine.trace(poutine.replay(program, trace=trace)).get_trace(*args)
+    with poutine.block(), _particles(num_particles, nesting):
+        tr = poutine.trace(poutine.replay(program, trace=trace)).get_trace(*args)
     shape = (num_particles or 1, args[0].shape[0])
     total = args[0].new_zeros(shape)
     for name, site in sites(tr, False, auxiliary=True):
@@ -330,7 +330,7 @@ def replayed_log_density(program, trace, args: tuple, num_particles: int | None,
     return total
 
 
-def vectorizes(model, guide, args: tuple, nesting: int, plate: str = "data",
+def vectorizes(model, guide, args: tuple, nesting: int, plate: str,
                task: str = "evaluating") -> bool:
     """Whether the programs run with vectorized particles (a plate left of their own plates):
     tried with two particles on ``args``; when that fails and one particle without the plate

@@ -682,3 +682,17 @@ def test_an_ambiguous_data_plate_is_named_in_fit():
     iw = iw_log_likelihood(model, x_test, num_samples=500, seed=0, data_plate="batch")
     diff = iw.per_datapoint - exact_log_marginal(w, x_test)
     assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+
+
+def test_a_size_one_plate_beside_the_data_plate_is_not_taken_for_it():
+    """On one datapoint a one-feature plate has the batch's size too; the layout is then found
+    on the first pass instead of asking for data_plate=."""
+    w, _ = linear_gaussian_data(n=10)
+    w = w[:1]
+    x = linear_gaussian_draws(w, 60, seed=1)
+    model = FeaturePlate(w)
+    with torch.no_grad():  # the exact posterior: z | x ~ N(w x / (1 + w^2), 1 / (1 + w^2))
+        model.a.copy_(w / (1 + w.square()))
+        model.log_s.fill_(-0.5 * torch.log1p(w.square()).item())
+    iw = iw_log_likelihood(model, x, num_samples=20, seed=0)
+    torch.testing.assert_close(iw.per_datapoint, exact_log_marginal(w, x), atol=1e-4, rtol=0)

@@ -20,6 +20,7 @@ from pvae.distributions import base_dist, closed_form_kl
 from pvae.inference.handlers import select_observed
 from pvae.inference.sizes import default_sizes, pass_rows
 from pvae.inference.traces import (
+    AmbiguousPlateError,
     PlateSizeError,
     data_layout,
     features,
@@ -48,8 +49,9 @@ def _layout(model, x, c, rows: int = 1, data_plate: str | None = None
     try).
 
     A guide with per-datapoint parameters (non-amortized: Pyro's ``AutoNormal`` on a plate of
-    the batch's size, ``pyro.param`` of shape ``(N, ...)``) does not run on one datapoint; then
-    the first ``rows`` datapoints (the evaluation's first pass) are traced instead.
+    the batch's size, ``pyro.param`` of shape ``(N, ...)``) does not run on one datapoint, and
+    on one datapoint every size-1 plate around the observed sites looks like the data plate;
+    then the first ``rows`` datapoints (the evaluation's first pass) are traced instead.
 
     :raises PlateSizeError: neither runs because of the data plate's size: a message saying
         how such a guide is evaluated (any other error of the programs is raised as it is).
@@ -57,7 +59,8 @@ def _layout(model, x, c, rows: int = 1, data_plate: str | None = None
     args = program_args(x[:1], None if c is None else c[:1])
     try:
         nesting, plate = data_layout(model.model, model.guide, args, data_plate)
-    except PlateSizeError:
+    except (PlateSizeError, AmbiguousPlateError):
+        rows = min(rows, len(x))
         if rows <= 1:
             raise
         args = program_args(x[:rows], None if c is None else c[:rows])

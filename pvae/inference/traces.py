@@ -27,7 +27,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["PARTICLE_PLATE", "PlateSizeError", "Weights", "data_layout", "features",
+__all__ = ["PARTICLE_PLATE", "AmbiguousPlateError", "PlateSizeError", "Weights", "data_layout", "features",
            "find_data_plate", "log_prob", "max_plate_nesting", "reduce_site", "site_shaped", "sites",
            "traces", "vectorizes", "weights"]
 
@@ -44,6 +44,11 @@ class PlateSizeError(ValueError):
     """The model and guide disagree on the size of the data plate (Pyro's "Shape mismatch
     inside plate", or sites of the two programs in data plates of different sizes): typically
     a guide with per-datapoint parameters run on other datapoints than it was built for."""
+
+
+class AmbiguousPlateError(ValueError):
+    """Several plates of the batch's size enclose the observed sites and none is named
+    ``"data"``: pass ``data_plate=``. (On one datapoint, every size-1 plate qualifies.)"""
 
 
 def sites(trace, observed: bool | None, auxiliary: bool = False):
@@ -114,8 +119,9 @@ def find_data_plate(model_trace, batch_size: int, data_plate: str | None = None)
 
     :raises PlateSizeError: the plates around the observed sites (or ``data_plate``) have other
         sizes than the batch (e.g. a guide with per-datapoint parameters run on other data).
-    :raises ValueError: the model has no observed site, the observed sites share no plate, or
-        several plates of the batch's size enclose them (pass ``data_plate=``).
+    :raises AmbiguousPlateError: several plates of the batch's size enclose the observed sites
+        (pass ``data_plate=``).
+    :raises ValueError: the model has no observed site, or the observed sites share no plate.
     """
     observed = [site for _, site in sites(model_trace, True)]
     if not observed:
@@ -138,8 +144,9 @@ def find_data_plate(model_trace, batch_size: int, data_plate: str | None = None)
     if len(sized) > 1:
         if "data" in sized:
             return "data"
-        raise ValueError(f"plates {sized} all have the batch's size {batch_size} and enclose the "
-                         "observed sites; name the data plate with data_plate=")
+        raise AmbiguousPlateError(f"plates {sized} all have the batch's size {batch_size} and "
+                                  "enclose the observed sites; name the data plate with "
+                                  "data_plate=")
     if common:
         raise PlateSizeError(f"no plate around the observed sites has the batch's size "
                              f"{batch_size}: {[(f.name, int(f.size)) for f in common]}")

@@ -27,9 +27,9 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["PARTICLE_PLATE", "AmbiguousPlateError", "PlateSizeError", "Weights", "data_layout", "features",
-           "find_data_plate", "log_prob", "max_plate_nesting", "reduce_site", "site_shaped", "sites",
-           "traces", "vectorizes", "weights"]
+__all__ = ["PARTICLE_PLATE", "AmbiguousPlateError", "PlateSizeError", "Weights", "data_layout",
+           "features", "find_data_plate", "log_prob", "max_plate_nesting", "reduce_site",
+           "site_shaped", "sites", "traces", "vectorizes", "weights"]
 
 #: Name of the plate that vectorizes particles.
 PARTICLE_PLATE = "_pvae_particles"

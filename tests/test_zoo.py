@@ -156,8 +156,14 @@ def test_full_encoder_is_lower_triangular_with_positive_diagonal():
     assert (L[..., rows, cols] == 0).all()  # initialized diagonal: it starts as guide="diagonal"
     with torch.no_grad():  # once trained, the strictly lower part is the network's output
         enc.head.weight.normal_(generator=rng(1))
-    _, L = enc(torch.randn(3, 2, 6, generator=rng(0)))
+    x = torch.randn(3, 2, 6, generator=rng(0))
+    _, L = enc(x)
     assert torch.equal(L, L.tril()) and (L[..., rows, cols] != 0).all()
+    # L = diag(s)(I + A): row i of the strictly lower part is s_i times the network's A_ij
+    out = enc.head(enc.act(enc.trunk(x)))
+    s = torch.nn.functional.softplus(out[..., 4:8]) + 1e-5
+    torch.testing.assert_close(L.diagonal(dim1=-2, dim2=-1), s)
+    torch.testing.assert_close(L[..., rows, cols], s[..., rows] * out[..., 8:])
     with pytest.raises(ValueError, match="covariance"):
         GaussianEncoder(6, (8,), 4, covariance="banded")
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 12's GPU acceptance in one call (about 7 minutes on one H100/H200):
+# Issue 12's GPU acceptance in one call (planned for ~7 minutes on one H100/H200; the suite took
+# about 4 there before; not yet run on a GPU):
 #   1. the whole test suite with CUDA as the tests' device (PVAE_TEST_DEVICE=cuda);
 #   2. bench_train.py --device cuda: pvae eager and captured vs plain PyTorch eager and captured;
 #   3. bench_iwll.py --device cuda with default batch/chunk sizes: IW K = 5000 over all 10,000

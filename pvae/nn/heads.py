@@ -50,7 +50,7 @@ class GaussianEncoder(nn.Module):
       Scaling row i of A by s_i makes a step in A change z_i relative to its own width;
       unscaled, Adam's steps (about ``lr`` per weight, whatever the gradient's size) put
       noise of the prior's scale into L next to posterior widths of ~0.1 (on Fashion-MNIST
-      after 10 epochs: test ELBO -248.98 nats unscaled, -247.63 scaled).
+      after 10 epochs: test ELBO -248.98 nats unscaled, -247.63 scaled, on 500 test images).
     """
 
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], latent_dim: int,

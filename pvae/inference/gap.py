@@ -220,7 +220,7 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     x, c = prepare_data(model, x, c, device, "inference_gap")
     args = program_args(x, c)
     pyro.set_rng_seed(seed)
-    nesting, plate = layout = data_layout(model.model, model.guide, args)
+    layout = nesting, _ = data_layout(model.model, model.guide, args)  # (nesting, data plate)
     refined = RefinedGuide(model, args, family)
     with fixed_parameters(model):
         elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True,

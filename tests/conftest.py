@@ -14,6 +14,12 @@ import torch
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TEST_DEVICE = torch.device(os.environ.get("PVAE_TEST_DEVICE", "cpu"))
 
+# Under pytest-xdist (``-n auto`` in ``make test``) each worker takes its share of the cores:
+# without this, N workers each start torch's default of one thread per core and fight over them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def rng(seed: int) -> torch.Generator:
     """A seeded generator on the test device."""

@@ -159,11 +159,12 @@ def test_full_encoder_is_lower_triangular_with_positive_diagonal():
     x = torch.randn(3, 2, 6, generator=rng(0))
     _, L = enc(x)
     assert torch.equal(L, L.tril()) and (L[..., rows, cols] != 0).all()
-    # L = diag(s)(I + A): row i of the strictly lower part is s_i times the network's A_ij
+    # L = diag(s)(I + A), A = 0.1 x the network's output: row i of the strictly lower part is
+    # s_i A_ij
     out = enc.head(enc.act(enc.trunk(x)))
     s = torch.nn.functional.softplus(out[..., 4:8]) + 1e-5
     torch.testing.assert_close(L.diagonal(dim1=-2, dim2=-1), s)
-    torch.testing.assert_close(L[..., rows, cols], s[..., rows] * out[..., 8:])
+    torch.testing.assert_close(L[..., rows, cols], s[..., rows] * 0.1 * out[..., 8:])
     with pytest.raises(ValueError, match="covariance"):
         GaussianEncoder(6, (8,), 4, covariance="banded")
 

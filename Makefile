@@ -40,7 +40,7 @@ demo: venv data
 test: venv data
 	$(BIN)/ruff check pvae tests examples benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist worksteal --durations=15
 
 bench: venv data
 	$(BIN)/python benchmarks/bench_train.py

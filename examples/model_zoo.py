@@ -1,8 +1,10 @@
 """The model zoo on Fashion-MNIST with one training budget: MLP vs convolutional VAE,
 diagonal vs full-covariance guide, one vs two stochastic layers (each trained as VAE and as
 IWAE k=5), and a Gaussian decoder with a learned per-pixel scale vs one whose scale is a
-decoder output — test IW log-likelihoods with paired differences and standard errors, and the
-training throughput of each model relative to the MLP VAE.
+decoder output — test IW log-likelihoods with paired differences and standard errors, the
+posterior-collapse diagnostics of each model (test KL, Burda et al.'s active units, the latent
+dimensions carrying more than 0.05 nats of KL), and the training throughput of each model
+relative to the MLP VAE.
 
 Binary models train on dynamically binarized images (test set binarized once, Burda et al.
 2015); the Gaussian decoders on grayscale images dequantized with uniform noise,
@@ -130,11 +132,18 @@ def main(args):
         eval_s = time.perf_counter() - t0
         gap = iw.per_datapoint.double().cpu() - terms.elbo.double().cpu()
         gap_mean, gap_se = mean_stderr(gap)
+        summary = terms.summary()
         r = {"estimator": estimator, "num_particles": k, "data": kind,
              "model_config": model.config,
              "test_iw_log_likelihood": iw.mean, "iw_stderr": iw.stderr,
-             "test_elbo": terms.summary()["elbo"], "elbo_stderr": terms.summary()["elbo_stderr"],
+             "test_elbo": summary["elbo"], "elbo_stderr": summary["elbo_stderr"],
              "iw_minus_elbo": gap_mean, "iw_minus_elbo_stderr": gap_se,
+             "kl": summary["kl"], "active_units": summary["active_units"],
+             "latent_dim": summary["latent_dim"],
+             # posterior collapse: dims whose mean KL exceeds 0.05 nats (None for the full
+             # guide, whose KL does not split by dimension)
+             "dims_with_kl_above_0.05": (sum(v > 0.05 for v in summary["kl_per_dim"])
+                                         if "kl_per_dim" in summary else None),
              "images_per_s": sum(history.column("images_per_s")) / len(history),
              "train_seconds": train_s, "eval_seconds": eval_s,
              "iw_per_datapoint": iw.per_datapoint.double().cpu().tolist(),
@@ -147,7 +156,9 @@ def main(args):
         # one file per model: several processes (--models) may fill one --out folder
         (out / "models" / f"{slug}.json").write_text(json.dumps({"label": label, **r}))
         print(f"{label:28s} IW {iw.mean:9.2f} ± {iw.stderr:.2f}  ELBO {r['test_elbo']:9.2f}  "
-              f"IW-ELBO {gap_mean:6.2f} ± {gap_se:.2f}  {r['images_per_s']:7.0f} images/s  "
+              f"IW-ELBO {gap_mean:6.2f} ± {gap_se:.2f}  KL {r['kl']:6.2f}  "
+              f"active units {r['active_units']}/{r['latent_dim']}  "
+              f"{r['images_per_s']:7.0f} images/s  "
               f"(train {train_s:.0f} s, eval {eval_s:.0f} s)", flush=True)
         shape = binary.image_shape
         plots.prior_samples(model, shape, generator=torch.Generator(model.device).manual_seed(0),

@@ -88,3 +88,18 @@ def test_score_function_gradient_does_not_use_the_shortcut():
         grads.append(torch.autograd.grad(surrogate, loc)[0])
     assert grads[0].abs().max() > 1e-3
     assert torch.allclose(grads[0], grads[1])
+
+
+def test_score_function_gradients_survive_vectorized_particles():
+    """The score-function handler keeps a reparameterizable site non-reparameterized when a
+    plate outside it (TraceGraph_ELBO's vectorized particles) expands its distribution: Pyro's
+    has_rsample_(False) on the base of an Independent raised there (an AttributeError)."""
+    from pvae.models import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(6, 2, (4,))
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    value, surrogate = ScoreEstimator(num_particles=3)(vae.model, vae.guide, x)
+    grads = torch.autograd.grad(surrogate, list(vae.encoder.parameters()))
+    assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

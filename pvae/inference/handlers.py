@@ -7,6 +7,7 @@ of some observed sites, only)."""
 from __future__ import annotations
 
 import torch
+from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -120,12 +121,51 @@ def baseline_key(site_name: str) -> str:
     return site_name.replace(".", "__dot__")
 
 
+class _Detached(TorchDistribution):
+    """``fn`` sampled without a pathwise gradient (``has_rsample`` false), through every
+    ``expand``: what the score-function estimator differentiates is ``log_prob`` alone."""
+
+    has_rsample = False
+    arg_constraints: dict = {}
+
+    def __init__(self, fn):
+        self.fn = fn
+        super().__init__(fn.batch_shape, fn.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.fn.support
+
+    @property
+    def mean(self):
+        return self.fn.mean
+
+    @property
+    def variance(self):
+        return self.fn.variance
+
+    def expand(self, batch_shape, _instance=None):
+        return _Detached(self.fn.expand(batch_shape))
+
+    def sample(self, sample_shape=()):
+        with torch.no_grad():
+            return self.fn.sample(torch.Size(sample_shape))
+
+    def log_prob(self, value):
+        return self.fn.log_prob(value)
+
+    def entropy(self):
+        return self.fn.entropy()
+
+
 class score_function(Messenger):
     """Force the score-function (REINFORCE) gradient estimator on every latent site of a guide,
     and optionally attach Pyro baselines to them.
 
-    Works on any guide: it acts on each site's base distribution (under ``Independent``
-    wrappers, where ``has_rsample_`` cannot be called) after the plates have expanded it.
+    Works on any guide, inside or outside plates: a reparameterizable site's distribution is
+    wrapped so that it samples without a pathwise gradient and stays so when plates outside
+    the handler (vectorized particles) expand it (Pyro's ``has_rsample_(False)`` on the base of
+    an ``Independent`` does not survive that expansion).
 
     :param str baseline: ``None``, ``"average"`` (the constant ``average``: a decaying average
         of past per-datapoint ELBOs kept by the score-function estimator; Pyro's own
@@ -153,12 +193,8 @@ class score_function(Messenger):
     def _pyro_sample(self, msg):
         if msg["is_observed"] or site_is_subsample(msg):
             return
-        base = base_dist(msg["fn"])
-        if base.has_rsample:
-            if not hasattr(base, "has_rsample_"):
-                raise TypeError(f"site {msg['name']!r}: cannot switch {type(base).__name__} to "
-                                "score-function gradients; use pyro.distributions")
-            base.has_rsample_(False)
+        if msg["fn"].has_rsample:
+            msg["fn"] = _Detached(msg["fn"])
         if self.baseline == "average":
             x = self.baseline_input
             value = torch.full(msg["fn"].batch_shape, self.average, dtype=x.dtype, device=x.device)

@@ -61,7 +61,7 @@ def worker(args) -> None:
     torch.manual_seed(args.seed)
     vae = VAE(x.shape[1], 50, (400,))
     history = fit(vae, x, num_epochs=args.num_epochs, batch_size=args.batch_size, binarize="dynamic",
-                  device=device, seed=args.seed, progress=False, cuda_graph=False)
+                  device=device, seed=args.seed, progress=False, step="eager")
     pvae_rates = history.column("images_per_s")[1:]
 
     torch.manual_seed(args.seed)

@@ -29,10 +29,11 @@ import torch
 from torch.nn import functional as F
 
 from pvae import data
-from pvae.inference import fit, iw_log_likelihood, resolve_device
+from pvae.inference import iw_log_likelihood
 from pvae.inference.sizes import default_sizes
 from pvae.models import VAE
 from pvae.runs import load_run
+from pvae.train import fit, resolve_device
 
 
 @torch.no_grad()

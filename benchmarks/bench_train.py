@@ -15,7 +15,7 @@ Two plain PyTorch references:
   comparing uniforms, Adam's fused kernel), so that the ratio is the cost of the Pyro program
   alone.
 
-On CUDA two more loops run: ``pvae captured`` (``fit(..., cuda_graph=True)``: the whole step,
+On CUDA two more loops run: ``pvae captured`` (``fit(..., step="cuda_graph")``: the whole step,
 Pyro program included, captured once as a CUDA graph and replayed) and ``plain captured`` (the
 matched plain loop captured the same way), so the table shows pvae eager and captured against
 plain PyTorch eager and captured. The graph capture happens inside each measured pvae epoch
@@ -147,9 +147,9 @@ def main(args):
         vae = VAE(x.shape[1], 50, (400,)).to(device)
 
         def run(epoch):
-            hist = fit(vae, x, num_epochs=epoch + 1, batch_size=256, binarize="dynamic",
-                       device=device, progress=False, seed=args.seed, checkpoint_dir=folder,
-                       resume=True, cuda_graph=cuda_graph)
+            hist = fit(vae, x, num_epochs=epoch + 1, batch_size=256, binarize="dynamic", device=device,
+                       progress=False, seed=args.seed, checkpoint_dir=folder, resume=True,
+                       step="cuda_graph" if cuda_graph else "eager")
             return hist[-1]["images_per_s"]
         return run
 

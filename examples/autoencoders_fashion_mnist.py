@@ -16,7 +16,7 @@ Measures, on grayscale Fashion-MNIST (intensities in [0, 1]):
    reconstruction.
 
 Every model is trained by ``pvae.train.fit``; autoencoders through
-``pvae.autoencoders.AutoencoderObjective``. Results are printed as they come and written to
+``pvae.autoencoders.AutoencoderLoss``. Results are printed as they come and written to
 ``--out``/results.json.
 
     python examples/autoencoders_fashion_mnist.py --num-epochs 3 --out runs/autoencoders
@@ -35,7 +35,7 @@ from sklearn.decomposition import PCA
 
 from pvae import data, plots
 from pvae.autoencoders import (
-    AutoencoderObjective,
+    AutoencoderLoss,
     DeepAutoencoder,
     LinearAutoencoder,
     MaskedAutoencoder,
@@ -47,7 +47,7 @@ from pvae.autoencoders import (
 from pvae.contract import resolve_device
 from pvae.models import VAE
 from pvae.stats import mean_stderr
-from pvae.train import fit
+from pvae.train import Adam, ExponentialLR, fit
 
 
 def _say(results, out, *lines):
@@ -68,8 +68,8 @@ def linear_vs_pca(args, ds, out, results, device):
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         ae = LinearAutoencoder(ds.x_dim, k)
-        fit(ae, x, objective=AutoencoderObjective(ae), num_epochs=args.linear_epochs,
-            batch_size=128, lr=args.linear_lr, lr_decay=args.linear_decay, device=device,
+        fit(ae, x, loss=AutoencoderLoss(), num_epochs=args.linear_epochs, batch_size=128,
+            optim=Adam(args.linear_lr, schedule=ExponentialLR(args.linear_decay)), device=device,
             seed=args.seed, progress=False)
         pca = PCA(k).fit(xn)
         angles = np.degrees(subspace_angles(ae.decoder.weight.detach().cpu().double().numpy(),
@@ -129,9 +129,9 @@ def table(args, ds, out, results, device):
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         model = make()
-        objective = AutoencoderObjective(model, **settings)
-        fit(model, x_train, objective=objective, num_epochs=epochs, batch_size=args.batch_size,
-            lr=args.lr, device=device, seed=args.seed, progress=False)
+        fit(model, x_train, loss=AutoencoderLoss(**settings), num_epochs=epochs,
+            batch_size=args.batch_size, optim=Adam(args.lr), device=device, seed=args.seed,
+            progress=False)
         model.eval()
         seconds = time.perf_counter() - t0
         models[name] = model
@@ -169,8 +169,8 @@ def vae_row(args, ds, out, results, device, x_train, x_test):
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     vae = VAE(ds.x_dim, k, args.hidden_dims)
-    fit(vae, x_train, num_epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-        binarize="dynamic", device=device, seed=args.seed, progress=False)
+    fit(vae, x_train, num_epochs=epochs, batch_size=args.batch_size, optim=Adam(args.lr), binarize="dynamic",
+        device=device, seed=args.seed, progress=False)
     vae.eval()
     seconds = time.perf_counter() - t0
     probe = linear_probe(encode_all(vae, x_train[:pn]), ds.y_train[:pn],

@@ -23,7 +23,8 @@ from torch import nn
 
 from pvae import data
 from pvae.contract import resolve_device
-from pvae.inference import elbo_terms, fit, iw_log_likelihood
+from pvae.inference import elbo_terms, iw_log_likelihood
+from pvae.train import Adam, fit
 
 
 class SwitchingVAE(nn.Module):
@@ -61,8 +62,8 @@ def main(args):
     ds = data.load("digits", binarize="static", seed=args.seed)
     x_train = ds.x_train[:300] if args.smoke else ds.x_train
     model = SwitchingVAE(ds.x_dim)
-    history = fit(model, x_train, x_val=ds.x_test, num_epochs=args.num_epochs, batch_size=64,
-                  lr=3e-3, device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
+    history = fit(model, x_train, val=ds.x_test, num_epochs=args.num_epochs, batch_size=64, optim=Adam(3e-3),
+                  device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
     terms = elbo_terms(model, ds.x_test, num_samples=10)
     iw = iw_log_likelihood(model, ds.x_test, num_samples=args.num_samples)
     print(f"epochs {len(history)}: val ELBO {history[0]['val_elbo']:.2f} -> "

@@ -35,8 +35,9 @@ import torch
 
 from pvae import data, plots
 from pvae.contract import resolve_device
-from pvae.inference import LinearWarmup, fit, impute, iw_log_likelihood
+from pvae.inference import LinearWarmup, ReparamELBO, impute, iw_log_likelihood
 from pvae.models import CVAE, VAE
+from pvae.train import fit
 
 
 def bernoulli_scores(p, x):
@@ -82,7 +83,7 @@ def main(args):
         torch.manual_seed(args.seed)
         c = None if name == "VAE" else y_train
         t0 = time.perf_counter()
-        fit(model, x_train, c=c, num_epochs=args.num_epochs, binarize="dynamic", beta=beta,
+        fit(model, x_train, c, num_epochs=args.num_epochs, binarize="dynamic", loss=ReparamELBO(beta=beta),
             device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
         res = iw_log_likelihood(model, x_test, c=None if name == "VAE" else y_test,
                                 num_samples=args.num_samples)
@@ -139,7 +140,7 @@ def main(args):
     torch.manual_seed(args.seed)
     structured = CVAE(int((~keep).sum()), latent, c_dim=int(keep.sum()), hidden_dims=hidden,
                       prior="learned")
-    fit(structured, data.ConditionSplit(x_train, keep), num_epochs=args.num_epochs, beta=beta,
+    fit(structured, data.ConditionSplit(x_train, keep), num_epochs=args.num_epochs, loss=ReparamELBO(beta=beta),
         device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
     res_s = impute(structured, torch.zeros_like(truth), torch.zeros_like(truth, dtype=torch.bool),
                    c=x_test[:, keep], num_samples=args.impute_samples)

@@ -21,8 +21,16 @@ import torch
 
 from pvae import data, plots
 from pvae.contract import resolve_device
-from pvae.inference import fit, gradient_variance, iw_log_likelihood
+from pvae.inference import (
+    IWAE,
+    LOSSES,
+    ReparamELBO,
+    ScoreFunctionELBO,
+    gradient_variance,
+    iw_log_likelihood,
+)
 from pvae.models import VAE
+from pvae.train import Adam, fit
 
 CONFIGS = [  # (label, estimator, k)
     ("VAE k=1", "reparam", 1),
@@ -30,13 +38,14 @@ CONFIGS = [  # (label, estimator, k)
     ("IWAE k=5", "iwae", 5),
     ("IWAE k=50", "iwae", 50),
 ]
-VARIANCE = [  # (label, estimator options)
-    ("reparam", dict(estimator="reparam")),
-    ("score, no baseline", dict(estimator="score")),
-    ("score, average baseline", dict(estimator="score", baseline="average")),
-    ("score, neural baseline", dict(estimator="score", baseline="neural", warmup_steps=300)),
-    ("IWAE k=5, standard", dict(estimator="iwae", num_particles=5)),
-    ("IWAE k=5, DReG", dict(estimator="iwae", num_particles=5, gradient="dreg")),
+VARIANCE = [  # (label, a fresh loss, gradient_variance options)
+    ("reparam", lambda: ReparamELBO(), {}),
+    ("score, no baseline", lambda: ScoreFunctionELBO(), {}),
+    ("score, average baseline", lambda: ScoreFunctionELBO(baseline="average"), {}),
+    ("score, neural baseline", lambda: ScoreFunctionELBO(baseline="neural"),
+     {"warmup_steps": 300}),
+    ("IWAE k=5, standard", lambda: IWAE(5), {}),
+    ("IWAE k=5, DReG", lambda: IWAE(5, gradient="dreg"), {}),
 ]
 
 
@@ -60,7 +69,7 @@ def main(args):
         model = make_model(ds.x_dim, args.smoke)
         t0 = time.perf_counter()
         history = fit(model, x_train, num_epochs=args.num_epochs, batch_size=args.batch_size,
-                      lr=args.lr, estimator=estimator, num_particles=k, binarize="dynamic",
+                      optim=Adam(args.lr), loss=LOSSES[estimator](num_particles=k), binarize="dynamic",
                       device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
         seconds = time.perf_counter() - t0
         iw = iw_log_likelihood(model, x_test, num_samples=args.num_samples)
@@ -92,10 +101,10 @@ def main(args):
                             generator=torch.Generator(vae.device).manual_seed(args.seed))
     print(f"\ngradient variance at the trained VAE, one batch of {len(batch)}, "
           f"{args.num_estimates} estimates (trace of the covariance of d(-loss/B)/dθ):")
-    for label, opts in VARIANCE:
+    for label, loss, opts in VARIANCE:
         t0 = time.perf_counter()
-        r = gradient_variance(vae, batch, num_estimates=args.num_estimates, seed=args.seed,
-                              **opts)
+        r = gradient_variance(vae, batch, loss=loss(), num_estimates=args.num_estimates,
+                              seed=args.seed, **opts)
         est_seconds = (time.perf_counter() - t0) / args.num_estimates
         results["variance"][label] = {**r, "seconds_per_estimate": est_seconds}
     base = results["variance"]["reparam"]
@@ -109,7 +118,7 @@ def main(args):
     # throughput of the score-function estimator for the table
     torch.manual_seed(args.seed)
     h = fit(make_model(ds.x_dim, args.smoke), x_train, num_epochs=1, batch_size=args.batch_size,
-            estimator="score", baseline="average", binarize="dynamic", device=resolve_device(args.device),
+            loss=ScoreFunctionELBO(baseline="average"), binarize="dynamic", device=resolve_device(args.device),
             progress=False)
     results["score_images_per_s"] = h[-1]["images_per_s"]
     print(f"score-function (average baseline) training: {h[-1]['images_per_s']:.0f} images/s")

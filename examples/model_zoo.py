@@ -27,9 +27,10 @@ import torch
 
 from pvae import data, plots
 from pvae.contract import resolve_device
-from pvae.inference import elbo_terms, fit, iw_log_likelihood
+from pvae.inference import LOSSES, elbo_terms, iw_log_likelihood
 from pvae.models import VAE, HierarchicalVAE
 from pvae.stats import mean_stderr
+from pvae.train import Adam, fit
 
 MLP = dict(hidden_dims=(200, 200), activation="tanh")
 
@@ -123,7 +124,7 @@ def main(args):
         model = build()
         t0 = time.perf_counter()
         history = fit(model, x_train, num_epochs=args.num_epochs, batch_size=args.batch_size,
-                      lr=args.lr, estimator=estimator, num_particles=k, binarize=binarize,
+                      optim=Adam(args.lr), loss=LOSSES[estimator](num_particles=k), binarize=binarize,
                       device=device, seed=args.seed, progress=False)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()

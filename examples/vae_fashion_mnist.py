@@ -18,8 +18,9 @@ import torch
 
 from pvae import data, plots
 from pvae.contract import resolve_device
-from pvae.inference import elbo_terms, fit, iw_log_likelihood
+from pvae.inference import elbo_terms, iw_log_likelihood
 from pvae.models import VAE
+from pvae.train import fit
 
 
 def main(args):
@@ -29,9 +30,8 @@ def main(args):
     x_train = ds.x_train[:500] if args.smoke else ds.x_train
     x_test = ds.x_test[:100] if args.smoke else ds.x_test
     model = VAE(ds.x_dim, args.latent_dim, args.hidden_dims)
-    history = fit(model, x_train, x_val=x_test[:1000], num_epochs=args.num_epochs,
-                  binarize="dynamic", device=resolve_device(args.device), seed=args.seed,
-                  progress=not args.smoke)
+    history = fit(model, x_train, val=x_test[:1000], num_epochs=args.num_epochs, binarize="dynamic",
+                  device=resolve_device(args.device), seed=args.seed, progress=not args.smoke)
     terms = elbo_terms(model, x_test).summary()
     iw = iw_log_likelihood(model, x_test[: args.num_iw_test], num_samples=args.num_samples)
     print(f"test ELBO {terms['elbo']:.2f} ± {terms['elbo_stderr']:.2f} nats/image "

@@ -64,7 +64,8 @@ def init_from_env(device: torch.device) -> None:
     if is_distributed():
         return
     if not launched_by_torchrun():
-        raise ValueError("distributed=True needs a torch.distributed process group: launch with "
+        raise ValueError("distributed runs (fit's step='distributed', evaluation's "
+                         "distributed=True) need a torch.distributed process group: launch with "
                          "`torchrun --nproc_per_node N ...`, or call "
                          "torch.distributed.init_process_group(...) first")
     device = local_device(device)

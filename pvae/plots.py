@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch.distributions import Normal
 
-from pvae.inference.latent import interpolate, traverse
+from pvae.models import interpolate, traverse
 
 __all__ = ["gradient_variance", "image_grid", "interpolations", "kl_per_dim", "latent_manifold",
            "posterior_ellipses", "posterior_forest", "training_curve", "traversals"]

@@ -4,9 +4,11 @@
     everything that defines the run: the data (``dataset``, ``data_dir``, ``binarize``,
     ``seed``, sizes, ``condition``), the model (``model``, its registry name in
     :data:`pvae.models.MODELS` or :data:`pvae.autoencoders.AUTOENCODERS`, and
-    ``model_config``, the model's recorded constructor arguments) and the training settings.
+    ``model_config``, the model's recorded constructor arguments) and, under ``training``,
+    what ``fit`` records (``loss`` and ``optim`` with their settings, batch size, seed,
+    binarization, epochs); written when training starts (:class:`WriteConfig`).
 ``checkpoint.pt``
-    the training state (:class:`pvae.train.TrainState`), its ``config`` a copy of the above;
+    the training state (:class:`pvae.train.TrainState`), its ``config`` the same record;
     a folder holds a run once this file exists.
 ``history.csv``, ``metrics.json``, ``report.json``, ``figures/``
     written by training and evaluation.
@@ -20,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from pvae import data
+from pvae import data, parallel
 from pvae.autoencoders import AUTOENCODERS
 from pvae.contract import resolve_device
 from pvae.models import MODELS
-from pvae.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint, settings_diff
+from pvae.train import CHECKPOINT_NAME, Callback, CheckpointError, load_checkpoint, settings_diff
 
-__all__ = ["CONFIG_NAME", "RunError", "build_model", "load_data", "load_run", "prepare_run",
-           "read_config", "write_json"]
+__all__ = ["CONFIG_NAME", "RunError", "WriteConfig", "build_model", "load_data", "load_run",
+           "prepare_run", "read_config", "write_json"]
 
 CONFIG_NAME = "config.json"
 #: Every model a run folder can hold, by its ``"model"`` name.
@@ -48,17 +50,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run(out: str | os.PathLike, config: dict, resume: bool = False,
-                resumable: bool = True) -> Path:
-    """Create (or, with ``resume``, check) the run folder ``out`` for ``config`` and write its
-    ``config.json``. A folder holds a run once its checkpoint exists: a start that failed
-    before the first checkpoint leaves nothing that blocks a corrected retry.
+def prepare_run(out: str | os.PathLike, resume: bool = False, resumable: bool = True) -> Path:
+    """Create (or, with ``resume``, check) the run folder ``out``. A folder holds a run once its
+    checkpoint exists: a start that failed before the first checkpoint leaves nothing that
+    blocks a corrected retry. ``config.json`` is written when training starts
+    (:class:`WriteConfig`): the settings that ``fit`` records, the same as the checkpoint's;
+    a resume with other settings is refused by ``fit`` against the checkpoint.
 
     :param bool resumable: whether the command can continue a run (``--resume``); only says
         what the error message suggests.
     :raises RunError: ``out`` is a file; it already holds a run and ``resume`` is false;
-        ``resume`` without a run there; or ``resume`` with settings other than the run's
-        (``num_epochs`` may change).
+        ``resume`` without a run there.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -74,14 +76,20 @@ def prepare_run(out: str | os.PathLike, config: dict, resume: bool = False,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"--out {out} cannot be created ({e.strerror})") from e
-    config_path = out / CONFIG_NAME
-    if resume:
-        diff = settings_diff(read_config(config_path), config)
-        if diff:
-            raise RunError(f"--resume with other settings than {config_path} (before vs now: "
-                           f"{diff})")
-    write_json(config_path, config)
     return out
+
+
+class WriteConfig(Callback):
+    """Write the run's ``config.json`` when training starts (after a resume): the record that
+    ``fit`` keeps in every checkpoint (the caller's settings, ``training`` with fit's own), so
+    that the folder holds one settings record. Rank 0 writes it."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+
+    def on_fit_start(self, state) -> None:
+        if not state.distributed or parallel.rank() == 0:
+            write_json(self.out / CONFIG_NAME, state.config)
 
 
 def read_config(path: Path) -> dict:

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from pvae import data, parallel
-from pvae.autoencoders import AutoencoderObjective, DeepAutoencoder
+from pvae.autoencoders import AutoencoderLoss, DeepAutoencoder
 from pvae.cli import main as cli
-from pvae.inference import iw_log_likelihood
+from pvae.inference import ScoreFunctionELBO, iw_log_likelihood
 from pvae.models import VAE
-from pvae.train import CHECKPOINT_NAME, fit
+from pvae.train import CHECKPOINT_NAME, Adam, fit
 
 #: ``pvae train`` as ``torchrun -m pvae.cli train`` runs it (the group already exists here).
 CLI_TRAIN = ["train", "--dataset", "digits", "--num-train", "300", "--num-val", "50",
@@ -40,10 +40,10 @@ CLI_TRAIN = ["train", "--dataset", "digits", "--num-train", "300", "--num-val", 
 WORLD = 2
 #: 501 training images in batches of 48: ten full batches and a last one of 21, split 11/10.
 NUM_TRAIN, NUM_VAL, NUM_IW = 501, 101, 45
-FIT = dict(batch_size=48, lr=3e-3, seed=3, binarize="dynamic", progress=False)
+FIT = dict(batch_size=48, optim=Adam(3e-3), seed=3, binarize="dynamic", progress=False)
 IW = dict(num_samples=40, batch_size=8, seed=5)
-#: The score-function estimator with its decaying-average baseline.
-SCORE = dict(estimator="score", baseline="average")
+#: The score-function ELBO with its decaying-average baseline (a fresh loss for every fit).
+SCORE = lambda: ScoreFunctionELBO(baseline="average")  # noqa: E731
 #: Training steps of the second epoch that rank 1 takes before it is killed (of 11).
 KILL_AFTER_STEPS = 4
 
@@ -62,8 +62,7 @@ def build_autoencoder() -> DeepAutoencoder:
 
 def fit_autoencoder(ae: DeepAutoencoder, x: torch.Tensor):
     """Two epochs of the autoencoder's training (data-parallel under a process group)."""
-    return fit(ae, x, objective=AutoencoderObjective(ae), num_epochs=2,
-               **{**FIT, "binarize": None})
+    return fit(ae, x, loss=AutoencoderLoss(), num_epochs=2, **{**FIT, "binarize": None})
 
 
 def datasets():
@@ -76,17 +75,17 @@ def datasets():
 def main(out: Path) -> None:
     x, x_val, x_iw = datasets()
     full = build_model()
-    history = fit(full, x, x_val=x_val, num_epochs=2, checkpoint_dir=out / "full", **FIT)
-    fit(build_model(), x, x_val=x_val, num_epochs=1, checkpoint_dir=out / "resumed", **FIT)
+    history = fit(full, x, val=x_val, num_epochs=2, checkpoint_dir=out / "full", **FIT)
+    fit(build_model(), x, val=x_val, num_epochs=1, checkpoint_dir=out / "resumed", **FIT)
     resumed = build_model()  # a fresh process would rebuild the model like this
-    resumed_history = fit(resumed, x, x_val=x_val, num_epochs=2, resume=True,
-                          checkpoint_dir=out / "resumed", **FIT)
+    resumed_history = fit(resumed, x, val=x_val, num_epochs=2, resume=True, checkpoint_dir=out / "resumed",
+                          **FIT)
     score = {}
     for name, epochs, resume in (("full", 2, False), ("resumed", 1, False),
                                  ("resumed", 2, True)):
         score[name] = build_model()
         fit(score[name], x, num_epochs=epochs, resume=resume,
-            checkpoint_dir=out / f"score_{name}", **FIT, **SCORE)
+            checkpoint_dir=out / f"score_{name}", loss=SCORE(), **FIT)
     ae = build_autoencoder()
     ae_history = fit_autoencoder(ae, x)
     iw = iw_log_likelihood(full, x_iw, **IW)
@@ -121,14 +120,13 @@ def killed(out: Path) -> None:
             return program(*args, **kwargs)
 
         model.model = model_then_kill
-    fit(model, x, x_val=x_val, num_epochs=2, checkpoint_dir=checkpoint.parent, **FIT)
+    fit(model, x, val=x_val, num_epochs=2, checkpoint_dir=checkpoint.parent, **FIT)
 
 
 def resume_killed(out: Path) -> None:
     x, x_val, _ = datasets()
     model = build_model()
-    history = fit(model, x, x_val=x_val, num_epochs=2, resume=True,
-                  checkpoint_dir=out / "killed", **FIT)
+    history = fit(model, x, val=x_val, num_epochs=2, resume=True, checkpoint_dir=out / "killed", **FIT)
     if parallel.rank() == 0:
         torch.save({"params": model.state_dict(), "history": history.rows}, out / "resumed.pt")
 

@@ -15,6 +15,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pvae.inference import (
+    IWAE,
+    LOSSES,
+    ReparamELBO,
     elbo_terms,
     guide_samples,
     inference_gap,
@@ -22,7 +25,7 @@ from pvae.inference import (
     log_weights,
     nuts_posterior,
 )
-from pvae.train import fit
+from pvae.train import Adam, ExponentialLR, fit
 
 
 class MaskedLinearGaussian:
@@ -161,8 +164,8 @@ def test_history_is_the_unscaled_elbo_per_datapoint(scaling):
     plate or poutine.scale(N / n) would report 4x that."""
     w, x = linear_gaussian_data()
     model = ExactPosterior(w, len(x), scaling)
-    history = fit(model, x, c=torch.arange(len(x)), num_epochs=2, batch_size=25, lr=1e-8,
-                  seed=0, progress=False)
+    history = fit(model, x, torch.arange(len(x)), num_epochs=2, batch_size=25, optim=Adam(1e-8), seed=0,
+                  progress=False)
     exact = exact_log_marginal(w, x).mean().item()
     for value in history.column("train_elbo"):
         assert value == pytest.approx(exact, abs=1e-4), (value, exact)
@@ -191,8 +194,8 @@ def test_autonormal_guide_trains_on_full_batches_and_evaluates():
     w, x = linear_gaussian_data()
     model = AutoNormalLinearGaussian(w)
     # 16 particles and a decaying learning rate: little gradient noise around the optimum
-    fit(model, x, num_epochs=300, batch_size=len(x), lr=0.1, lr_decay=0.99, num_particles=16,
-        seed=0, progress=False)
+    fit(model, x, num_epochs=300, batch_size=len(x), optim=Adam(0.1, schedule=ExponentialLR(0.99)),
+        loss=ReparamELBO(num_particles=16), seed=0, progress=False)
     precision = 1 + w @ w
     loc, scale = model.guide._get_loc_and_scale("z")
     # the exact posterior's mean, in posterior sds; measured 0.10 (Adam's jitter); sds 5% off
@@ -236,8 +239,8 @@ class PerDatapointGuide(nn.Module):
 def test_per_datapoint_param_guide_with_subsampling():
     w, x = linear_gaussian_data()
     model, idx = PerDatapointGuide(w, len(x)), torch.arange(len(x))
-    history = fit(model, x, c=idx, num_epochs=300, batch_size=20, lr=0.1, lr_decay=0.99,
-                  num_particles=4, seed=0, progress=False)
+    history = fit(model, x, idx, num_epochs=300, batch_size=20, optim=Adam(0.1, schedule=ExponentialLR(0.99)),
+                  loss=ReparamELBO(num_particles=4), seed=0, progress=False)
     exact = exact_log_marginal(w, x)
     # the history is per datapoint and unscaled (the plate scales the batch by 100 / 20 = 5,
     # which would read -27.6): at the end the guide is near exact, so the ELBO is near the mean
@@ -290,7 +293,7 @@ def test_lazy_modules_are_built_on_the_first_batch_and_trained(lazy):
     else:
         model = LazyLinearGaussian()
         model.decoder, model.encoder = nn.LazyLinear(x.shape[-1]), nn.LazyLinear(2)
-    history = fit(model, x, num_epochs=60, batch_size=50, lr=0.03, seed=0, progress=False)
+    history = fit(model, x, num_epochs=60, batch_size=50, optim=Adam(0.03), seed=0, progress=False)
     assert len(list(model.parameters())) == 4
     # maximum likelihood of a rank-1 factor model: the fitted marginal approaches the truth's
     iw = iw_log_likelihood(model, x, num_samples=200, seed=0)
@@ -320,7 +323,7 @@ def test_joint_autoguide_trains_and_its_evaluation_is_refused_clearly():
     w, x = linear_gaussian_data(n=40)
     model = AutoNormalLinearGaussian(w)
     model.guide = AutoDiagonalNormal(model.model)
-    history = fit(model, x, num_epochs=100, batch_size=len(x), lr=0.05, seed=0, progress=False)
+    history = fit(model, x, num_epochs=100, batch_size=len(x), optim=Adam(0.05), seed=0, progress=False)
     exact = exact_log_marginal(w, x).mean().item()
     assert history.column("train_elbo")[-1] > history.column("train_elbo")[0]
     assert history.column("train_elbo")[-1] < exact + 0.5  # an ELBO, per datapoint
@@ -382,8 +385,8 @@ def test_any_pyro_elbo_trains_an_enumerated_discrete_latent():
     w, _ = linear_gaussian_data()
     model = MixtureLatent(w)
     x, x_val = mixture_data(model, 300, 0), mixture_data(model, 100, 1)
-    history = fit(model, x, x_val=x_val, loss=TraceEnum_ELBO(max_plate_nesting=1),
-                  num_epochs=60, batch_size=50, lr=0.05, lr_decay=0.97, seed=0, progress=False)
+    history = fit(model, x, val=x_val, loss=TraceEnum_ELBO(max_plate_nesting=1), num_epochs=60, batch_size=50,
+                  optim=Adam(0.05, schedule=ExponentialLR(0.97)), seed=0, progress=False)
     exact = model.log_marginal(x_val)
     iw = iw_log_likelihood(model, x_val, num_samples=1000, seed=0)
     diff = iw.per_datapoint - exact
@@ -402,15 +405,15 @@ def test_a_callable_loss_trains_and_bad_losses_are_refused():
     def loss(model_fn, guide_fn, *args):
         return Trace_ELBO().differentiable_loss(model_fn, guide_fn, *args)
 
-    history = fit(model, x, loss=loss, num_epochs=1, batch_size=25, lr=1e-8, progress=False)
+    history = fit(model, x, loss=loss, num_epochs=1, batch_size=25, optim=Adam(1e-8), progress=False)
     assert history[-1]["train_elbo"] == pytest.approx(exact_log_marginal(w, x).mean().item(),
                                                       abs=1e-4)
-    with pytest.raises(TypeError, match="differentiable_loss.*estimator='score'"):
+    with pytest.raises(TypeError, match="differentiable_loss.*ScoreFunctionELBO"):
         fit(model, x, loss=TraceGraph_ELBO(), num_epochs=1, progress=False)
     with pytest.raises(TypeError, match="pass the ELBO itself"):
         fit(model, x, loss=Trace_ELBO()(model.model, model.guide), num_epochs=1, progress=False)
-    with pytest.raises(ValueError, match=r"ignores \['estimator', 'num_particles'\]"):
-        fit(model, x, loss=Trace_ELBO(), estimator="iwae", num_particles=5, num_epochs=1)
+    with pytest.raises(TypeError, match=r"estimator=: it moved to the loss object"):
+        fit(model, x, loss=Trace_ELBO(), estimator="iwae", num_epochs=1)
     with pytest.raises(TypeError, match="0-dim tensor"):
         fit(model, x, loss=lambda *a: 1.0, num_epochs=1, progress=False)
 
@@ -448,8 +451,8 @@ class BatchPlate(nn.Module):
 def test_data_plate_is_found_whatever_its_name(estimator):
     w, x = linear_gaussian_data(n=300)
     model = BatchPlate(w)
-    fit(model, x, estimator=estimator, num_particles=4, num_epochs=60, batch_size=50, lr=0.05,
-        lr_decay=0.97, seed=0, progress=False)
+    fit(model, x, loss=LOSSES[estimator](num_particles=4), num_epochs=60, batch_size=50,
+        optim=Adam(0.05, schedule=ExponentialLR(0.97)), seed=0, progress=False)
     x_test = linear_gaussian_draws(w, 100, seed=1)  # held-out data of the same model
     exact = exact_log_marginal(w, x_test)
     iw = iw_log_likelihood(model, x_test, num_samples=500, seed=0)
@@ -501,14 +504,14 @@ def test_iwae_trains_a_model_without_particle_broadcasting(gradient):
     exact_model = ExactPosterior(w, len(x))
     exact_model.model = lambda x: MaskedLinearGaussian.model(exact_model, x)
     with pytest.warns(RuntimeWarning, match="training one particle at a time"):
-        history = fit(exact_model, x, estimator="iwae", num_particles=3, gradient=gradient,
-                      num_epochs=1, batch_size=50, lr=1e-8, progress=False)
+        history = fit(exact_model, x, loss=IWAE(3, gradient=gradient), num_epochs=1, batch_size=50,
+                      optim=Adam(1e-8), progress=False)
     assert history[-1]["train_elbo"] == pytest.approx(exact_log_marginal(w, x).mean().item(),
                                                       abs=1e-4)
     model = MaskedAmortized(w)
     with pytest.warns(RuntimeWarning, match="training one particle at a time"):
-        fit(model, x, estimator="iwae", num_particles=4, gradient=gradient, num_epochs=40,
-            batch_size=50, lr=0.05, lr_decay=0.95, seed=0, progress=False)
+        fit(model, x, loss=IWAE(4, gradient=gradient), num_epochs=40, batch_size=50,
+            optim=Adam(0.05, schedule=ExponentialLR(0.95)), seed=0, progress=False)
     precision = 1 + w @ w
     # the exact posterior N(w^T x / precision, 1 / precision); measured with the standard
     # gradient 0.009 (a), 0.007 (b), 2% (s); with DReG 1e-4, 5e-5, 0.1%
@@ -537,7 +540,7 @@ def test_observed_sites_with_different_scales_warn_once():
 
     model.model = weighted
     with pytest.warns(RuntimeWarning, match="different scales") as record:
-        fit(model, x, num_epochs=2, batch_size=10, lr=1e-3, progress=False)
+        fit(model, x, num_epochs=2, batch_size=10, optim=Adam(1e-3), progress=False)
     assert len([r for r in record if "different scales" in str(r.message)]) == 1
 
 
@@ -588,8 +591,8 @@ def test_three_data_arguments_train_and_evaluate():
     w, _ = linear_gaussian_data()
     model = ThreeArguments(w)
     x, t, y = model.draws(300, seed=0)
-    fit(model, x, t, y, num_epochs=60, batch_size=50, lr=0.05, lr_decay=0.97, num_particles=4,
-        seed=0, progress=False)
+    fit(model, x, t, y, num_epochs=60, batch_size=50, optim=Adam(0.05, schedule=ExponentialLR(0.97)),
+        loss=ReparamELBO(num_particles=4), seed=0, progress=False)
     x, t, y = model.draws(100, seed=1)
     exact = model.log_marginal(x, t, y)
     iw = iw_log_likelihood(model, x, c=(t, y), num_samples=500, seed=0)
@@ -612,13 +615,14 @@ def test_three_data_arguments_train_and_evaluate():
     # a Dataset of (x, t, y) tuples, streamed through a DataLoader, trains the same program
     streamed = ThreeArguments(w)
     fit(streamed, TensorDataset(*model.draws(300, seed=0)), num_epochs=60, batch_size=50,
-        lr=0.05, lr_decay=0.97, num_particles=4, seed=0, progress=False)
+        optim=Adam(0.05, schedule=ExponentialLR(0.97)), loss=ReparamELBO(num_particles=4), seed=0,
+        progress=False)
     diff = iw_log_likelihood(streamed, x, c=(t, y), num_samples=500, seed=0).per_datapoint - exact
     assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
-    with pytest.raises(ValueError, match="positionally.*or as c, not both"):
-        fit(model, x, t, c=y, num_epochs=1)
-    with pytest.raises(ValueError, match="pass c_val for x_val"):  # before any training
-        fit(model, x, t, y, x_val=x, num_epochs=1, progress=False)
+    with pytest.raises(TypeError, match=r"c=: it moved to the positional arguments"):
+        fit(model, x, c=(t, y), num_epochs=1)
+    with pytest.raises(ValueError, match=r"pass val=\(x_val, \*args\)"):  # before any training
+        fit(model, x, t, y, val=x, num_epochs=1, progress=False)
     with pytest.raises(ValueError, match="c has 99 rows but x has 100"):
         iw_log_likelihood(model, x, c=(t, y[:99]), num_samples=2)
 
@@ -673,11 +677,10 @@ class FeaturePlate(nn.Module):
 def test_an_ambiguous_data_plate_is_named_in_fit():
     w, x = linear_gaussian_data(n=200)  # 3 features: batches of 3 make both plates size 3
     with pytest.raises(ValueError, match="data_plate="):
-        fit(FeaturePlate(w), x, estimator="iwae", num_particles=2, batch_size=3, num_epochs=1,
-            progress=False)
+        fit(FeaturePlate(w), x, loss=IWAE(2), batch_size=3, num_epochs=1, progress=False)
     model = FeaturePlate(w)
-    fit(model, x, estimator="iwae", num_particles=4, batch_size=3, num_epochs=3, lr=0.02,
-        seed=0, progress=False, data_plate="batch")
+    fit(model, x, loss=IWAE(4, data_plate='batch'), batch_size=3, num_epochs=3, optim=Adam(0.02), seed=0,
+        progress=False)
     x_test = linear_gaussian_draws(w, 60, seed=1)
     iw = iw_log_likelihood(model, x_test, num_samples=500, seed=0, data_plate="batch")
     diff = iw.per_datapoint - exact_log_marginal(w, x_test)

@@ -15,7 +15,7 @@ from torch import nn
 from pvae import data
 from pvae.autoencoders import (
     Autoencoder,
-    AutoencoderObjective,
+    AutoencoderLoss,
     DeepAutoencoder,
     LinearAutoencoder,
     MaskedAutoencoder,
@@ -32,7 +32,7 @@ from pvae.autoencoders import (
 )
 from pvae.cli import main
 from pvae.models import VAE
-from pvae.train import fit
+from pvae.train import Adam, ExponentialLR, fit
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_linear_autoencoder_is_pca_on_digits(digits):
     PCA's (and never below it, up to float32 rounding: PCA is the optimum)."""
     x = digits.x_train
     ae = LinearAutoencoder(x.shape[1], 4)
-    fit(ae, x, objective=AutoencoderObjective(ae), num_epochs=100, batch_size=64, lr=0.05,
-        lr_decay=0.96, progress=False)
+    fit(ae, x, num_epochs=100, batch_size=64, optim=Adam(0.05, schedule=ExponentialLR(0.96)),
+        progress=False)  # fit(ae, x): the autoencoder's own default loss
     pca = PCA(4).fit(x.double().numpy())
     angles = np.degrees(subspace_angles(ae.decoder.weight.detach().double().numpy(),
                                         pca.components_.T))
@@ -69,7 +69,7 @@ def test_contractive_penalty_of_linear_encoder_is_frobenius_norm():
     frobenius = ae.encoder.weight.pow(2).sum()
     torch.testing.assert_close(penalty, frobenius.expand(5))
     torch.testing.assert_close(z, ae.encoder(x))
-    objective = AutoencoderObjective(ae, contractive=0.25).eval()
+    objective = AutoencoderLoss(contractive=0.25).bind(ae).eval()
     recon, _ = ae.reconstruction_loss(x, x)
     torch.testing.assert_close(objective.losses(x), recon + 0.25 * frobenius)
 
@@ -111,13 +111,13 @@ def test_objective_adds_the_sparsity_penalty():
     torch.manual_seed(3)
     ae = DeepAutoencoder(5, 3, (4,), code_activation="relu").double()
     x = torch.rand(8, 5, dtype=torch.float64)
-    objective = AutoencoderObjective(ae, sparsity="l1", sparsity_weight=0.3).eval()
+    objective = AutoencoderLoss(sparsity="l1", sparsity_weight=0.3).bind(ae).eval()
     recon, z = ae.reconstruction_loss(x, x)
     torch.testing.assert_close(objective.losses(x), recon + 0.3 * z.abs().sum(-1))
     value, loss = objective(x)
     torch.testing.assert_close(value, (recon + 0.3 * z.abs().sum(-1)).mean())
     with pytest.raises(ValueError, match="code_activation='sigmoid'"):
-        AutoencoderObjective(ae, sparsity="kl")
+        AutoencoderLoss(sparsity="kl").bind(ae)
 
 
 def test_mask_noise_fraction_within_binomial_stderr():
@@ -144,7 +144,7 @@ def test_corruption_only_while_training():
     torch.manual_seed(6)
     ae = DeepAutoencoder(5, 2, (4,))
     x = torch.rand(10, 5)
-    objective = AutoencoderObjective(ae, corruption="gaussian", noise_scale=0.5)
+    objective = AutoencoderLoss(corruption="gaussian", noise_scale=0.5).bind(ae)
     clean = ae.reconstruction_loss(x, x)[0]
     torch.testing.assert_close(objective.eval().losses(x), clean)
     assert not torch.allclose(objective.train().losses(x), clean)
@@ -185,11 +185,10 @@ def test_autoencoder_resume_equals_uninterrupted(tmp_path):
     def run(num_epochs, folder, resume=False, model=None):
         torch.manual_seed(0)
         model = model or DeepAutoencoder(12, 3, (8,)).double()
-        objective = AutoencoderObjective(model, corruption="mask", mask_fraction=0.2,
-                                         sparsity="l1", sparsity_weight=0.01)
-        history = fit(model, x, x_val=x[:20], objective=objective, num_epochs=num_epochs,
-                      batch_size=32, seed=3, checkpoint_dir=folder, resume=resume,
-                      progress=False)
+        loss = AutoencoderLoss(corruption="mask", mask_fraction=0.2, sparsity="l1",
+                               sparsity_weight=0.01)
+        history = fit(model, x, val=x[:20], loss=loss, num_epochs=num_epochs, batch_size=32,
+                      seed=3, checkpoint_dir=folder, resume=resume, progress=False)
         return model, history
 
     full_model, full = run(4, tmp_path / "full")
@@ -202,18 +201,25 @@ def test_autoencoder_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="another configuration"):
         model = DeepAutoencoder(12, 3, (8,)).double()
-        fit(model, x, objective=AutoencoderObjective(model, corruption="gaussian"),
-            num_epochs=4, batch_size=32, seed=3, checkpoint_dir=tmp_path / "split",
-            resume=True, progress=False)
+        fit(model, x, loss=AutoencoderLoss(corruption="gaussian"), num_epochs=4, batch_size=32,
+            seed=3, checkpoint_dir=tmp_path / "split", resume=True, progress=False)
 
 
-def test_fit_refuses_svi_settings_with_an_objective():
+def test_fit_refuses_losses_and_settings_that_do_not_fit_an_autoencoder():
+    """The model is passed once; SVI losses and settings are refused with the two contracts
+    named, and a keyword that moved names its replacement."""
+    from pvae.inference import IWAE
+
     ae = DeepAutoencoder(4, 2, (3,))
-    with pytest.raises(ValueError, match="num_particles"):
-        fit(ae, torch.rand(10, 4), objective=AutoencoderObjective(ae), num_epochs=1,
-            num_particles=5)
-    with pytest.raises(TypeError, match="objective must be an nn.Module"):
-        fit(ae, torch.rand(10, 4), objective=lambda x: x, num_epochs=1)
+    x = torch.rand(10, 4)
+    with pytest.raises(TypeError, match="Pyro model.*autoencoder"):
+        fit(ae, x, loss=IWAE(5), num_epochs=1)
+    with pytest.raises(TypeError, match="Pyro model.*autoencoder"):
+        fit(ae, x, loss=lambda model, guide, x: x.sum(), num_epochs=1)
+    with pytest.raises(TypeError, match=r"num_particles=: it moved to the loss"):
+        fit(ae, x, num_particles=5, num_epochs=1)
+    with pytest.raises(TypeError, match=r"objective=: it moved to loss="):
+        fit(ae, x, objective=AutoencoderLoss().bind(ae), num_epochs=1)
 
 
 def test_probe_helpers_on_vae_posterior_means_and_codes():
@@ -243,7 +249,7 @@ def test_cli_train_and_evaluate_autoencoders(tmp_path):
     assert metrics["code"]["code_dim"] == 6
     assert 0 <= metrics["linear_probe"]["accuracy"] <= 1
     config = json.loads((out / "config.json").read_text())
-    assert config["objective"]["sparsity"] == "kl" and config["binarize"] is None
+    assert config["training"]["loss"]["sparsity"] == "kl" and config["binarize"] is None
     assert (out / "figures" / "reconstructions.png").is_file()
     main(["train", "--dataset", "digits", "--model", "ae", "--latent-dim", "6", "--hidden-dims",
           "16", "--num-epochs", "3", "--num-train", "400", "--num-val", "100",

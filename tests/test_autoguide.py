@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from pvae import data
-from pvae.inference import AutoAmortizedNormal, elbo_terms, fit, iw_log_likelihood
+from pvae.inference import AutoAmortizedNormal, ReparamELBO, elbo_terms, iw_log_likelihood
 from pvae.models import PPCA
 from pvae.nn import MLP
+from pvae.train import Adam, ExponentialLR, fit
 
 
 class Program(nn.Module):
@@ -42,8 +43,8 @@ def test_full_covariance_head_recovers_exact_ppca_posterior():
     ppca.requires_grad_(False).eval()  # fixed: only the guide trains
     program = Program(ppca.model, hidden_dims=(), covariance="full")
     # full batches and 16 particles: little gradient noise around the optimum
-    fit(program, x, num_epochs=300, batch_size=400, lr=0.05, lr_decay=0.99, num_particles=16,
-        seed=0, progress=False)
+    fit(program, x, num_epochs=300, batch_size=400, optim=Adam(0.05, schedule=ExponentialLR(0.99)),
+        loss=ReparamELBO(num_particles=16), seed=0, progress=False)
     x_test = ppca_data(100, seed=1)
     exact = ppca.exact_posterior(x_test)
     with torch.no_grad():
@@ -109,7 +110,7 @@ def test_auto_guide_matches_hand_written_on_digits():
         pyro.clear_param_store()
         torch.manual_seed(0)
         model = cls()
-        fit(model, ds.x_train, num_epochs=20, batch_size=64, lr=3e-3, seed=0, progress=False)
+        fit(model, ds.x_train, num_epochs=20, batch_size=64, optim=Adam(3e-3), seed=0, progress=False)
         pyro.set_rng_seed(0)
         results[cls.__name__] = iw_log_likelihood(model, ds.x_test, num_samples=200)
     hand, auto = results["ContrastVAE"], results["AutoContrastVAE"]
@@ -163,7 +164,7 @@ def test_refusals():
             k = pyro.sample("k", dist.Bernoulli(x.new_full((len(x),), 0.5)))
             pyro.sample("x", dist.Normal(k, 1.0), obs=x[:, 0])
 
-    with pytest.raises(ValueError, match="latent site 'k' is discrete.*estimator='score'"):
+    with pytest.raises(ValueError, match="latent site 'k' is discrete.*ScoreFunctionELBO"):
         AutoAmortizedNormal(discrete)(torch.randn(3, 2))
 
     def only_global(x):
@@ -196,7 +197,7 @@ def test_data_plate_of_any_name_is_found():
         return torch.randn(n, 1, generator=g) * w + torch.randn(n, 3, generator=g)
 
     program = Program(model, hidden_dims=())
-    fit(program, draws(300), num_epochs=40, batch_size=50, lr=0.05, seed=0, progress=False)
+    fit(program, draws(300), num_epochs=40, batch_size=50, optim=Adam(0.05), seed=0, progress=False)
     assert program.guide.data_plate == "batch"
     x_test = draws(100)
     exact = dist.MultivariateNormal(torch.zeros(3), torch.eye(3) + torch.outer(w, w)).log_prob(

@@ -39,8 +39,8 @@ def test_numpy_integers_are_sizes():
     import numpy as np
     import torch
 
-    from pvae.inference import fit
     from pvae.models import VAE
+    from pvae.train import fit
 
     model = VAE(np.int64(12), np.int64(2), (np.int32(8),))
     x = torch.bernoulli(torch.full((32, 12), 0.5))
@@ -50,7 +50,8 @@ def test_numpy_integers_are_sizes():
 
 def test_failed_start_does_not_block_the_retry(tmp_path, capsys):
     """A folder holds a run only once a checkpoint exists: a start that failed before it (here
-    a CUDA graph asked for on a CPU) leaves config.json, and the corrected retry goes through."""
+    a CUDA graph asked for on a CPU) leaves no checkpoint, and the corrected retry goes
+    through."""
     from pvae.cli import main
 
     out = str(tmp_path / "run")
@@ -60,7 +61,7 @@ def test_failed_start_does_not_block_the_retry(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
         main([*argv, "--cuda-graph", "on"])
     assert failed.value.code == 2 and "cuda_graph" in capsys.readouterr().err
-    assert (tmp_path / "run" / "config.json").is_file()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
     main(argv)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 

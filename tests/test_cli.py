@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pvae.cli import load_run, main
-from pvae.inference import CheckpointError
+from pvae.train import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,9 @@ def test_train_with_iwae_and_annealing(tmp_path):
     assert history[0].split(",")[:3] == ["epoch", "train_elbo", "beta"]
     assert float(history[1].split(",")[2]) < 1.0 and float(history[2].split(",")[2]) == 1.0
     config = json.loads((out / "config.json").read_text())
-    assert config["estimator"] == "iwae" and config["gradient"] == "dreg"
+    assert config["training"]["loss"] == {"name": "iwae", "num_particles": 3, "gradient": "dreg",
+                                          "beta": "LinearWarmup(10, start=0.0, end=1.0)",
+                                          "data_plate": None}
 
 
 def test_evaluate_inference_gap(digits_run, tmp_path):

@@ -10,8 +10,9 @@ import torch
 
 from pvae import data
 from pvae.cli import main
-from pvae.inference import elbo_terms, fit, impute, iw_log_likelihood
+from pvae.inference import elbo_terms, impute, iw_log_likelihood
 from pvae.models import CVAE, VAE
+from pvae.train import Adam, fit
 
 from conftest import rng
 
@@ -25,8 +26,8 @@ def digits():
 def test_cvae_label_contract(digits, prior, tmp_path):
     x, y = digits.x_train[:400], digits.y_train[:400]
     model = CVAE(64, 4, num_classes=10, hidden_dims=(32,), prior=prior)
-    h = fit(model, x, c=y, x_val=digits.x_test, c_val=digits.y_test, num_epochs=10,
-            batch_size=64, lr=3e-3, progress=False, checkpoint_dir=tmp_path)
+    h = fit(model, x, y, val=(digits.x_test, digits.y_test), num_epochs=10, batch_size=64, optim=Adam(3e-3),
+            progress=False, checkpoint_dir=tmp_path)
     val = h.column("val_elbo")
     assert val[-1] > val[0] + 1.0
     tr = pyro.poutine.trace(model.model).get_trace(x[:5], y[:5])
@@ -49,7 +50,7 @@ def test_cvae_vector_condition_float64(digits):
     mask = data.condition_mask((8, 8), "top-half")
     x, c = digits.x_train[:200, ~mask].double(), digits.x_train[:200, mask].double()
     model = CVAE(32, 3, c_dim=32, hidden_dims=(16,), prior="learned").double()
-    h = fit(model, x, c=c, num_epochs=3, batch_size=50, progress=False)
+    h = fit(model, x, c, num_epochs=3, batch_size=50, progress=False)
     assert len(h) == 3
     iw = iw_log_likelihood(model, x[:20], c=c[:20], num_samples=10)
     assert iw.per_datapoint.dtype == torch.float64
@@ -102,7 +103,7 @@ def test_user_conditional_model_fit_and_iw():
     x = torch.randn(1000, 2, generator=g) @ W0.T + c @ V0.T + 0.3 * torch.randn(1000, 4,
                                                                                 generator=g)
     user = UserConditionalLinearGaussian()
-    h = fit(user, x, c=c, num_epochs=60, batch_size=100, lr=2e-2, progress=False)
+    h = fit(user, x, c, num_epochs=60, batch_size=100, optim=Adam(2e-2), progress=False)
     assert h[-1]["train_elbo"] > h[0]["train_elbo"] + 1
     iw = iw_log_likelihood(user, x[:300], c=c[:300], num_samples=1000)
     d = iw.per_datapoint - user.exact(x[:300], c[:300])

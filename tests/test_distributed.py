@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from pvae import parallel
-from pvae.inference import ReparamEstimator, SVIObjective, iw_log_likelihood, make_estimator
+from pvae.inference import ReparamELBO, SVIObjective, iw_log_likelihood
 from pvae.train import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -94,13 +94,13 @@ def one_process_reference(num_epochs: int) -> tuple:
     W, seed, bs = worker.WORLD, worker.FIT["seed"], worker.FIT["batch_size"]
     data = TrainingData(x, model=model, batch_size=bs, device=torch.device("cpu"),
                         dtype=torch.float64, binarize="dynamic")
-    objective = SVIObjective(model, make_estimator("reparam"))
+    objective = SVIObjective(model, ReparamELBO())
     seed_all(seed)  # as fit: the probe batch (the same on every rank) builds and finds params
     generator = torch.Generator().manual_seed(seed)
     params = objective.trainable_parameters(*data.probe(seed))
     objective.trusted = True
-    optimizer = make_adam(params, worker.FIT["lr"])
-    val_objective = SVIObjective(model, ReparamEstimator(1))
+    optimizer = make_adam(params, worker.FIT["optim"].lr)
+    val_objective = SVIObjective(model, ReparamELBO(1))
     streams = []
     for r in range(W):
         torch.manual_seed(seed + r)
@@ -184,7 +184,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_one(two_processes,
     assert "SIGKILL" in killed.stderr or "exitcode: -9" in killed.stderr, killed.stderr[-2000:]
     on_disk = killed_and_resumed["on_disk"]  # the last good checkpoint: the first epoch's
     assert on_disk["epoch"] == 1 and len(on_disk["history"]) == 1
-    assert on_disk["config"]["world_size"] == worker.WORLD
+    assert on_disk["config"]["training"]["world_size"] == worker.WORLD
     _assert_same_params(killed_and_resumed["params"], two_processes["params"])
     for a, b in zip(killed_and_resumed["history"], two_processes["history"], strict=True):
         assert (a["train_elbo"], a["val_elbo"]) == (b["train_elbo"], b["val_elbo"])
@@ -250,7 +250,7 @@ def test_cli_rank_0_writes_the_run_and_a_one_process_resume_is_refused(two_proce
 
     run = two_processes["out"] / "cli"
     config = json.loads((run / "config.json").read_text())
-    assert config["world_size"] == 2
+    assert config["training"]["world_size"] == 2
     assert len((run / "history.csv").read_text().splitlines()) == 2  # header + 1 epoch
     assert (run / "figures" / "training_curve.png").is_file()
     with pytest.raises(SystemExit) as exit_:
@@ -274,7 +274,7 @@ def test_param_store_parameters_are_refused_with_the_fix():
                 pyro.sample("z", pyro.distributions.Normal(loc, 1.))
 
     user = UserModel()
-    objective = SVIObjective(user, make_estimator("reparam"))
+    objective = SVIObjective(user, ReparamELBO())
     params = objective.trainable_parameters(torch.zeros(3, 1))
     with pytest.raises(ValueError, match=r"param-store parameters \['loc'\].*nn.Parameter"):
         check_module_parameters(user, objective, params)
@@ -296,7 +296,7 @@ def test_networks_of_a_plain_model_object_are_collected_for_ddp():
                 pyro.sample("z", pyro.distributions.Normal(self.net(x)[:, 0], 1.))
 
     user = PlainObjectModel()
-    objective = SVIObjective(user, make_estimator("reparam"))
+    objective = SVIObjective(user, ReparamELBO())
     params = objective.trainable_parameters(torch.zeros(3, 1))
     check_module_parameters(user, objective, params)  # no refusal: they are module parameters
     replica = Replica(user, objective)
@@ -307,12 +307,12 @@ def test_distributed_without_a_process_group_is_refused_clearly(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
     x, _, x_iw = worker.datasets()
-    with pytest.raises(ValueError, match="distributed=True needs a torch.distributed process"):
-        fit(worker.build_model(), x[:8], num_epochs=1, distributed=True, **worker.FIT)
+    with pytest.raises(ValueError, match="step='distributed'.* need a torch.distributed process"):
+        fit(worker.build_model(), x[:8], num_epochs=1, step="distributed", **worker.FIT)
     with pytest.raises(ValueError, match="distributed=True needs a torch.distributed process"):
         iw_log_likelihood(worker.build_model(), x_iw[:2], num_samples=2, distributed=True)
-    with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):
-        fit(worker.build_model(), x[:8], num_epochs=1, distributed="yes", **worker.FIT)
+    with pytest.raises(ValueError, match="unknown step 'yes'"):
+        fit(worker.build_model(), x[:8], num_epochs=1, step="yes", **worker.FIT)
 
 
 def test_batches_smaller_than_the_world_are_refused():

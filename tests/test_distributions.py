@@ -7,7 +7,7 @@ import torch
 import torch.distributions as td
 
 from pvae.distributions import ReparamNormal
-from pvae.inference import ScoreEstimator
+from pvae.inference import ScoreFunctionELBO
 
 from conftest import rng
 
@@ -84,7 +84,7 @@ def test_score_function_gradient_does_not_use_the_shortcut():
                 pyro.sample("z", guide_dist(loc, torch.ones(4, 2)).to_event(1))
 
         pyro.set_rng_seed(0)
-        _, surrogate = ScoreEstimator()(model, guide, torch.ones(4, 2))
+        _, surrogate = ScoreFunctionELBO()(model, guide, torch.ones(4, 2))
         grads.append(torch.autograd.grad(surrogate, loc)[0])
     assert grads[0].abs().max() > 1e-3
     assert torch.allclose(grads[0], grads[1])
@@ -99,7 +99,7 @@ def test_score_function_gradients_survive_vectorized_particles():
     torch.manual_seed(0)
     vae = VAE(6, 2, (4,))
     x = torch.bernoulli(torch.full((5, 6), 0.5))
-    value, surrogate = ScoreEstimator(num_particles=3)(vae.model, vae.guide, x)
+    value, surrogate = ScoreFunctionELBO(num_particles=3)(vae.model, vae.guide, x)
     grads = torch.autograd.grad(surrogate, list(vae.encoder.parameters()))
     assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)

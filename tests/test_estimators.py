@@ -12,17 +12,21 @@ from torch import nn
 
 from pvae import data
 from pvae.inference import (
+    IWAE,
+    LOSSES,
+    VIMCO,
     Cyclical,
     LinearWarmup,
+    ReparamELBO,
+    ScoreFunctionELBO,
     elbo_terms,
-    fit,
     gradient_variance,
-    make_estimator,
     make_schedule,
     scale_latents,
 )
 from pvae.inference.traces import traces
 from pvae.models import VAE
+from pvae.train import Adam, fit
 
 X = torch.tensor([[0.7], [-1.3], [2.1]], dtype=torch.float64)
 A, B, S = 1.5, 0.3, 0.8  # x | z ~ N(A z + B, S^2)
@@ -56,7 +60,7 @@ def exact_elbo_grad():
 
 def estimates(estimator, n):
     toy = Toy()
-    est = make_estimator(estimator["name"], **estimator.get("kwargs", {}))
+    est = LOSSES[estimator["name"]](**estimator.get("kwargs", {}))
     out = []
     for _ in range(n):
         _, surrogate = est(toy.model, toy.guide, X)
@@ -95,7 +99,7 @@ def test_dreg_mean_matches_standard_iwae():
 
 
 def iwae_value(K, x, n=1500):
-    toy, est = Toy(), make_estimator("iwae", num_particles=K)
+    toy, est = Toy(), IWAE(K)
     return torch.stack([est(toy.model, toy.guide, x)[0] for _ in range(n)])
 
 
@@ -116,7 +120,7 @@ def test_iwae_scaling_is_applied_after_log_mean_exp():
     toy, K, beta, s = Toy(), 7, 0.4, 3.0
     model = pyro.poutine.scale(scale_latents(beta)(toy.model), scale=s)
     guide = pyro.poutine.scale(scale_latents(beta)(toy.guide), scale=s)
-    est = make_estimator("iwae", num_particles=K)
+    est = IWAE(K)
     est(model, guide, X)  # the first call also traces once to find the plate nesting
     pyro.set_rng_seed(3)
     value, _ = est(model, guide, X)
@@ -155,8 +159,8 @@ def test_beta_one_equals_plain_elbo_and_beta_changes_training():
     runs = {}
     for key, beta in (("default", 1.0), ("schedule", make_schedule(1.0)), ("half", 0.5)):
         torch.manual_seed(0)
-        runs[key] = fit(VAE(64, 4, (32,)), x, x_val=x[:100], num_epochs=3, batch_size=64,
-                        beta=beta, progress=False)
+        runs[key] = fit(VAE(64, 4, (32,)), x, val=x[:100], num_epochs=3, batch_size=64,
+                        loss=ReparamELBO(beta=beta), progress=False)
     assert runs["default"].column("train_elbo") == runs["schedule"].column("train_elbo")
     assert runs["half"].column("train_elbo") != runs["default"].column("train_elbo")
     assert runs["half"].column("beta") == [0.5] * 3
@@ -164,22 +168,22 @@ def test_beta_one_equals_plain_elbo_and_beta_changes_training():
 
 def test_kl_warmup_recorded_in_history():
     x = binary_digits(128)
-    h = fit(VAE(64, 2, (16,)), x, num_epochs=3, batch_size=64, beta=LinearWarmup(4),
-            progress=False)
+    h = fit(VAE(64, 2, (16,)), x, num_epochs=3, batch_size=64,
+            loss=ReparamELBO(beta=LinearWarmup(4)), progress=False)
     assert h.column("beta") == [0.25, 0.75, 1.0]  # beta at the last step of each epoch
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(estimator="iwae", num_particles=5),
-    dict(estimator="iwae", num_particles=5, gradient="dreg"),
-    dict(estimator="reparam", num_particles=4),
-    dict(estimator="score", baseline="neural"),
-])
-def test_estimators_train_a_vae(kwargs):
+@pytest.mark.parametrize("loss", [
+    lambda: IWAE(5),
+    lambda: IWAE(5, gradient="dreg"),
+    lambda: ReparamELBO(num_particles=4),
+    lambda: ScoreFunctionELBO(baseline="neural"),
+], ids=["iwae", "iwae-dreg", "reparam-4", "score-neural"])
+def test_estimators_train_a_vae(loss):
     x = binary_digits()
     torch.manual_seed(0)
-    h = fit(VAE(64, 4, (32,)), x, x_val=x[:200], num_epochs=8, batch_size=64, lr=3e-3,
-            progress=False, **kwargs)
+    h = fit(VAE(64, 4, (32,)), x, val=x[:200], num_epochs=8, batch_size=64, optim=Adam(3e-3),
+            progress=False, loss=loss())
     val = h.column("val_elbo")
     assert val[-1] > val[0] + 1.0
 
@@ -212,8 +216,8 @@ def test_score_function_trains_discrete_latents_and_baseline_helps():
     for baseline in (None, "average"):
         torch.manual_seed(0)
         model = SigmoidBeliefNet()
-        h = fit(model, ds.x_train, x_val=ds.x_test, num_epochs=12, batch_size=64, lr=3e-3,
-                estimator="score", baseline=baseline, progress=False, seed=0)
+        h = fit(model, ds.x_train, val=ds.x_test, num_epochs=12, batch_size=64, optim=Adam(3e-3),
+                loss=ScoreFunctionELBO(baseline=baseline), progress=False, seed=0)
         val = h.column("val_elbo")
         # improves: the last 4 epochs are clearly better than the first
         assert sum(val[8:]) / 4 > val[0] + 0.5, (baseline, val)
@@ -226,9 +230,10 @@ def test_gradient_variance_table():
     x = binary_digits(64)
     torch.manual_seed(0)
     vae = VAE(64, 4, (32,))
-    reparam = gradient_variance(vae, x, estimator="reparam", num_estimates=50)
-    score = gradient_variance(vae, x, estimator="score", num_estimates=50)
-    score_avg = gradient_variance(vae, x, estimator="score", baseline="average", num_estimates=50)
+    reparam = gradient_variance(vae, x, loss=ReparamELBO(), num_estimates=50)
+    score = gradient_variance(vae, x, loss=ScoreFunctionELBO(), num_estimates=50)
+    score_avg = gradient_variance(vae, x, loss=ScoreFunctionELBO(baseline="average"),
+                                  num_estimates=50)
     assert set(reparam) == {"encoder", "decoder", "likelihood", "total"} - {"likelihood"}
     # same decoder gradient estimator (reparameterized z is not used by score for decoder)...
     assert score["encoder"]["variance"] > 10 * reparam["encoder"]["variance"]
@@ -236,11 +241,13 @@ def test_gradient_variance_table():
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="unknown estimator"):
-        make_estimator("wake-sleep")
-    with pytest.raises(ValueError, match="baseline applies"):
-        make_estimator("reparam", baseline="average")
-    with pytest.raises(ValueError, match="dreg"):
-        make_estimator("score", gradient="dreg")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        ScoreFunctionELBO(baseline="median")
+    with pytest.raises(ValueError, match="unknown gradient"):
+        IWAE(5, gradient="reinforce")
     with pytest.raises(ValueError, match="num_particles"):
-        make_estimator("iwae", num_particles=0)
+        IWAE(num_particles=0)
+    with pytest.raises(ValueError, match="num_particles >= 2"):
+        VIMCO(1)
+    with pytest.raises(TypeError, match="analytic_kl"):
+        IWAE(5, analytic_kl=True)

@@ -4,8 +4,9 @@ Debian package dataset-fashion-mnist)."""
 import pytest
 
 from pvae import data
-from pvae.inference import elbo_terms, fit
+from pvae.inference import elbo_terms
 from pvae.models import VAE
+from pvae.train import fit
 
 from conftest import fashion_available
 

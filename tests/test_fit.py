@@ -7,14 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pvae.inference import (
-    CheckpointError,
-    TrainingDivergedError,
-    elbo_terms,
-    fit,
-    iw_log_likelihood,
-)
+from pvae.inference import ScoreFunctionELBO, elbo_terms, iw_log_likelihood
 from pvae.models import VAE
+from pvae.train import Adam, CheckpointError, TrainingDivergedError, fit
 
 from conftest import rng
 
@@ -50,7 +45,7 @@ def fa_data(n=512, seed=0):
 
 def test_user_model_trains_and_evaluates():
     user, x = UserFactorAnalysis(), fa_data()
-    history = fit(user, x, num_epochs=40, batch_size=128, lr=3e-2, progress=False)
+    history = fit(user, x, num_epochs=40, batch_size=128, optim=Adam(3e-2), progress=False)
     elbos = history.column("train_elbo")
     assert elbos[-1] > elbos[0] + 2.0
     iw = iw_log_likelihood(user, x[:100], num_samples=500)
@@ -75,8 +70,8 @@ def test_seeded_determinism():
 
     def run():
         model = VAE(12, 2, (8,))
-        return fit(model, x, x_val=torch.bernoulli(x[:50]), num_epochs=3, batch_size=32,
-                   binarize="dynamic", seed=5, progress=False)
+        return fit(model, x, val=torch.bernoulli(x[:50]), num_epochs=3, batch_size=32, binarize="dynamic",
+                   seed=5, progress=False)
 
     torch.manual_seed(1)
     a = run()
@@ -106,7 +101,7 @@ def test_resume_with_other_config_is_refused(tmp_path):
     x = torch.bernoulli(torch.rand(64, 12))
     fit(VAE(12, 2, (8,)), x, num_epochs=1, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="another configuration"):
-        fit(VAE(12, 2, (8,)), x, num_epochs=2, lr=0.5, checkpoint_dir=tmp_path, resume=True,
+        fit(VAE(12, 2, (8,)), x, num_epochs=2, optim=Adam(0.5), checkpoint_dir=tmp_path, resume=True,
             progress=False)
 
 
@@ -156,13 +151,14 @@ def test_score_function_resume_equals_uninterrupted(tmp_path, baseline):
         torch.manual_seed(3)
         return VAE(12, 2, (8,))
 
-    kwargs = dict(batch_size=32, estimator="score", baseline=baseline, seed=4, lr=1e-2,
-                  progress=False)
+    kwargs = dict(batch_size=32, seed=4, optim=Adam(1e-2), progress=False)
+    loss = lambda: ScoreFunctionELBO(baseline=baseline)  # noqa: E731  (a fresh one per run)
     full_model = model()
-    full = fit(full_model, x, num_epochs=4, **kwargs)
-    fit(model(), x, num_epochs=2, checkpoint_dir=tmp_path, **kwargs)
+    full = fit(full_model, x, num_epochs=4, loss=loss(), **kwargs)
+    fit(model(), x, num_epochs=2, checkpoint_dir=tmp_path, loss=loss(), **kwargs)
     resumed_model = model()
-    resumed = fit(resumed_model, x, num_epochs=4, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    resumed = fit(resumed_model, x, num_epochs=4, checkpoint_dir=tmp_path, resume=True,
+                  loss=loss(), **kwargs)
     assert resumed.column("train_elbo") == full.column("train_elbo")
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name

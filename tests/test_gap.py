@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pvae import data
-from pvae.inference import compare_posteriors, inference_gap
-from pvae.models import PPCA
+from pvae.inference import inference_gap
+from pvae.models import PPCA, compare_posteriors
 
 X = data.load("synthetic-ppca").x_train
 X_TEST = data.load("synthetic-ppca").x_test[:10]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from pvae.inference import elbo_terms, fit, iw_log_likelihood
+from pvae.inference import IWAE, ReparamELBO, elbo_terms, iw_log_likelihood
 from pvae.models import CVAE, PPCA, VAE
+from pvae.train import Adam, fit
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +24,7 @@ def test_fit_and_evaluate_on_cuda(make):
 def test_cvae_on_cuda():
     x, y = torch.bernoulli(torch.rand(128, 64)), torch.randint(0, 10, (128,))
     model = CVAE(64, 4, num_classes=10, hidden_dims=(32,), prior="learned")
-    fit(model, x, c=y, num_epochs=1, batch_size=64, device="cuda", progress=False)
+    fit(model, x, y, num_epochs=1, batch_size=64, device="cuda", progress=False)
     assert model.sample(5, c=2).is_cuda
 
 
@@ -53,20 +54,19 @@ def test_resume_on_cuda_and_checkpoint_loads_on_cpu(tmp_path):
     cpu_model.load_state_dict(state["model"])
 
 
-@pytest.mark.parametrize("estimator", [dict(estimator="reparam"),
-                                       dict(estimator="iwae", num_particles=5)])
-def test_captured_training_matches_eager(estimator):
+@pytest.mark.parametrize("loss", [lambda: ReparamELBO(), lambda: IWAE(5)], ids=["reparam", "iwae"])
+def test_captured_training_matches_eager(loss):
     """The step captured as a CUDA graph trains like the eager one: after 5 epochs the
     validation ELBOs agree within their Monte Carlo noise (different random streams)."""
     x = torch.bernoulli(torch.rand(2048, 64, generator=torch.Generator().manual_seed(0)))
     results = {}
-    for cuda_graph in (False, True):
+    for step in ("eager", "cuda_graph"):
         torch.manual_seed(0)
         model = VAE(64, 8, (64,))
-        history = fit(model, x, x_val=x[:512], num_epochs=5, batch_size=256, lr=3e-3,
-                      device="cuda", cuda_graph=cuda_graph, progress=False, **estimator)
-        results[cuda_graph] = history[-1]["val_elbo"]
-    assert abs(results[True] - results[False]) < 1.0, results
+        history = fit(model, x, val=x[:512], num_epochs=5, batch_size=256, optim=Adam(3e-3),
+                      device="cuda", step=step, progress=False, loss=loss())
+        results[step] = history[-1]["val_elbo"]
+    assert abs(results["cuda_graph"] - results["eager"]) < 1.0, results
 
 
 def test_captured_training_stops_on_nan():
@@ -75,5 +75,5 @@ def test_captured_training_stops_on_nan():
     x = torch.bernoulli(torch.rand(1024, 64))
     model = VAE(64, 8, (64,), likelihood="gaussian")
     with pytest.raises(TrainingDivergedError, match="epoch"):
-        fit(model, x, num_epochs=3, batch_size=128, lr=1e6, device="cuda", cuda_graph=True,
-            progress=False)
+        fit(model, x, num_epochs=3, batch_size=128, optim=Adam(1e6), device="cuda",
+            step="cuda_graph", progress=False)

@@ -6,8 +6,9 @@ import pyro
 import pytest
 import torch
 
-from pvae.inference import elbo_terms, fit, iw_log_likelihood
+from pvae.inference import elbo_terms, iw_log_likelihood
 from pvae.models import PPCA, VAE
+from pvae.train import Adam, fit
 
 from conftest import rng
 
@@ -43,7 +44,7 @@ IDS = [f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CONTRACT)]
 def test_trains_with_falling_loss(cls, kwargs, make_x):
     model = cls(X_DIM, **kwargs)
     x = make_x(256)
-    history = fit(model, x, num_epochs=30, batch_size=64, lr=1e-2, progress=False, device="cpu")
+    history = fit(model, x, num_epochs=30, batch_size=64, optim=Adam(1e-2), progress=False, device="cpu")
     elbos = history.column("train_elbo")
     assert all(torch.isfinite(torch.tensor(elbos)))
     assert sum(elbos[-5:]) / 5 > sum(elbos[:5]) / 5 + 0.5

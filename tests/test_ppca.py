@@ -10,8 +10,9 @@ from sklearn.decomposition import PCA
 
 from pvae import data
 from pvae.cli import main
-from pvae.inference import compare_posteriors, fit, iw_log_likelihood, to_inference_data
-from pvae.models import PPCA
+from pvae.inference import ReparamELBO, iw_log_likelihood
+from pvae.models import PPCA, compare_posteriors, to_inference_data
+from pvae.train import Adam, ExponentialLR, fit
 
 from conftest import fashion_available
 
@@ -91,8 +92,8 @@ def synthetic_fit():
     ds = data.load("synthetic-ppca")
     torch.manual_seed(0)
     model = PPCA(ds.x_dim, 3, "full")
-    fit(model, ds.x_train, num_epochs=100, batch_size=256, lr=5e-2, lr_decay=0.95,
-        analytic_kl=True, progress=False)
+    fit(model, ds.x_train, num_epochs=100, batch_size=256, optim=Adam(5e-2, schedule=ExponentialLR(0.95)),
+        loss=ReparamELBO(analytic_kl=True), progress=False)
     return ds, model
 
 
@@ -100,7 +101,7 @@ def test_svi_recovers_synthetic_truth(synthetic_fit):
     ds, model = synthetic_fit
     reference = PPCA.closed_form(ds.x_train, 3)
     cmp = compare_posteriors(model, ds.x_test, reference=reference)
-    from pvae.inference import principal_angles
+    from pvae.stats import principal_angles
 
     assert principal_angles(model.W.detach(), ds.params["W"]).max() < 5.0
     assert model.sigma2.item() == pytest.approx(ds.params["sigma"] ** 2, rel=0.05)
@@ -173,8 +174,8 @@ def test_svi_on_fashion_mnist(guide):
     x = data.load("fashion-mnist").x_train
     torch.manual_seed(0)
     model = PPCA(784, 10, guide)
-    fit(model, x, num_epochs=30, batch_size=256, lr=2e-2, lr_decay=0.8, analytic_kl=True,
-        num_particles=1 if guide == "full" else 8, progress=False)
+    fit(model, x, num_epochs=30, batch_size=256, optim=Adam(2e-2, schedule=ExponentialLR(0.8)),
+        loss=ReparamELBO(num_particles=1 if guide == "full" else 8, analytic_kl=True), progress=False)
     cmp = compare_posteriors(model, x[:10000], reference=PPCA.closed_form(x, 10)).summary()
     if guide == "full":
         assert cmp["log_likelihood_gap"] < 0.5

@@ -14,19 +14,11 @@ from torch.distributions import kl_divergence
 
 from pvae import data
 from pvae.distributions import as_mvn, kl_mvn_diagonal
-from pvae.inference import (
-    ReparamEstimator,
-    elbo_terms,
-    fit,
-    impute,
-    interpolate,
-    iw_log_likelihood,
-    latent_path,
-    traverse,
-)
-from pvae.models import CVAE, MODELS, PPCA, VAE, HierarchicalVAE
+from pvae.inference import IWAE, ReparamELBO, elbo_terms, impute, iw_log_likelihood
+from pvae.models import CVAE, MODELS, PPCA, VAE, HierarchicalVAE, interpolate, latent_path, traverse
 from pvae.models.likelihoods import MIN_DECODER_SCALE, make_likelihood
 from pvae.nn import ConvDecoder, ConvEncoder, GaussianEncoder
+from pvae.train import Adam, fit
 
 from conftest import rng
 
@@ -94,7 +86,7 @@ def test_contract(cls, kwargs, make_x, make_c, tmp_path):
     x = make_x(64)
     c = make_c(64) if make_c else None
     model = cls(X_DIM, **kwargs)
-    history = fit(model, x, c=c, num_epochs=6, batch_size=16, lr=1e-2, progress=False,
+    history = fit(model, x, c, num_epochs=6, batch_size=16, optim=Adam(1e-2), progress=False,
                   checkpoint_dir=tmp_path, device="cpu")
     elbos = history.column("train_elbo")
     assert all(math.isfinite(e) for e in elbos)
@@ -127,7 +119,7 @@ def test_contract(cls, kwargs, make_x, make_c, tmp_path):
 
     # float64: one code path
     model64 = cls(X_DIM, **kwargs).double()
-    fit(model64, x.double(), c=c, num_epochs=1, batch_size=64, progress=False)
+    fit(model64, x.double(), c, num_epochs=1, batch_size=64, progress=False)
     assert all(p.dtype == torch.float64 for p in model64.parameters())
     iw64 = iw_log_likelihood(model64, x_ev.double(), c=c_ev, num_samples=10)
     assert iw64.per_datapoint.dtype == torch.float64
@@ -285,8 +277,7 @@ def test_hierarchical_vae_has_burda_sites_and_architecture():
 
 def test_hierarchical_vae_trains_as_iwae():
     model, x = HierarchicalVAE(X_DIM, (3, 2), (16, 8)), binary(64)
-    history = fit(model, x, num_epochs=6, batch_size=32, estimator="iwae", num_particles=5,
-                  lr=1e-2, progress=False)
+    history = fit(model, x, num_epochs=6, batch_size=32, loss=IWAE(5), optim=Adam(1e-2), progress=False)
     assert all(math.isfinite(e) for e in history.column("train_elbo"))
 
 
@@ -473,7 +464,9 @@ def test_training_elbo_of_a_bottom_up_guide_is_unbiased_with_analytic_kl(captura
     half_log_2pi = 0.5 * math.log(2 * math.pi)
     exact = (-half_log_2pi - (x ** 2 + 1) / 2 - half_log_2pi - 1.01 / 2 + half_log_2pi
              + 0.5).sum()
-    estimator = ReparamEstimator(4000, analytic_kl=True, capturable=capturable)
+    estimator = ReparamELBO(4000, analytic_kl=True)
+    if capturable:
+        estimator.capturable_()
     program = _BottomUp()
     torch.manual_seed(0)
     value, loss = estimator(program.model, program.guide, x[:, None])

@@ -1,7 +1,8 @@
 """Deterministic autoencoders x -> z = f(x) -> x̂ = g(z): the generic :class:`Autoencoder`, the
 :class:`LinearAutoencoder` (whose optimum spans the principal subspace) and the
 :class:`DeepAutoencoder` (nonlinear PCA). Not Pyro programs: they are trained by
-:func:`pvae.train.fit` through :class:`~pvae.autoencoders.AutoencoderObjective`."""
+:func:`pvae.train.fit` with their loss, :class:`~pvae.autoencoders.AutoencoderLoss` (by default
+the plain reconstruction loss: ``fit(ae, x)``)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ class AutoencoderBase(RecordsConfig, nn.Module):
 
     x_dim: int
     loss: str = "mse"
+
+    def default_loss(self):
+        """What ``fit(ae, x)`` trains: the plain reconstruction loss,
+        :class:`~pvae.autoencoders.AutoencoderLoss` ``()``."""
+        from pvae.autoencoders.objective import AutoencoderLoss  # (it imports this module)
+
+        return AutoencoderLoss()
 
     @property
     def device(self) -> torch.device:
@@ -88,7 +96,7 @@ class Autoencoder(AutoencoderBase):
     r"""A deterministic autoencoder: code z = f(x) (``encoder``), reconstruction x̂ = g(z)
     (``decoder``), trained to minimize a reconstruction loss summed over the inputs (Bishop &
     Bishop 2024, sec. 19.1), plus the penalties and corruptions of
-    :class:`~pvae.autoencoders.AutoencoderObjective`.
+    :class:`~pvae.autoencoders.AutoencoderLoss`.
 
     :param encoder: ``nn.Module`` ``(batch, x_dim) -> (batch, code_dim)``.
     :param decoder: ``nn.Module`` ``(batch, code_dim) -> (batch, x_dim)``: the reconstruction

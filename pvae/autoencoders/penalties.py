@@ -1,5 +1,5 @@
 """Penalties on the code and corruptions of the input: the parts that make an autoencoder
-sparse, denoising or contractive (combined by :class:`~pvae.autoencoders.AutoencoderObjective`).
+sparse, denoising or contractive (combined by :class:`~pvae.autoencoders.AutoencoderLoss`).
 
 Every penalty is returned per datapoint, shape ``(batch,)``, in the units of the loss it is
 added to (the reconstruction loss summed over the inputs of one datapoint).

@@ -1,5 +1,5 @@
 """What ``pvae train`` and ``pvae evaluate`` do for the deterministic autoencoders
-(``--model ae | linear-ae | mae``): their arguments, the model and objective, the
+(``--model ae | linear-ae | mae``): their arguments, the model and its loss, the
 evaluation (reconstruction error, code statistics, linear probe)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pvae.autoencoders import (
     CORRUPTIONS,
     LOSSES,
     SPARSITY,
-    AutoencoderObjective,
+    AutoencoderLoss,
     MaskedAutoencoder,
     code_statistics,
     encode_all,
@@ -28,7 +28,7 @@ from pvae.stats import mean_stderr
 from .common import count, number, table
 
 __all__ = ["add_evaluate_arguments", "add_train_arguments", "evaluate", "is_autoencoder",
-           "model_and_objective"]
+           "model_and_loss"]
 
 
 def is_autoencoder(name: str) -> bool:
@@ -59,8 +59,8 @@ def add_train_arguments(t) -> None:
                    help="mae: fraction of patches masked")
 
 
-def model_and_objective(args, ds):
-    """The autoencoder ``--model`` names for this dataset and its objective.
+def model_and_loss(args, ds):
+    """The autoencoder ``--model`` names for this dataset, and its loss.
 
     :raises RunError: options that do not fit the model (e.g. penalties for the masked AE).
     """
@@ -77,14 +77,15 @@ def model_and_objective(args, ds):
             model = AUTOENCODERS["ae"](ds.x_dim, args.latent_dim, args.hidden_dims or [400],
                                        activation=args.activation or "relu",
                                        code_activation=args.code_activation, loss=args.loss)
-        objective = AutoencoderObjective(
-            model, sparsity=none(args.sparsity), sparsity_weight=args.sparsity_weight,
+        loss = AutoencoderLoss(
+            sparsity=none(args.sparsity), sparsity_weight=args.sparsity_weight,
             target_activation=args.target_activation, corruption=none(args.corruption),
             noise_scale=args.noise_scale, mask_fraction=args.mask_fraction,
             contractive=args.contractive)
+        loss.bind(model)  # refuses options that do not fit the model, before the run folder
     except ValueError as e:
         raise RunError(str(e)) from e
-    return model, objective
+    return model, loss
 
 
 def add_evaluate_arguments(e) -> None:

@@ -11,11 +11,11 @@ import torch
 
 from pvae import data, plots
 from pvae.contract import resolve_device
-from pvae.inference import compare_posteriors, iw_log_likelihood, principal_angles, to_inference_data
-from pvae.models import PPCA
-from pvae.runs import RunError, load_data, prepare_run, write_json
-from pvae.stats import mean_stderr
-from pvae.train import fit, save_checkpoint
+from pvae.inference import ReparamELBO, iw_log_likelihood
+from pvae.models import PPCA, compare_posteriors, to_inference_data
+from pvae.runs import RunError, WriteConfig, load_data, prepare_run, write_json
+from pvae.stats import mean_stderr, principal_angles
+from pvae.train import Adam, ExponentialLR, fit, save_checkpoint
 
 from .common import count, number, table
 
@@ -48,9 +48,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     config = {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
-              "binarize": None, "seed": args.seed, "num_train": args.num_train,
-              "model": "ppca", "num_epochs": args.num_epochs, "batch_size": args.batch_size, "lr": args.lr,
-              "final_lr_factor": args.final_lr_factor, "num_particles": args.num_particles}
+              "binarize": None, "seed": args.seed, "num_train": args.num_train, "model": "ppca"}
     ds = load_data(config)
     x_train = ds.x_train[: args.num_train] if args.num_train else ds.x_train
     x_test = ds.x_test
@@ -62,15 +60,15 @@ def run(args) -> None:
         raise RunError(str(e)) from e
     config.update(image_shape=list(ds.image_shape) if ds.image_shape else None,
                   model_config=model.config)
-    out = prepare_run(args.out, config, resumable=False)
+    out = prepare_run(args.out, resumable=False)
 
     t0 = time.perf_counter()
-    history = fit(model, x_train, x_val=x_test[:1000], num_epochs=args.num_epochs,
-                  batch_size=args.batch_size, lr=args.lr,
-                  lr_decay=args.final_lr_factor ** (1 / max(args.num_epochs, 1)),
-                  analytic_kl=True, num_particles=args.num_particles, device=device,
+    decay = ExponentialLR(args.final_lr_factor ** (1 / max(args.num_epochs, 1)))
+    history = fit(model, x_train, val=x_test[:1000], num_epochs=args.num_epochs,
+                  batch_size=args.batch_size, optim=Adam(args.lr, schedule=decay),
+                  loss=ReparamELBO(args.num_particles, analytic_kl=True), device=device,
                   seed=args.seed, checkpoint_dir=out, progress=not args.no_progress,
-                  config=config)
+                  config=config, callbacks=[WriteConfig(out)])
     svi_seconds = time.perf_counter() - t0
     history.to_csv(out / "history.csv")
     t0 = time.perf_counter()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from pvae import data, parallel, plots
 from pvae.contract import resolve_device
-from pvae.inference import BASELINES, ESTIMATORS, GRADIENTS, make_schedule
-from pvae.models import LIKELIHOODS, MODELS, NETWORKS
+from pvae.inference import BASELINES, GRADIENTS, LOSSES, make_schedule
+from pvae.models import LIKELIHOODS, NETWORKS
 from pvae.nn import ACTIVATIONS, COVARIANCES
-from pvae.runs import RunError, load_data, prepare_run
-from pvae.train import fit
+from pvae.runs import REGISTRY, RunError, WriteConfig, load_data, prepare_run
+from pvae.train import Adam, fit
 
 from . import autoencoders
 from .common import count, likelihood_scale, number
@@ -55,17 +57,22 @@ def add_parser(sub) -> None:
     t.add_argument("--num-epochs", type=count(0), default=10)
     t.add_argument("--batch-size", type=count(1), default=256)
     t.add_argument("--lr", type=number(0.0, strict=True), default=1e-3)
-    t.add_argument("--estimator", default="reparam", choices=sorted(ESTIMATORS))
-    t.add_argument("--num-particles", type=count(1), default=1)
-    t.add_argument("--analytic-kl", action="store_true")
+    t.add_argument("--estimator", default="reparam", choices=sorted(LOSSES),
+                   help="the loss of a VAE (pvae.inference.LOSSES): reparam (ReparamELBO), "
+                   "score (ScoreFunctionELBO), iwae (IWAE), vimco (VIMCO)")
+    t.add_argument("--num-particles", type=count(1), default=None,
+                   help="samples per datapoint and step (K; default: the estimator's own, "
+                   "1 for reparam and score, 5 for iwae and vimco)")
+    t.add_argument("--analytic-kl", action="store_true", help="closed-form KL (--estimator "
+                   "reparam)")
     t.add_argument("--beta", type=number(0.0), default=1.0, help="KL weight (beta-VAE)")
     t.add_argument("--kl-warmup-steps", type=count(0), default=0,
                    help="anneal beta linearly from 0 over this many steps")
     t.add_argument("--kl-cycle-steps", type=count(0), default=0,
                    help="cyclical annealing of beta with this period (steps)")
-    t.add_argument("--baseline", default="none", choices=["none", *[b for b in BASELINES if b]],
+    t.add_argument("--baseline", default=None, choices=["none", *[b for b in BASELINES if b]],
                    help="score-function baseline (--estimator score)")
-    t.add_argument("--gradient", default="standard", choices=list(GRADIENTS),
+    t.add_argument("--gradient", default=None, choices=list(GRADIENTS),
                    help="IWAE gradient: standard or dreg (--estimator iwae)")
     t.add_argument("--num-train", type=count(0), default=0,
                    help="use the first N images (0 = all)")
@@ -122,10 +129,37 @@ def model_arguments(args, ds: data.Splits) -> dict:
     return {**kwargs, "prior": args.prior}
 
 
+def svi_loss(args):
+    """The VAEs' loss object from ``--estimator`` and its options; an option that the chosen
+    estimator does not take is refused.
+
+    :raises RunError: e.g. ``--gradient`` without ``--estimator iwae``.
+    """
+    cls = LOSSES[args.estimator]
+    given = {"num_particles": args.num_particles,
+             "analytic_kl": args.analytic_kl or None,
+             "baseline": None if args.baseline is None else
+             (None if args.baseline == "none" else args.baseline),
+             "gradient": args.gradient}
+    takes = inspect.signature(cls).parameters
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    for key in ("num_particles", "analytic_kl", "gradient"):
+        if given[key] is not None and key not in takes:
+            raise RunError(f"{flag(key)} does not apply to --estimator {args.estimator}")
+    if args.baseline not in (None, "none") and "baseline" not in takes:
+        raise RunError(f"--baseline does not apply to --estimator {args.estimator}")
+    options = {k: v for k, v in given.items() if v is not None and k in takes}
+    beta = make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps)
+    try:
+        return cls(**options, beta=beta)
+    except ValueError as e:
+        raise RunError(str(e)) from e
+
+
 def run(args) -> None:
     """``pvae train``; under ``torchrun`` (``torchrun --nproc_per_node N -m pvae.cli train
     ...``) every process joins the process group and trains its share of each mini-batch
-    (:func:`pvae.train.fit`'s ``distributed``), and rank 0 alone writes the run folder."""
+    (:func:`pvae.train.fit`'s ``step``), and rank 0 alone writes the run folder."""
     if not parallel.launched_by_torchrun():
         return _run(args)
     with parallel.process_group(resolve_device(args.device)):
@@ -133,102 +167,65 @@ def run(args) -> None:
 
 
 def _run(args) -> None:
+    """One body for every model family: the data, the model from the registry, its loss, the
+    run folder, ``fit``."""
+    is_ae = autoencoders.is_autoencoder(args.model)
     if args.binarize is None:
-        args.binarize = "none" if autoencoders.is_autoencoder(args.model) else "dynamic"
-    if autoencoders.is_autoencoder(args.model):
-        return run_autoencoder(args)
+        args.binarize = "none" if is_ae else "dynamic"
     binarize = None if args.binarize == "none" else args.binarize
-    config = {
-        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
-        "binarize": binarize, "model": args.model, "num_epochs": args.num_epochs,
-        "batch_size": args.batch_size, "lr": args.lr,
-        "estimator": args.estimator, "num_particles": args.num_particles,
-        "analytic_kl": args.analytic_kl, "beta": args.beta,
-        "kl_warmup_steps": args.kl_warmup_steps, "kl_cycle_steps": args.kl_cycle_steps,
-        "baseline": None if args.baseline == "none" else args.baseline,
-        "gradient": args.gradient, "seed": args.seed, "num_train": args.num_train,
-        "num_val": args.num_val, "condition": args.condition,
-    }  # + image_shape and model_config (the model's recorded constructor arguments)
+    if is_ae and args.condition != "none":
+        raise RunError(f"--condition {args.condition} needs --model cvae; autoencoders are not "
+                       "conditional")
+    config = {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
+              "binarize": binarize, "seed": args.seed, "num_train": args.num_train,
+              "num_val": args.num_val, "condition": args.condition}
     ds = load_data(config)
     config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
-    kwargs = model_arguments(args, ds)
     torch.manual_seed(args.seed)
-    try:
-        model = MODELS[args.model](**kwargs)
-    except ValueError as e:  # the model's own checks of its arguments
-        raise RunError(str(e)) from e
-    config["model_config"] = model.config
-    if parallel.is_distributed():
-        config["world_size"] = parallel.world_size()
-    out = parallel.main_only(prepare_run, args.out, config, resume=args.resume)
+    if is_ae:
+        model, loss = autoencoders.model_and_loss(args, ds)
+    else:
+        try:
+            model = REGISTRY[args.model](**model_arguments(args, ds))
+        except ValueError as e:  # the model's own checks of its arguments
+            raise RunError(str(e)) from e
+        loss = svi_loss(args)
+    config.update(model=args.model, model_config=model.config)
+    out = parallel.main_only(prepare_run, args.out, resume=args.resume)
 
     n = args.num_train or len(ds.x_train)
     x_train, c_train, fit_binarize = data.training_pairs(
         args.condition, ds.x_train[:n], ds.y_train[:n], ds.image_shape, binarize)
     x_val, c_val = data.split_condition(args.condition, ds.x_test[: args.num_val],
                                         ds.y_test[: args.num_val], ds.image_shape)
-    if not args.num_val:
-        x_val = c_val = None
+    step = {"auto": "auto", "on": "cuda_graph", "off": "eager"}[args.cuda_graph]
     try:
-        history = fit(model, x_train, c=c_train, x_val=x_val, c_val=c_val,
-                      num_epochs=args.num_epochs, batch_size=args.batch_size, lr=args.lr,
-                      estimator=args.estimator, num_particles=args.num_particles,
-                      analytic_kl=args.analytic_kl,
-                      beta=make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps),
-                      baseline=config["baseline"], gradient=args.gradient,
-                      device=resolve_device(args.device), seed=args.seed, binarize=fit_binarize,
-                      checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
-                      config=config,
-                      cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph])
+        history = fit(model, x_train, *([] if c_train is None else [c_train]), loss=loss,
+                      val=None if not args.num_val else
+                      (x_val if c_val is None else (x_val, c_val)),
+                      num_epochs=args.num_epochs, batch_size=args.batch_size,
+                      optim=Adam(args.lr), binarize=fit_binarize,
+                      device=resolve_device(args.device), seed=args.seed, checkpoint_dir=out,
+                      resume=args.resume, progress=not args.no_progress,
+                      step="distributed" if parallel.is_distributed() else step,
+                      config=config, callbacks=[WriteConfig(out)])
     except ValueError as e:  # fit's checks of its arguments and data
         raise RunError(str(e)) from e
-    _report(args, out, history, "elbo", "ELBO", "nats/image", 2)
+    _report(args, out, history)
 
 
-def _report(args, out, history, column: str, label: str, unit: str, digits: int) -> None:
+def _report(args, out, history) -> None:
     """Rank 0 writes ``history.csv`` and the training curve and prints the last epoch's
-    ``train_<column>`` and ``val_<column>``."""
+    training and validation values (the ELBO in nats per image, or an autoencoder's loss)."""
     if parallel.rank() != 0:
         return
     history.to_csv(out / "history.csv")
     plots.training_curve(history, out / "figures" / "training_curve.png")
     last = history[-1] if len(history) else {}
+    column, label, unit, digits = (("elbo", "ELBO", "nats/image", 2) if "train_elbo" in last
+                                   else ("loss", "loss", "per image", 3))
     nan = float("nan")
     print(f"trained {args.model} on {args.dataset}: {len(history)} epochs, "
           f"train {label} {last.get(f'train_{column}', nan):.{digits}f}, "
           f"val {label} {last.get(f'val_{column}', nan):.{digits}f} {unit}, "
           f"{last.get('images_per_s', nan):.0f} images/s -> {out}")
-
-
-def run_autoencoder(args) -> None:
-    """``pvae train --model ae | linear-ae | mae``: the same engine (``fit``) with the
-    autoencoder's objective."""
-    binarize = None if args.binarize == "none" else args.binarize
-    if args.condition != "none":
-        raise RunError(f"--condition {args.condition} needs --model cvae; autoencoders are not "
-                       "conditional")
-    config = {
-        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
-        "binarize": binarize, "model": args.model, "num_epochs": args.num_epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "num_train": args.num_train, "num_val": args.num_val, "condition": "none",
-    }
-    ds = load_data(config)
-    config["image_shape"] = list(ds.image_shape) if ds.image_shape else None
-    torch.manual_seed(args.seed)
-    model, objective = autoencoders.model_and_objective(args, ds)
-    config["model_config"] = model.config
-    config["objective"] = objective.config
-    out = prepare_run(args.out, config, resume=args.resume)
-    n = args.num_train or len(ds.x_train)
-    x_val = ds.x_test[: args.num_val] if args.num_val else None
-    try:
-        history = fit(model, ds.x_train[:n], x_val=x_val, num_epochs=args.num_epochs,
-                      batch_size=args.batch_size, lr=args.lr, device=resolve_device(args.device),
-                      seed=args.seed, binarize=binarize if binarize == "dynamic" else None,
-                      checkpoint_dir=out, resume=args.resume, progress=not args.no_progress,
-                      config=config, objective=objective,
-                      cuda_graph=False if args.cuda_graph == "off" else "auto")
-    except ValueError as e:
-        raise RunError(str(e)) from e
-    _report(args, out, history, "loss", "loss", "per image", 3)

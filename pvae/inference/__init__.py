@@ -1,14 +1,23 @@
-"""Inference for any model meeting the model contract (README, "Your own model"): shared trace code,
-objectives (ELBO, score function, IWAE) with beta schedules, evaluation (IW log-likelihood,
-ELBO terms), the inference gap, NUTS reference posteriors, posterior comparison, imputation,
-latent-space interpolation and traversals, and diagnostics.
+"""Inference for any model meeting the model contract (README, "Your own model"), grouped by
+role (``ARCHITECTURE.md``):
 
-The training engine is :mod:`pvae.train`; :func:`fit` and the names that moved there with it
-(``History``, checkpoints, ``resolve_device``) are also reachable from here, resolved when first
-used so that this layer never imports the one above it.
+- **trace core** (:mod:`~pvae.inference.traces`, :mod:`~pvae.inference.handlers`): the guide
+  traced and the model replayed with vectorized particles, the data plate found, every site
+  reduced per datapoint; effect handlers (beta, score function, observed scale, masks);
+- **training objectives** (:mod:`~pvae.inference.objectives`, :mod:`~pvae.inference.schedules`):
+  loss objects built by the caller and passed to :func:`pvae.train.fit` (``ReparamELBO``,
+  ``ScoreFunctionELBO``, ``IWAE``, ``VIMCO``, any Pyro ELBO through ``PyroLoss``) and beta
+  schedules;
+- **guides** (:mod:`~pvae.inference.autoguide`): ``AutoAmortizedNormal``;
+- **estimates** (:mod:`~pvae.inference.evaluate`, :mod:`~pvae.inference.gap`,
+  :mod:`~pvae.inference.impute`, :mod:`~pvae.inference.diagnostics`): IW log-likelihood, ELBO
+  terms, the inference gap, imputation, gradient variance;
+- **reference posteriors** (:mod:`~pvae.inference.mcmc`): NUTS on p(z | x_n) and comparisons
+  with the guide's draws.
+
+This layer never imports :mod:`pvae.train` (an import-linter contract): ``fit`` and the
+training engine are imported from there.
 """
-
-import importlib
 
 from pvae.inference.autoguide import AutoAmortizedNormal
 from pvae.inference.diagnostics import gradient_variance
@@ -22,7 +31,6 @@ from pvae.inference.evaluate import (
 from pvae.inference.gap import InferenceGap, RefinedGuide, inference_gap
 from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
 from pvae.inference.impute import Imputation, impute
-from pvae.inference.latent import INTERPOLATIONS, interpolate, latent_path, traverse
 from pvae.inference.mcmc import (
     PosteriorSamples,
     SampleComparison,
@@ -32,84 +40,59 @@ from pvae.inference.mcmc import (
     nuts_posterior,
 )
 from pvae.inference.objectives import (
-    CAPTURABLE,
-    ESTIMATORS,
     GRADIENTS,
-    IWAEEstimator,
-    LossEstimator,
-    ReparamEstimator,
-    ScoreEstimator,
+    IWAE,
+    LOSSES,
+    VIMCO,
+    PyroLoss,
+    ReparamELBO,
+    ScoreFunctionELBO,
+    SVILoss,
     SVIObjective,
-    make_estimator,
-)
-from pvae.inference.posterior import (
-    PosteriorComparison,
-    compare_posteriors,
-    principal_angles,
-    to_inference_data,
+    as_loss,
 )
 from pvae.inference.schedules import Constant, Cyclical, LinearWarmup, make_schedule
 
-#: Names defined in :mod:`pvae.train`, kept reachable as ``pvae.inference.<name>``.
-_FROM_TRAIN = ("CheckpointError", "History", "TrainingDivergedError", "fit", "load_checkpoint",
-               "resolve_device", "save_checkpoint")
-
-
-def __getattr__(name):
-    if name in _FROM_TRAIN:
-        return getattr(importlib.import_module("pvae.train"), name)
-    raise AttributeError(f"module 'pvae.inference' has no attribute {name!r}")
-
-
 __all__ = [
+    # trace core
     "BASELINES",
-    "AutoAmortizedNormal",
-    "CAPTURABLE",
-    "ESTIMATORS",
+    "observed_scale",
+    "scale_latents",
+    "score_function",
+    # training objectives
     "GRADIENTS",
-    "INTERPOLATIONS",
-    "CheckpointError",
+    "IWAE",
+    "LOSSES",
+    "VIMCO",
     "Constant",
     "Cyclical",
+    "LinearWarmup",
+    "PyroLoss",
+    "ReparamELBO",
+    "SVILoss",
+    "SVIObjective",
+    "ScoreFunctionELBO",
+    "as_loss",
+    "make_schedule",
+    # guides
+    "AutoAmortizedNormal",
+    # estimates
     "ElboTerms",
-    "History",
-    "IWAEEstimator",
     "IWResult",
     "Imputation",
     "InferenceGap",
-    "LinearWarmup",
-    "LossEstimator",
-    "PosteriorComparison",
-    "PosteriorSamples",
     "RefinedGuide",
-    "ReparamEstimator",
-    "SVIObjective",
-    "SampleComparison",
-    "ScoreEstimator",
-    "TrainingDivergedError",
-    "compare_posteriors",
-    "compare_samples",
     "elbo_terms",
-    "energy_distance",
-    "fit",
     "gradient_variance",
-    "guide_samples",
     "impute",
-    "interpolate",
     "inference_gap",
     "iw_log_likelihood",
-    "latent_path",
-    "load_checkpoint",
     "log_weights",
-    "make_estimator",
-    "make_schedule",
+    # reference posteriors
+    "PosteriorSamples",
+    "SampleComparison",
+    "compare_samples",
+    "energy_distance",
+    "guide_samples",
     "nuts_posterior",
-    "observed_scale",
-    "principal_angles",
-    "resolve_device",
-    "save_checkpoint",
-    "scale_latents",
-    "score_function",
-    "to_inference_data",
-    "traverse",
 ]

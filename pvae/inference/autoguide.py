@@ -157,7 +157,7 @@ class AutoAmortizedNormal(nn.Module):
                 raise ValueError(
                     f"latent site {name!r} is discrete; AutoAmortizedNormal proposes continuous "
                     "latents only: write a guide with a categorical/Bernoulli site for it and "
-                    "train with estimator='score', or sum it out with enumeration "
+                    "train with loss=ScoreFunctionELBO() or VIMCO(), or sum it out with enumeration "
                     "(infer={'enumerate': 'parallel'} and a TraceEnum_ELBO)")
             frames = [f for f in site["cond_indep_stack"] if f.vectorized]
             data = [f for f in frames if f.name == self.data_plate]

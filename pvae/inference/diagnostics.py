@@ -6,14 +6,12 @@ import pyro
 import torch
 from torch import nn
 
-from pvae.inference.objectives import make_estimator
+from pvae.inference.objectives import ReparamELBO, ScoreFunctionELBO, as_loss
 
 __all__ = ["gradient_variance"]
 
 
-def gradient_variance(model, x: torch.Tensor, *, estimator: str = "reparam",
-                      num_estimates: int = 200, num_particles: int = 1,
-                      baseline: str | None = None, gradient: str = "standard",
+def gradient_variance(model, x: torch.Tensor, *, loss=None, num_estimates: int = 200,
                       warmup_steps: int = 0, c=None, seed: int = 0) -> dict:
     """Mean and variance of an estimator's gradient over independent estimates at fixed
     parameters, per parameter group (the first component of each parameter's name, e.g.
@@ -25,6 +23,9 @@ def gradient_variance(model, x: torch.Tensor, *, estimator: str = "reparam",
 
     :param model: an ``nn.Module`` meeting the model contract.
     :param torch.Tensor x: one mini-batch ``(B, D)``.
+    :param loss: the estimator, a loss object (:mod:`pvae.inference.objectives`; default the
+        one-particle :class:`~pvae.inference.ReparamELBO`) or a Pyro ELBO; a fresh one, since
+        its state (baselines) is trained here.
     :returns: ``{group: {"mean_sq": ..., "variance": ..., "snr": ..., "num_params": ...},
         "total": {...}}`` where ``variance`` is the summed per-coordinate variance (trace of the
         gradient covariance), ``mean_sq`` the squared norm of the mean gradient, and ``snr`` the
@@ -32,12 +33,11 @@ def gradient_variance(model, x: torch.Tensor, *, estimator: str = "reparam",
     """
     if not isinstance(model, nn.Module):
         raise TypeError("gradient_variance needs an nn.Module model (to name parameter groups)")
-    est = make_estimator(estimator, num_particles=num_particles, baseline=baseline,
-                         gradient=gradient)
+    est = ReparamELBO() if loss is None else as_loss(loss)
     args = (x,) if c is None else (x, c)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     pyro.set_rng_seed(seed)
-    if warmup_steps and baseline == "neural":
+    if warmup_steps and isinstance(est, ScoreFunctionELBO) and est.baseline == "neural":
         est(model.model, model.guide, *args)  # creates the baseline networks
         opt = torch.optim.Adam([p for net in est.nets.values() for p in net.parameters()],
                                lr=1e-2)

@@ -1,27 +1,38 @@
-r"""Training objectives: gradient estimators of the ELBO and the IWAE bound, and
-:class:`SVIObjective`, which binds one to a model as the module a training loop steps.
+r"""Training objectives as loss objects, as Pyro's ELBOs are: the caller builds one with its
+settings and passes it to :func:`pvae.train.fit` (``fit(model, x, loss=IWAE(5))``), as to
+``pyro.infer.SVI(model, guide, optim, loss=Trace_ELBO())``.
 
-An estimator is an ``nn.Module`` called as ``estimator(model, guide, *args)`` that returns
-``(objective, surrogate)``: the objective's value (summed over the mini-batch, nats, no
-gradient) and a surrogate loss whose gradient is the estimator's gradient of ``-objective``.
-Whatever an estimator learns or keeps between steps (baselines) is in its ``state_dict()``.
-All estimators work on any model meeting the model contract.
+A loss is an ``nn.Module`` called as ``loss(model, guide, *args)`` that returns ``(value,
+surrogate)``: the objective's value (summed over the mini-batch, nats, no gradient) and a
+surrogate loss whose gradient is the estimator's gradient of ``-value``. Its settings are its
+constructor's arguments, recorded as :attr:`SVILoss.config` (what a checkpoint stores and a
+resume compares); whatever it learns or keeps between steps (baselines, averages) is in its
+``state_dict()``. :meth:`SVILoss.bind` ties it to a model: :class:`SVIObjective`, the module
+the training loop steps (the :class:`pvae.train.Objective` protocol). Every loss works on any
+model meeting the model contract.
 
-- ``"reparam"``: Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``), the
-  L-sample ELBO with reparameterized gradients (Bishop & Bishop, Deep Learning, eq. 19.16).
-- ``"score"``: Pyro's ``TraceGraph_ELBO`` with every latent site of the guide forced to the
-  score-function (REINFORCE) estimator by :class:`~pvae.inference.handlers.score_function`,
-  optionally with a decaying-average or neural baselines (Mnih & Gregor 2014).
-- ``"iwae"``: the importance-weighted bound (Burda et al. 2015, eq. 8), per datapoint, with the
-  standard or the doubly-reparameterized gradient (DReG; Tucker et al. 2019, eq. 7).
+- :class:`ReparamELBO`: the L-sample ELBO with reparameterized gradients (Pyro's
+  ``Trace_ELBO``, ``TraceMeanField_ELBO`` with ``analytic_kl``).
+- :class:`ScoreFunctionELBO`: score-function (REINFORCE) gradients for every guide site, with
+  Pyro's ``TraceGraph_ELBO``, optionally with a decaying-average or neural baselines.
+- :class:`IWAE`: the importance-weighted bound with the standard or the doubly-reparameterized
+  gradient.
+- :class:`VIMCO`: the importance-weighted bound with multi-sample score-function gradients and
+  leave-one-out baselines, for discrete latents.
+- :class:`PyroLoss`: any Pyro ELBO (``TraceEnum_ELBO``, ``TraceCausalEffect_ELBO``, ...) or a
+  callable ``(model, guide, *args) -> loss``; ``fit(..., loss=TraceEnum_ELBO())`` wraps one in
+  it.
 
-:class:`LossEstimator` wraps any Pyro ELBO object (``TraceEnum_ELBO``, ``TraceCausalEffect_ELBO``,
-...) or a callable ``(model, guide, *args) -> loss`` as an estimator of the same kind.
+Every pvae loss takes ``beta``, the weight of the KL term (beta-VAE; a float or a schedule
+``step -> beta``, :mod:`pvae.inference.schedules`), applied to the latent sites of model and
+guide by :class:`~pvae.inference.handlers.scale_latents`. A new estimator is one subclass of
+:class:`SVILoss` with a ``name``: it joins :data:`LOSSES` (``pvae train --estimator NAME``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import pyro
@@ -34,7 +45,8 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from pvae import parallel
-from pvae.contract import trusted_inputs
+from pvae.config import RecordsConfig
+from pvae.contract import check_model, trusted_inputs
 from pvae.distributions import base_dist, detached
 from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule
@@ -51,39 +63,135 @@ from pvae.inference.traces import (
     vectorizes,
 )
 from pvae.stats import logmeanexp
+from pvae.validation import check_count, check_float
 
-__all__ = ["CAPTURABLE", "ESTIMATORS", "GRADIENTS", "IWAEEstimator", "LossEstimator",
-           "ReparamEstimator", "SVIObjective", "ScoreEstimator", "make_estimator"]
+__all__ = ["GRADIENTS", "IWAE", "LOSSES", "VIMCO", "PyroLoss", "ReparamELBO", "SVILoss",
+           "SVIObjective", "ScoreFunctionELBO", "as_loss"]
 
 #: Gradient variants of the IWAE estimator.
 GRADIENTS = ("standard", "dreg")
 
+#: pvae's losses by name (``pvae train --estimator NAME``); every subclass of :class:`SVILoss`
+#: with a ``name`` joins it.
+LOSSES: dict[str, type] = {}
 
-class ReparamEstimator(nn.Module):
+
+class SVILoss(RecordsConfig, nn.Module):
+    """Base of pvae's training losses. A subclass sets ``name`` (its key in :data:`LOSSES`),
+    takes ``beta`` in its constructor and implements ``forward(model, guide, *args) -> (value,
+    surrogate)``, summed over the mini-batch (see the module docstring).
+
+    What the training layer asks of a loss besides that, with the defaults here:
+
+    - :meth:`bind`: the :class:`SVIObjective` of a model;
+    - :meth:`validation_loss`: the loss whose value is reported on validation data (the
+      one-particle ELBO);
+    - :meth:`capture_blocker`: why the step cannot be captured as a CUDA graph, or ``None``;
+      :meth:`capturable_` switches to the host-sync-free path before capture;
+    - :meth:`data_parallel_`: keep statistics of the global mini-batch under data-parallel
+      training.
+    """
+
+    name: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            LOSSES[cls.name] = cls
+
+    def __init__(self, beta=1.0):
+        super().__init__()
+        if not callable(beta):
+            beta = check_float("beta", beta, minimum=0.0)
+        self.beta = beta
+
+    @property
+    def config(self) -> dict:
+        """``{"name": ..., **constructor arguments}``: what identifies the loss in a
+        checkpoint (a schedule is recorded as its ``repr``)."""
+        config = {"name": self.name or type(self).__name__, **super().config}
+        if callable(config.get("beta")):
+            config["beta"] = repr(config["beta"])
+        return config
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "name")
+
+    def bind(self, model) -> SVIObjective:
+        """This loss on ``model``'s programs, as the module a training loop steps. What the loss
+        found by tracing other programs (plate layouts) is forgotten; what it learned
+        (baselines, averages: its ``state_dict``) is kept, as a model keeps its weights: build a
+        fresh loss to start afresh.
+
+        :raises TypeError: ``model`` does not meet the model contract.
+        """
+        check_model(model, "fit")
+        self.forget_layout()
+        return SVIObjective(model, self)
+
+    def forget_layout(self) -> None:
+        """Drop what was found by tracing the programs (found again on the next call)."""
+
+    def validation_loss(self) -> SVILoss:
+        """The loss whose value is reported on validation data: the plain ELBO, one particle."""
+        return ReparamELBO()
+
+    def capture_blocker(self) -> str | None:
+        """Why the step cannot run as a captured CUDA graph (``None``: it can)."""
+        return None
+
+    def capturable_(self) -> None:
+        """Compute the step without host synchronization from now on."""
+
+    def data_parallel_(self) -> None:
+        """Keep statistics over the global mini-batch (data-parallel training)."""
+
+
+class ReparamELBO(SVILoss):
     """The (multi-sample) ELBO with reparameterized gradients (Kingma & Welling 2014; Bishop &
     Bishop, Deep Learning, eq. 19.16); particles are vectorized.
 
-    By default through Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``,
-    where the guide samples the latent sites in the model's order; otherwise, as for a
-    bottom-up guide of a hierarchical model, ``Trace_ELBO`` again, whose Monte Carlo KLs are
-    unbiased there: see :func:`~pvae.inference.traces.in_model_order`).
-    With ``capturable=True`` the same value and gradient are computed from the shared traces
-    of :mod:`pvae.inference.traces` without any host synchronization (Pyro's ELBOs call
-    ``.item()`` at every site), so that the whole training step can run on any device and be
-    captured as a CUDA graph: the sum over sites of their scaled, masked log-densities (or,
-    with ``analytic_kl``, minus the closed-form KL where torch knows it), averaged over the
-    particles. It needs reparameterizable guide sites.
+    Through Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO`` with ``analytic_kl``, where the guide
+    samples the latent sites in the model's order; otherwise, as for a bottom-up guide of a
+    hierarchical model, ``Trace_ELBO`` again, whose Monte Carlo KLs are unbiased there: see
+    :func:`~pvae.inference.traces.in_model_order`). Once :meth:`capturable_` (a step captured
+    as a CUDA graph) the same value and gradient come from the shared traces of
+    :mod:`pvae.inference.traces` without host synchronization (Pyro's ELBOs call ``.item()``
+    at every site): the sum over sites of their scaled, masked log-densities (or, with
+    ``analytic_kl``, minus the closed-form KL where torch knows it), averaged over the
+    particles. That path needs reparameterizable guide sites.
+
+    :param int num_particles: samples of z per datapoint and step.
+    :param bool analytic_kl: closed-form KL(q || p) where torch knows it.
+    :param beta: the KL weight (float or schedule).
+    :param data_plate: the data plate's name, for the captured path where several plates have
+        the batch's size (by default found).
     """
 
-    def __init__(self, num_particles: int = 1, analytic_kl: bool = False,
-                 capturable: bool = False, data_plate: str | None = None):
-        super().__init__()
+    name = "reparam"
+
+    def __init__(self, num_particles: int = 1, analytic_kl: bool = False, beta=1.0,
+                 data_plate: str | None = None):
+        super().__init__(beta)
+        self.num_particles = check_count("num_particles", num_particles)
+        self.analytic_kl, self.data_plate = bool(analytic_kl), data_plate
         cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
         self.elbo = cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
-        self.num_particles, self.analytic_kl, self.capturable = num_particles, analytic_kl, capturable
-        self.data_plate = data_plate
+        self.capturable = False
         self._nesting = None  # found by tracing once, on the first capturable call
         self._mean_field = None  # with analytic_kl: whether the guide is in the model's order
+
+    def validation_loss(self) -> SVILoss:
+        return ReparamELBO(1, self.analytic_kl)
+
+    def capturable_(self) -> None:
+        self.capturable = True
+
+    def forget_layout(self) -> None:
+        cls = TraceMeanField_ELBO if self.analytic_kl else Trace_ELBO
+        self.elbo = cls(num_particles=self.num_particles,
+                        vectorize_particles=self.num_particles > 1)
+        self._nesting = self._mean_field = None
 
     def forward(self, model, guide, *args):
         if not self.capturable:
@@ -108,9 +216,10 @@ class ReparamEstimator(nn.Module):
         guide_sites = dict(sites(guide_tr, False, auxiliary=True))
         for name, q_site in guide_sites.items():
             if not q_site["fn"].has_rsample:
-                raise ValueError(f"the capturable reparam ELBO needs reparameterizable guide "
-                                 f"sites; {name!r} is {type(base_dist(q_site['fn'])).__name__}: "
-                                 "use estimator='score' (eager) for discrete latents")
+                raise ValueError(f"the captured reparameterized ELBO needs reparameterizable "
+                                 f"guide sites; {name!r} is "
+                                 f"{type(base_dist(q_site['fn'])).__name__}: train discrete "
+                                 "latents with loss=ScoreFunctionELBO() or VIMCO() (eager)")
         elbo = 0.0
         # closed-form KLs only where the guide samples the latent sites in the model's order
         # (Pyro's mean-field requirement): otherwise a parent's draw depends on its child's
@@ -148,30 +257,42 @@ class _TraceGraphSurrogate(TraceGraph_ELBO):
         return self._loss_and_surrogate_loss(model, guide, args, {})
 
 
-class ScoreEstimator(nn.Module):
-    """The ELBO with score-function gradients for every latent site of the guide, through
-    Pyro's ``TraceGraph_ELBO`` (which uses the model's dependency structure to keep only the
-    downstream costs of each site) and :class:`~pvae.inference.handlers.score_function`.
+class ScoreFunctionELBO(SVILoss):
+    """The ELBO with score-function (REINFORCE) gradients for every latent site of the guide,
+    through Pyro's ``TraceGraph_ELBO`` (which uses the model's dependency structure to keep only
+    the downstream costs of each site) and :class:`~pvae.inference.handlers.score_function`.
 
     State (``state_dict``): the neural baselines' networks (``nets``, by site name) and the
     decaying average of the per-datapoint ELBO used by the ``"average"`` baseline. Under
     data-parallel training the average is of the global mini-batch's ELBO (summed over the
     processes), so that it is the same on every process, as in one process on that batch.
+
+    :param int num_particles: samples per datapoint and step.
+    :param baseline: ``None``, ``"average"`` or ``"neural"`` (Mnih & Gregor 2014).
+    :param float baseline_beta: decay of the ``"average"`` baseline.
+    :param beta: the KL weight.
     """
 
+    name = "score"
+
     def __init__(self, num_particles: int = 1, baseline: str | None = None,
-                 baseline_beta: float = 0.9):
-        super().__init__()
+                 baseline_beta: float = 0.9, beta=1.0):
+        super().__init__(beta)
         if baseline not in BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose one of {list(BASELINES)}")
+        num_particles = check_count("num_particles", num_particles)
         self.elbo = _TraceGraphSurrogate(num_particles=num_particles,
                                          vectorize_particles=num_particles > 1)
         self.baseline, self.baseline_beta = baseline, baseline_beta
         self.nets = nn.ModuleDict()
         self.average = None  # decaying average of the per-datapoint ELBO
-        #: set by data-parallel training (:func:`pvae.train.distributed.wrap`): the average
-        #: then follows the global mini-batch's ELBO, all-reduced over the processes
-        self.data_parallel = False
+        self._global = False  # data-parallel: the average follows the global mini-batch
+
+    def capture_blocker(self) -> str | None:
+        return "the score-function ELBO reads the ELBO on the host every step (its baselines)"
+
+    def data_parallel_(self) -> None:
+        self._global = True
 
     def forward(self, model, guide, *args):
         average = 0.0 if self.average is None else self.average
@@ -185,7 +306,7 @@ class ScoreEstimator(nn.Module):
         # under data-parallel training, the global mini-batch's ELBO: every rank keeps the same
         # average (and rank 0's checkpoint holds everyone's); one process: this batch's
         total, count = elbo.item(), args[0].shape[0]
-        if self.data_parallel:
+        if self._global:
             total, count = parallel.all_reduce_sum(total, count)
         per_datapoint = total / count
         self.average = per_datapoint if self.average is None else (
@@ -199,7 +320,47 @@ class ScoreEstimator(nn.Module):
         self.average = state["average"]
 
 
-class IWAEEstimator(nn.Module):
+class _ImportanceWeighted(SVILoss):
+    """What IWAE and VIMCO share: K particles of the programs, vectorized in one trace (a plate
+    left of the model's plates) or, for a model that does not broadcast over it (checked once,
+    on the first batch, with :func:`~pvae.inference.traces.vectorizes`, which warns), one trace
+    per particle; and the per-datapoint log importance weights ``(K, N)``."""
+
+    def __init__(self, num_particles: int, beta, data_plate: str | None):
+        super().__init__(beta)
+        self.num_particles = check_count("num_particles", num_particles)
+        self.data_plate = data_plate
+        self._layout = None  # (nesting, data plate, vectorize), found once, on the first call
+
+    def forget_layout(self) -> None:
+        self._layout = None
+
+    def _traces(self, model, guide, args) -> list:
+        """``[(guide_trace, model_trace), ...]``: one vectorized pair, or K pairs."""
+        if self._layout is None:
+            nesting, plate = data_layout(model, guide, args, self.data_plate)
+            with forked_rng(args[0].device):
+                vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
+            self._layout = nesting, plate, vectorize
+        nesting, _, vectorize = self._layout
+        K = self.num_particles
+        if vectorize:
+            return [traces(model, guide, args, K, nesting, block=False)]
+        return [traces(model, guide, args, None, nesting, block=False) for _ in range(K)]
+
+    def _log_weights(self, parts, N, dreg: bool = False):
+        """``(log_w, obs_scale)``: the ``(K, N)`` log weights of ``parts`` and the observed
+        sites' scale."""
+        nesting, plate, _ = self._layout
+        k = self.num_particles if len(parts) == 1 else 1
+        log_w, obs_scale = [], None
+        for guide_tr, model_tr in parts:
+            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, N, nesting, plate, dreg)
+            log_w.append(part)
+        return (torch.cat(log_w) if len(log_w) > 1 else log_w[0]), obs_scale
+
+
+class IWAE(_ImportanceWeighted):
     r"""The importance-weighted bound, per datapoint n (Burda et al. 2015, eq. 8):
 
     .. math:: \mathcal{L}_K(x_n) = s_n \log \frac{1}{K} \sum_k \exp\Big(\log p(x_n|z_k)
@@ -208,53 +369,37 @@ class IWAEEstimator(nn.Module):
     with log-probs computed unscaled; ``s_n`` is the observed site's scale (mini-batch scaling,
     any common ``poutine.scale``), which multiplies the bound **after** the log-mean-exp (Pyro's
     ``RenyiELBO`` scales inside it, see pyro-ppl/pyro #3104, #2220), and
-    ``beta_n = s_latent / s_n`` is the extra scale of the latent sites (beta / KL annealing
-    through :class:`~pvae.inference.handlers.scale_latents`; 1 by default, the plain IWAE bound).
+    ``beta_n = s_latent / s_n`` is the extra scale of the latent sites (``beta``; 1 by default,
+    the plain IWAE bound).
 
-    The K particles are one vectorized trace (a plate left of the model's plates); a model
-    that does not broadcast over it (checked once, on the first batch, with
-    :func:`~pvae.inference.traces.vectorizes`, which warns) is traced once per particle.
-
-    :param int num_particles: K.
+    :param int num_particles: K (Burda et al. train with 5 and 50).
     :param str gradient: ``"standard"`` or ``"dreg"``, the doubly-reparameterized gradient of
         Tucker, Lawson, Gu & Maddison (2019), eq. (7): the guide's parameters get
         sum_k w~_k^2 d log w_k / dz_k dz_k/dphi (log q with stopped parameters), the model's
         the standard sum_k w~_k grad log w_k. DReG needs reparameterizable guide sites; with
         several guide sites it treats them as conditionally independent given x.
+    :param beta: the KL weight.
+    :param data_plate: the data plate's name where several plates have the batch's size.
     """
 
-    def __init__(self, num_particles: int = 1, gradient: str = "standard",
+    name = "iwae"
+
+    def __init__(self, num_particles: int = 5, gradient: str = "standard", beta=1.0,
                  data_plate: str | None = None):
-        super().__init__()
+        super().__init__(num_particles, beta, data_plate)
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
-        self.num_particles, self.gradient, self.data_plate = num_particles, gradient, data_plate
-        # (nesting, data plate, vectorize), found by tracing once, on the first call
-        self._layout = None
+        self.gradient = gradient
 
     def forward(self, model, guide, *args):
-        K, N = self.num_particles, args[0].shape[0]
-        if self._layout is None:
-            nesting, plate = data_layout(model, guide, args, self.data_plate)
-            x = args[0]
-            with forked_rng(x.device):
-                vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
-            self._layout = nesting, plate, vectorize
-        nesting, plate, vectorize = self._layout
-        dreg = self.gradient == "dreg"
-        # the K particles in one vectorized trace, or (a model that does not broadcast over a
-        # leading particle dim) one trace per particle, as Trace_ELBO(vectorize_particles=False)
-        parts = ([traces(model, guide, args, K, nesting, block=False)] if vectorize else
-                 [traces(model, guide, args, None, nesting, block=False) for _ in range(K)])
-        k = K if vectorize else 1
-        log_w, obs_scale = [], None
-        for guide_tr, model_tr in parts:
-            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, N, nesting, plate, dreg)
-            log_w.append(part)
-        log_w = torch.cat(log_w) if len(log_w) > 1 else log_w[0]  # (K, N)
+        N, dreg = args[0].shape[0], self.gradient == "dreg"
+        parts = self._traces(model, guide, args)
+        log_w, obs_scale = self._log_weights(parts, N, dreg)  # (K, N)
         objective = (obs_scale * logmeanexp(log_w, 0)).sum()
         if not dreg:
             return objective.detach(), -objective
+        nesting, plate, _ = self._layout
+        k = self.num_particles if len(parts) == 1 else 1
         w_tilde = torch.softmax(log_w.detach(), 0)  # (K, N)
         for i, (guide_tr, _) in enumerate(parts):
             for _, site in sites(guide_tr, False):
@@ -271,8 +416,8 @@ class IWAEEstimator(nn.Module):
 
 def _iw_log_weight(guide_tr, model_tr, K, N, nesting, plate, dreg):
     """``(log_w, obs_scale)``: the beta-weighted log importance weights ``(K, N)`` of one trace
-    pair (see :class:`IWAEEstimator`) and the observed sites' scale; with ``dreg`` log q with
-    stopped parameters."""
+    pair (see :class:`IWAE`) and the observed sites' scale; with ``dreg`` log q with stopped
+    parameters."""
     obs_scale = None
     log_w = 0.0
     for name, site in sites(model_tr, True):
@@ -299,45 +444,119 @@ def _iw_log_weight(guide_tr, model_tr, K, N, nesting, plate, dreg):
     return log_w, obs_scale
 
 
-class LossEstimator(nn.Module):
-    """Any Pyro ELBO, or any differentiable loss, as an estimator: ``loss`` is a
+class VIMCO(_ImportanceWeighted):
+    r"""The importance-weighted bound :math:`\mathcal{L}_K` (as :class:`IWAE`) with
+    multi-sample score-function gradients and leave-one-out baselines (Mnih & Rezende 2016,
+    "Variational inference for Monte Carlo objectives", eqs. 5-10): for discrete latents, or
+    any guide, with no reparameterization.
+
+    With :math:`\hat L = \log \frac1K \sum_k w_k` and, for each particle, the bound with
+    :math:`w_k` replaced by the geometric mean of the others,
+    :math:`\hat L_{-k} = \log \frac1K \big(\sum_{i \ne k} w_i + \exp(\frac{1}{K-1}
+    \sum_{i \ne k} \log w_i)\big)`, the gradient estimate is
+
+    .. math:: \sum_k \big(\hat L - \hat L_{-k}\big)\, \nabla \log q(z_k \mid x)
+              + \sum_k \tilde w_k \nabla \log w_k,
+
+    unbiased for :math:`\nabla \mathbb{E}[\hat L]` since :math:`\hat L_{-k}` does not depend on
+    :math:`z_k`. The draws are not differentiated (every guide site is switched to the
+    score-function estimator, :class:`~pvae.inference.handlers.score_function`).
+
+    :param int num_particles: K >= 2 (the baselines leave one particle out).
+    :param beta: the KL weight.
+    :param data_plate: the data plate's name where several plates have the batch's size.
+    """
+
+    name = "vimco"
+
+    def __init__(self, num_particles: int = 5, beta=1.0, data_plate: str | None = None):
+        super().__init__(num_particles, beta, data_plate)
+        if self.num_particles < 2:
+            raise ValueError(f"VIMCO needs num_particles >= 2 (its baselines leave one "
+                             f"particle out), got {num_particles}")
+
+    def forward(self, model, guide, *args):
+        K, N = self.num_particles, args[0].shape[0]
+        with score_function():
+            parts = self._traces(model, guide, args)
+        log_w, obs_scale = self._log_weights(parts, N)  # (K, N)
+        nesting, plate, _ = self._layout
+        k = K if len(parts) == 1 else 1
+        log_q = torch.cat([sum((reduce_site(name, site, log_prob(site), k, N, nesting, plate)
+                                for name, site in sites(guide_tr, False, auxiliary=True)),
+                               log_w.new_zeros(k, N)) for guide_tr, _ in parts])
+        bound = logmeanexp(log_w, 0)  # (N,), differentiable through the densities' parameters
+        w = log_w.detach()
+        geometric = (w.sum(0, keepdim=True) - w) / (K - 1)  # (K, N): log of the others' mean
+        eye = torch.eye(K, dtype=torch.bool, device=w.device).unsqueeze(-1)
+        loo = torch.where(eye, geometric.unsqueeze(1), w.unsqueeze(0))  # [k, i, n]
+        baseline = torch.logsumexp(loo, 1) - math.log(K)  # (K, N): L_{-k}
+        signal = bound.detach() - baseline
+        surrogate = -(obs_scale * ((signal * log_q).sum(0) + bound)).sum()
+        return (obs_scale * bound).sum().detach(), surrogate
+
+
+class PyroLoss(SVILoss):
+    """Any Pyro ELBO, or any differentiable loss, as a pvae loss: ``loss`` is a
     ``pyro.infer.ELBO`` object with ``differentiable_loss`` (``Trace_ELBO``, ``TraceEnum_ELBO``
     for enumerated discrete latents, ``TraceMeanField_ELBO``, ``TraceCausalEffect_ELBO``,
     ``TraceTMC_ELBO``, their ``Jit*`` variants...) or a callable ``loss(model, guide, *args)``
     returning a 0-dim tensor to minimize, in nats summed over the mini-batch (with the model's
     own scales). The value reported is ``-loss``, so it is the ELBO exactly when ``loss`` is a
     negative ELBO (for ``TraceEnum_ELBO``: with the enumerated sites summed out, a bound at
-    least as tight as the sampled one). A callable that is an ``nn.Module`` is registered here,
-    so that its parameters are trained and saved.
+    least as tight as the sampled one); validation reports the same. A callable that is an
+    ``nn.Module`` is registered here, so that its parameters are trained and saved.
+    ``fit(model, x, loss=TraceEnum_ELBO())`` wraps the ELBO in this class.
 
+    :param beta: the KL weight (1: the loss as it is).
     :raises TypeError: ``loss`` is an ELBO without ``differentiable_loss`` (``TraceGraph_ELBO``,
-        ``RenyiELBO`` step their own ``backward``: use ``estimator="score"`` / ``"iwae"``), an
-        ``ELBOModule`` (``Trace_ELBO()(model, guide)``: pass the ELBO itself), or not callable;
-        at a step, the loss is not a 0-dim tensor.
+        ``RenyiELBO`` step their own ``backward``: use :class:`ScoreFunctionELBO` /
+        :class:`IWAE`), an ``ELBOModule`` (``Trace_ELBO()(model, guide)``: pass the ELBO
+        itself), or not callable; at a step, the loss is not a 0-dim tensor.
     """
 
-    def __init__(self, loss):
-        super().__init__()
+    def __init__(self, loss, beta=1.0):
+        super().__init__(beta)
         if isinstance(loss, ELBOModule):
             raise TypeError("loss is an ELBOModule (Trace_ELBO()(model, guide)), bound to "
                             "programs already; pass the ELBO itself: loss=Trace_ELBO()")
         if isinstance(loss, ELBO):
             if not callable(getattr(loss, "differentiable_loss", None)):
                 raise TypeError(f"{type(loss).__name__} has no differentiable_loss (it runs its "
-                                "own backward pass); use estimator='score' for TraceGraph_ELBO's "
-                                "score-function gradients or estimator='iwae' for a "
-                                "multi-sample bound")
+                                "own backward pass); use loss=ScoreFunctionELBO() for "
+                                "TraceGraph_ELBO's score-function gradients or loss=IWAE(K) "
+                                "for a multi-sample bound")
             self._loss, self._elbo = loss.differentiable_loss, loss
         elif callable(loss):
             self._elbo = None
             self._loss = loss
         else:
-            raise TypeError(f"loss must be a pyro.infer ELBO or a callable (model, guide, *args) "
-                            f"-> loss, got {type(loss).__name__}")
+            raise TypeError(f"loss must be a pvae loss (ReparamELBO, IWAE, ...), a pyro.infer "
+                            f"ELBO or a callable (model, guide, *args) -> loss, got "
+                            f"{type(loss).__name__}")
         if isinstance(loss, nn.Module):
             self.module = loss
-        self.name = type(loss).__name__ if isinstance(loss, ELBO) else getattr(
+        self.loss_name = type(loss).__name__ if isinstance(loss, ELBO) else getattr(
             loss, "__qualname__", type(loss).__name__)
+
+    @property
+    def config(self) -> dict:
+        """The loss's name, Pyro's numeric ELBO options and ``beta``."""
+        config = {"name": self.loss_name}
+        for key in ("num_particles", "max_plate_nesting", "max_iarange_nesting",
+                    "vectorize_particles", "strict_enumeration_warning"):
+            value = getattr(self._elbo, key, None)
+            if isinstance(value, (bool, int, float)) and not (isinstance(value, float)
+                                                              and value != value):
+                config[key] = value
+        config["beta"] = repr(self.beta) if callable(self.beta) else self.beta
+        return config
+
+    def validation_loss(self) -> SVILoss:
+        return self
+
+    def capture_blocker(self) -> str | None:
+        return f"the loss {self.loss_name} (Pyro's ELBOs synchronize with the host)"
 
     def forward(self, model, guide, *args):
         if self._elbo is not None and not torch.is_grad_enabled():
@@ -346,90 +565,54 @@ class LossEstimator(nn.Module):
             return -loss, loss
         loss = self._loss(model, guide, *args)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-            raise TypeError(f"the loss {self.name} must return a 0-dim tensor, got "
+            raise TypeError(f"the loss {self.loss_name} must return a 0-dim tensor, got "
                             f"{type(loss).__name__}"
                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
         return -loss.detach(), loss
 
 
-#: Registry of estimators by name (``--estimator`` on the command line).
-ESTIMATORS = {"reparam": ReparamEstimator, "score": ScoreEstimator, "iwae": IWAEEstimator}
-#: Estimators whose step runs without host synchronization (see ``capturable``).
-CAPTURABLE = ("reparam", "iwae")
+def as_loss(loss) -> SVILoss:
+    """``loss`` as a pvae loss: itself, or a Pyro ELBO / callable wrapped in :class:`PyroLoss`.
 
-
-def make_estimator(estimator: str = "reparam", *, num_particles: int = 1,
-                   analytic_kl: bool = False, baseline: str | None = None,
-                   gradient: str = "standard", capturable: bool = False,
-                   data_plate: str | None = None) -> nn.Module:
-    """Build an estimator by name.
-
-    :param str estimator: ``"reparam"``, ``"score"`` or ``"iwae"``.
-    :param int num_particles: samples per datapoint (K for IWAE), >= 1.
-    :param bool analytic_kl: closed-form KL (``reparam`` only).
-    :param baseline: ``None``, ``"average"`` or ``"neural"`` (``score`` only).
-    :param str gradient: ``"standard"`` or ``"dreg"`` (``iwae`` only).
-    :param bool capturable: an estimator whose step has no host synchronization (runs on any
-        device, can be captured as a CUDA graph): ``reparam`` computed from pvae's traces, and
-        ``iwae`` (always capturable).
-    :param data_plate: the data plate's name, for the estimators that trace the programs
-        themselves (``iwae``, capturable ``reparam``) where more than one plate could be it
-        (by default found: see :func:`~pvae.inference.traces.find_data_plate`).
-    :raises ValueError: unknown names, ``num_particles < 1``, options that do not apply to the
-        estimator, or ``capturable`` with ``score`` (its baselines need the ELBO on the host).
+    :raises TypeError: see :class:`PyroLoss`.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
-    if not (isinstance(num_particles, int) and num_particles >= 1):
-        raise ValueError(f"Expected num_particles >= 1, got {num_particles!r}")
-    if analytic_kl and estimator != "reparam":
-        raise ValueError("analytic_kl applies to estimator='reparam' only")
-    if baseline is not None and estimator != "score":
-        raise ValueError("baseline applies to estimator='score' only")
-    if gradient != "standard" and estimator != "iwae":
-        raise ValueError("gradient='dreg' applies to estimator='iwae' only")
-    if capturable and estimator not in CAPTURABLE:
-        raise ValueError(f"estimator={estimator!r} cannot be captured (it reads the ELBO on the "
-                         f"host every step); capturable estimators: {CAPTURABLE}")
-    if estimator == "reparam":
-        return ReparamEstimator(num_particles, analytic_kl, capturable=capturable,
-                                data_plate=data_plate)
-    if estimator == "score":
-        return ScoreEstimator(num_particles, baseline)
-    return IWAEEstimator(num_particles, gradient, data_plate)
+    return loss if isinstance(loss, SVILoss) else PyroLoss(loss)
 
 
 class SVIObjective(nn.Module):
-    """The training objective of one model: an estimator bound to the model's programs, with
-    beta / KL annealing, as the module a training loop steps.
+    """The training objective of one model: a loss bound to the model's programs, with beta /
+    KL annealing, as the module a training loop steps (the :class:`pvae.train.Objective`
+    protocol).
 
     ``objective(*batch)`` returns ``(value, loss)``, both per datapoint: the objective's value
     (the beta-weighted ELBO or IWAE bound, nats, no gradient) and the surrogate loss to
-    differentiate. Per datapoint means: the estimator's sums over the batch divided by the
-    batch size ``n`` and by the scale ``s`` of the model's observed sites
+    differentiate. Per datapoint means: the loss's sums over the batch divided by the batch size
+    ``n`` and by the scale ``s`` of the model's observed sites
     (:class:`~pvae.inference.handlers.observed_scale`), so that a model that scales its data
     term (plate subsampling, ``pyro.plate("data", N, subsample=idx)``: ``s = N / n``;
     ``poutine.scale(scale=s)``) still reports the unscaled ELBO per datapoint, and its loss
     (hence its gradient) is that of the ELBO per datapoint. Where the observed sites carry
     different scales no single ``s`` exists: nothing is divided out beyond ``n``, with one
     warning. The model's own ``state_dict`` is not part of this module's (it is saved
-    beside it); the estimator's state and the values of Pyro param-store parameters that the
+    beside it); the loss's state and the values of Pyro param-store parameters that the
     programs use (user models with ``pyro.param``) are.
 
     :param model: an object meeting the model contract.
-    :param estimator: from :func:`make_estimator`.
-    :param beta: a float or a schedule ``step -> beta`` (:mod:`pvae.inference.schedules`),
-        applied to the latent sites with :class:`~pvae.inference.handlers.scale_latents`.
+    :param SVILoss loss: the loss; its ``beta`` is applied to the latent sites with
+        :class:`~pvae.inference.handlers.scale_latents`.
+    :param beta: ``None`` (the loss's) or a float or schedule in its place (validation: 1).
 
     :ivar bool trusted: set it once the whole dataset has been checked: steps then run with
         Pyro's validation off and built-in models skip their per-call checks
         (:func:`pvae.contract.trusted_inputs`).
     """
 
-    def __init__(self, model, estimator: nn.Module, beta=1.0):
+    value_name = "elbo"
+
+    def __init__(self, model, loss: SVILoss, beta=None):
         super().__init__()
-        self.estimator = estimator
-        self.schedule = make_schedule(beta)
+        self.estimator = loss
+        self.schedule = make_schedule(loss.beta if beta is None else beta)
         self.kl_scale = scale_latents(self.schedule(0))
         object.__setattr__(self, "program", model)  # not a submodule: saved on its own
         if isinstance(self.schedule, Constant) and self.schedule.beta == 1.0:
@@ -438,6 +621,11 @@ class SVIObjective(nn.Module):
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
         self.trusted, self._warned = False, False
+
+    @property
+    def config(self) -> dict:
+        """The loss's settings (:attr:`SVILoss.config`)."""
+        return self.estimator.config
 
     def forward(self, *batch):
         with contextlib.ExitStack() as stack:
@@ -458,6 +646,19 @@ class SVIObjective(nn.Module):
             value, surrogate = value / scale.scale, surrogate / scale.scale
         return value, surrogate
 
+    def validation(self) -> SVIObjective:
+        """The objective whose value is reported on validation data: the loss's
+        :meth:`~SVILoss.validation_loss` on the same model, beta 1."""
+        return SVIObjective(self.program, self.estimator.validation_loss(), beta=1.0)
+
+    def capture_blocker(self) -> str | None:
+        """Why the step cannot be captured as a CUDA graph, or ``None`` (the loss's answer)."""
+        return self.estimator.capture_blocker()
+
+    def data_parallel_(self) -> None:
+        """Under data-parallel training: the loss keeps statistics of the global batch."""
+        self.estimator.data_parallel_()
+
     def set_step(self, step: int) -> None:
         """Set beta for optimizer step ``step`` (counted from 0 over the whole run); in place
         when beta is a device tensor (:meth:`capturable_`)."""
@@ -468,9 +669,10 @@ class SVIObjective(nn.Module):
             self.kl_scale.beta = beta
 
     def capturable_(self, like: torch.Tensor):
-        """Hold a scheduled beta in a 0-dim tensor with ``like``'s device and dtype, updated in
-        place by :meth:`set_step`, so that a captured step reads the current value. Returns
-        ``self``."""
+        """Prepare a captured step: the loss's host-sync-free path, and a scheduled beta held
+        in a 0-dim tensor with ``like``'s device and dtype, updated in place by
+        :meth:`set_step`, so that a captured step reads the current value. Returns ``self``."""
+        self.estimator.capturable_()
         if not isinstance(self.schedule, Constant):
             self.kl_scale.beta = like.new_full((), float(self.kl_scale.beta))
         return self
@@ -503,6 +705,11 @@ class SVIObjective(nn.Module):
         store = dict(pyro.get_param_store().named_parameters())
         self._store_names = [k for k, p in store.items() if id(p) in params and id(p) not in own]
         return list(params.values())
+
+    def param_store_names(self) -> list[str]:
+        """The Pyro param-store parameters the programs train (found by
+        :meth:`trainable_parameters`)."""
+        return list(self._store_names)
 
     def get_extra_state(self):
         store = dict(pyro.get_param_store().named_parameters())

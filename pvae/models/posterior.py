@@ -1,5 +1,6 @@
 """Approximate vs exact posteriors, for models that know their exact posterior, and
-conversion of posterior draws to ArviZ ``InferenceData``.
+conversion of posterior draws to ArviZ ``InferenceData``. Beside the models, not in
+:mod:`pvae.inference`, because it needs more than the model contract.
 
 These functions need more than the model contract: a model with an **exact posterior**, i.e.
 ``exact_posterior(x)`` and ``guide_distribution(x)`` (distributions with batch shape ``(N,)``
@@ -17,18 +18,9 @@ from torch.distributions import MultivariateNormal
 
 from pvae.contract import placement, prepare_data, to_placement
 from pvae.distributions import closed_form_kl
-from pvae.stats import mean_stderr
+from pvae.stats import mean_stderr, principal_angles
 
-__all__ = ["PosteriorComparison", "compare_posteriors", "principal_angles", "to_inference_data"]
-
-
-def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Principal angles (degrees, ascending) between span(A) and span(B), ``(D, q)`` each
-    (Björck & Golub 1973): the arc-cosines of the singular values of Q_A^T Q_B."""
-    qa, _ = torch.linalg.qr(A.double())
-    qb, _ = torch.linalg.qr(B.double())
-    cos = torch.linalg.svdvals(qa.T @ qb).clamp(-1, 1)
-    return torch.rad2deg(torch.arccos(cos)).flip(0)
+__all__ = ["PosteriorComparison", "compare_posteriors", "to_inference_data"]
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""The training engine: training data, the state of a run, the loop, checkpoints and the
-optimizer, assembled by :func:`fit`. The loop itself is blind to Pyro: an objective maps a
-mini-batch to ``(value, loss)``."""
+"""The training engine: training data, the state of a run, the loop and its callbacks,
+checkpoints and the optimizer, assembled by :func:`fit`. The loop itself is blind to Pyro: an
+objective (:class:`Objective`) maps a mini-batch to ``(value, loss)``."""
 
 from pvae.contract import resolve_device
+from pvae.train.callbacks import Callback, Checkpoint, ProgressBar
 from pvae.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -15,20 +16,31 @@ from pvae.train.data import TrainingData
 from pvae.train.fit import fit
 from pvae.train.history import History
 from pvae.train.loop import mean_value, run_epochs, train_epoch
-from pvae.train.optim import make_adam
+from pvae.train.objective import HasDefaultLoss, Loss, Objective, bind_objective
+from pvae.train.optim import Adam, ExponentialLR, make_adam
 from pvae.train.state import TrainState, seed_all, settings_diff
-from pvae.train.steps import CapturedStep, CUDAGraph, EagerStep, TrainingDivergedError
+from pvae.train.steps import STEPS, CapturedStep, CUDAGraph, EagerStep, TrainingDivergedError
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "STEPS",
+    "Adam",
     "CUDAGraph",
+    "Callback",
     "CapturedStep",
+    "Checkpoint",
     "CheckpointError",
     "EagerStep",
+    "ExponentialLR",
+    "HasDefaultLoss",
     "History",
+    "Loss",
+    "Objective",
+    "ProgressBar",
     "TrainState",
     "TrainingData",
     "TrainingDivergedError",
+    "bind_objective",
     "fit",
     "get_rng_state",
     "load_checkpoint",

@@ -86,7 +86,9 @@ def check_module_parameters(model, objective, params: list[torch.Tensor]) -> Non
         own |= {id(p) for p in modules.parameters()}
     foreign = [p for p in params if id(p) not in own]
     if foreign:
-        names = getattr(objective, "_store_names", None) or [f"{len(foreign)} tensor(s)"]
+        names = [f"{len(foreign)} tensor(s)"]
+        if callable(getattr(objective, "param_store_names", None)):
+            names = objective.param_store_names() or names
         raise ValueError(
             f"distributed training needs every trainable tensor to be a parameter of an "
             f"nn.Module (DistributedDataParallel averages their gradients), but the model's "
@@ -115,16 +117,14 @@ def check_batches(data: TrainingData) -> None:
 def wrap(model, objective: nn.Module, params: list[torch.Tensor],
          device: torch.device) -> DistributedDataParallel:
     """:class:`Replica` wrapped in DDP. DDP broadcasts rank 0's parameters and buffers when it
-    is built, so every rank starts from the same initialization. Parts of the objective with a
-    ``data_parallel`` attribute (the score-function estimator's average baseline) are told to
-    keep their statistics over the global batch.
+    is built, so every rank starts from the same initialization. The objective is told
+    (``data_parallel_()``) to keep its statistics (the score-function ELBO's average baseline)
+    over the global batch.
 
     :raises ValueError: see :func:`check_module_parameters`.
     """
     check_module_parameters(model, objective, params)
-    for module in objective.modules():  # parts that keep statistics of the global batch
-        if hasattr(module, "data_parallel"):
-            module.data_parallel = True
+    objective.data_parallel_()
     replica = Replica(model, objective)
     return DistributedDataParallel(replica, device_ids=[device] if device.type == "cuda" else None)
 
@@ -154,17 +154,14 @@ class DistributedStep(EagerStep):
         return value
 
 
-def use_distributed(distributed, device: torch.device) -> bool:
-    """Whether ``fit`` trains data-parallel: ``"auto"`` when a process group is initialized,
-    ``True`` always (initializing the group from ``torchrun``'s environment if needed),
-    ``False`` never.
+def use_distributed(step: str, device: torch.device) -> bool:
+    """Whether ``fit`` trains data-parallel (its ``step``): ``"auto"`` when a process group is
+    initialized, ``"distributed"`` always (initializing the group from ``torchrun``'s
+    environment if needed), never otherwise.
 
-    :raises ValueError: another value, or ``True`` outside ``torchrun`` without a process
-        group.
+    :raises ValueError: ``"distributed"`` outside ``torchrun`` without a process group.
     """
-    if distributed not in ("auto", True, False):
-        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
-    if distributed is True:
+    if step == "distributed":
         parallel.init_from_env(torch.device(device.type))  # cuda -> cuda:LOCAL_RANK
         return True
-    return distributed == "auto" and parallel.is_distributed()
+    return step == "auto" and parallel.is_distributed()

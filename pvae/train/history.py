@@ -15,10 +15,13 @@ class History:
     ``epoch``, ``train_elbo`` and ``val_elbo`` (nats per datapoint, higher is better),
     ``seconds`` and ``images_per_s``; an objective with another ``value_name`` (an
     autoencoder's: ``train_loss``, ``val_loss``, lower is better) names its own columns.
+
+    :ivar stop_reason: why a callback ended the run early (``None``: it was not stopped).
     """
 
-    def __init__(self, rows: list[dict] | None = None):
+    def __init__(self, rows: list[dict] | None = None, stop_reason: str | None = None):
         self.rows = list(rows or [])
+        self.stop_reason = stop_reason
 
     def __len__(self):
         return len(self.rows)

@@ -1,14 +1,14 @@
 """The training loop, blind to Pyro: an objective maps a mini-batch to ``(value, loss)``, the
-loop differentiates the loss, steps the optimizer, records the value per epoch and writes a
-checkpoint after every epoch."""
+loop differentiates the loss, steps the optimizer, records the value per epoch and hands each
+epoch's row to the callbacks (:mod:`pvae.train.callbacks`: checkpoints, progress, logging,
+early stopping)."""
 
 from __future__ import annotations
 
+import logging
 import time
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pvae.parallel import all_reduce_sum
 from pvae.train.data import TrainingData
@@ -16,10 +16,12 @@ from pvae.train.history import History
 from pvae.train.state import TrainState
 from pvae.train.steps import EagerStep
 
-__all__ = ["mean_value", "run_epochs", "train_epoch", "value_name"]
+__all__ = ["mean_value", "run_epochs", "train_epoch"]
+
+log = logging.getLogger("pvae")
 
 
-def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> dict:
+def train_epoch(state: TrainState, data: TrainingData, step=None) -> dict:
     """One pass over ``data``; returns the epoch's history row (without validation).
 
     :param step: how a step runs (:class:`~pvae.train.steps.EagerStep` by default, or
@@ -27,17 +29,13 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
     :raises TrainingDivergedError: the loss became NaN or inf.
     """
     step = EagerStep(state, data) if step is None else step
-    name = value_name(state.objective)
+    name = state.objective.value_name
     state.set_training(True)
     t0, values, seen = time.perf_counter(), [], 0
     for i, batch in enumerate(data.shuffled(state.generator)):
         value = step(batch, state.epoch * data.steps_per_epoch + i)
         values.append(value * len(batch[0]))
         seen += len(batch[0])
-        if bar is not None:
-            bar.update()
-            if i % 25 == 0:
-                bar.set_postfix_str(f"epoch {state.epoch + 1} {name} {value.item():.2f}")
     step.check()
     seconds = time.perf_counter() - t0
     state.scheduler.step()
@@ -47,12 +45,6 @@ def train_epoch(state: TrainState, data: TrainingData, step=None, bar=None) -> d
     return {"epoch": state.epoch + 1, f"train_{name}": total / max(seen, 1),
             **state.objective.metrics(), f"val_{name}": float("nan"), "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else float("nan")}
-
-
-def value_name(objective) -> str:
-    """What an objective's value is called in the history (``train_<name>``,
-    ``val_<name>``): its ``value_name``, ``"elbo"`` by default."""
-    return getattr(objective, "value_name", "elbo")
 
 
 @torch.no_grad()
@@ -68,25 +60,31 @@ def mean_value(objective, data: TrainingData, batch_size: int = 1000) -> float:
 
 
 def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,
-               val_objective=None, val_data: TrainingData | None = None,
-               checkpoint: Path | None = None, progress: bool = True, step=None) -> History:
+               val_data: TrainingData | None = None, step=None) -> History:
     """Train from ``state.epoch`` up to ``num_epochs``: per epoch :func:`train_epoch` (with
-    ``step``, see there), the validation value, a history row and (with ``checkpoint``) an
-    atomic checkpoint."""
-    state.num_epochs, state.checkpoint = num_epochs, checkpoint
-    bar = tqdm(total=max(num_epochs - state.epoch, 0) * data.steps_per_epoch,
-               disable=not progress, desc="fit", unit="batch", dynamic_ncols=True)
+    ``step``, see there), the validation value of ``state.objective.validation()`` on
+    ``val_data``, a history row, and the callbacks' events (``state.callbacks``: see
+    :mod:`pvae.train.callbacks`). A run that a callback stopped (also before a resume) trains
+    no further."""
+    state.num_epochs = num_epochs
+    name = state.objective.value_name
+    val_objective = state.objective.validation() if val_data is not None else None
+    if state.stopped:
+        log.warning("pvae: the run is finished (%s); nothing to train", state.history.stop_reason)
+    for callback in state.callbacks:
+        callback.on_fit_start(state)
     try:
-        while state.epoch < num_epochs:
-            row = train_epoch(state, data, step, bar if progress else None)
+        while state.epoch < num_epochs and not state.stopped:
+            row = train_epoch(state, data, step)
             if val_data is not None:
                 state.set_training(False)
-                row[f"val_{value_name(state.objective)}"] = mean_value(val_objective, val_data)
+                row[f"val_{name}"] = mean_value(val_objective, val_data)
             state.history.rows.append(row)
             state.epoch += 1
-            if checkpoint is not None:
-                state.save(checkpoint)
+            for callback in state.callbacks:
+                callback.on_epoch_end(state, row)
     finally:
-        bar.close()
+        for callback in state.callbacks:
+            callback.on_fit_end(state)
     state.set_training(False)
     return state.history

@@ -23,12 +23,25 @@ from pvae.train.history import History
 __all__ = ["TrainState", "seed_all", "settings_diff"]
 
 
-def settings_diff(before: dict, now: dict, ignore=("num_epochs", "world_size")) -> dict:
-    """``{key: (before, now)}`` for every setting that differs (a key missing on one side reads
-    as ``None``), ``ignore`` left out: ``num_epochs`` may grow when a run is continued;
+def settings_diff(before: dict, now: dict,
+                  ignore=("training.num_epochs", "training.world_size")) -> dict:
+    """``{key: (before, now)}`` for every setting that differs, nested dicts compared key by key
+    under dotted names (``"training.loss.num_particles"``; a key missing on one side reads as
+    ``None``), ``ignore`` left out: ``num_epochs`` may grow when a run is continued;
     ``world_size`` is checked on its own (:meth:`TrainState.restore`)."""
+    before, now = _flat(before), _flat(now)
     keys = (set(before) | set(now)) - set(ignore)
     return {k: (before.get(k), now.get(k)) for k in sorted(keys) if before.get(k) != now.get(k)}
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def seed_all(seed: int) -> None:
@@ -40,39 +53,67 @@ def seed_all(seed: int) -> None:
 
 class TrainState:
     """Model, objective (with its own state: baselines, averages, param-store values),
-    optimizer, learning-rate schedule, the shuffling generator and every global RNG, epoch,
-    history and the run's settings.
+    optimizer, learning-rate scheduler, the shuffling generator and every global RNG, epoch,
+    history, the callbacks' states and the run's settings: one value with ``state_dict()``.
 
     :param model: the object being trained (its ``state_dict`` is saved when it is an
         ``nn.Module``).
-    :param objective: an ``nn.Module`` whose ``forward(*batch)`` returns ``(value, loss)``.
+    :param objective: an :class:`~pvae.train.Objective`.
     :param optimizer: a ``torch.optim`` optimizer over the trainable parameters.
-    :param float lr_decay: per-epoch factor of ``ExponentialLR``.
+    :param scheduler: its learning-rate scheduler, stepped once per epoch.
     :param generator: the CPU ``torch.Generator`` that shuffles the data.
-    :param dict settings: what defines the run; a checkpoint written with other settings is
-        refused on resume (``num_epochs`` may differ).
+    :param dict settings: what defines the run, ``{..., "training": {...}}`` (``fit`` records
+        its own settings under ``"training"``); a checkpoint written with other settings is
+        refused on resume (``training.num_epochs`` may differ).
     :param bool distributed: data-parallel training over the process group
         (:mod:`pvae.parallel`): the checkpoint then holds every rank's RNG states (each rank
         draws its own sampling noise), is written by rank 0 only and read by rank 0 and sent to
         the others; it resumes only with the same number of processes (``settings`` hold
-        ``world_size``).
+        ``training.world_size``).
+    :param callbacks: the run's :class:`~pvae.train.Callback` objects, whose own state is
+        saved and restored with the rest.
     """
 
     def __init__(self, model, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_decay: float, generator: torch.Generator, settings: dict,
-                 distributed: bool = False):
+                 scheduler, generator: torch.Generator, settings: dict,
+                 distributed: bool = False, callbacks=()):
         self.distributed = distributed
         self.model, self.objective, self.optimizer = model, objective, optimizer
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
-        self.generator, self.settings = generator, settings
+        self.scheduler, self.generator, self.settings = scheduler, generator, settings
+        self.callbacks = list(callbacks)
         self.epoch, self.num_epochs, self.history = 0, 0, History()
-        self.checkpoint: Path | None = None  # where run_epochs writes it
+        self.checkpoint: Path | None = None  # where the last good checkpoint is written
+
+    @property
+    def config(self) -> dict:
+        """The settings with ``training.num_epochs``: what the checkpoint records."""
+        training = {**self.settings.get("training", {}), "num_epochs": self.num_epochs}
+        return {**self.settings, "training": training}
+
+    def stop(self, reason: str) -> None:
+        """End the run after the current epoch (a callback asks for it); ``reason`` is kept in
+        the history (:attr:`History.stop_reason`) and the checkpoint, so that a resumed run
+        knows it is finished."""
+        self.history.stop_reason = str(reason)
+
+    @property
+    def stopped(self) -> bool:
+        return self.history.stop_reason is not None
 
     def set_training(self, mode: bool) -> None:
         """``train()`` / ``eval()`` on the model and the objective."""
         if isinstance(self.model, nn.Module):
             self.model.train(mode)
         self.objective.train(mode)
+
+    def _callback_keys(self) -> list[str]:
+        seen: dict[str, int] = {}
+        keys = []
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            keys.append(name if name not in seen else f"{name}.{seen[name]}")
+            seen[name] = seen.get(name, 0) + 1
+        return keys
 
     def state_dict(self) -> dict:
         """Everything a resume needs; with ``distributed`` a collective call (every rank's RNG
@@ -85,7 +126,10 @@ class TrainState:
             "epoch": self.epoch,
             "rng": get_rng_state(self.generator),
             "history": self.history.rows,
-            "config": {**self.settings, "num_epochs": self.num_epochs},
+            "stop_reason": self.history.stop_reason,
+            "callbacks": {k: s for k, cb in zip(self._callback_keys(), self.callbacks)
+                          if (s := cb.state_dict())},
+            "config": self.config,
         }
         if self.distributed:
             state["rng_ranks"] = parallel.all_gather(state["rng"])
@@ -105,8 +149,12 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng_ranks"][parallel.rank()] if self.distributed else state["rng"]
         set_rng_state(rng, self.generator)
-        self.history = History(state["history"])
+        self.history = History(state["history"], stop_reason=state.get("stop_reason"))
         self.epoch = state["epoch"]
+        saved = state.get("callbacks", {})
+        for key, cb in zip(self._callback_keys(), self.callbacks):
+            if key in saved:
+                cb.load_state_dict(saved[key])
 
     def resume(self, path: Path, map_location=None) -> bool:
         """Continue from the checkpoint at ``path`` if there is one; returns whether there was.
@@ -134,7 +182,8 @@ class TrainState:
         :raises CheckpointError: see :meth:`resume`.
         """
         saved = state.get("config", {})
-        before, now = saved.get("world_size", 1), self.settings.get("world_size", 1)
+        before = saved.get("training", {}).get("world_size", 1)
+        now = self.settings.get("training", {}).get("world_size", 1)
         if before != now:
             raise CheckpointError(
                 f"{path} was written by {before} process(es), this run has {now}: the shuffled "

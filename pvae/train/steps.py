@@ -18,10 +18,13 @@ import torch
 from pvae.train.data import TrainingData
 from pvae.train.state import TrainState
 
-__all__ = ["DIVERGED_LOSS", "CUDAGraph", "CapturedStep", "EagerStep", "TrainingDivergedError",
-           "capture_blocker"]
+__all__ = ["DIVERGED_LOSS", "STEPS", "CUDAGraph", "CapturedStep", "EagerStep",
+           "TrainingDivergedError", "capture_blocker"]
 
 log = logging.getLogger("pvae")
+
+#: How ``fit`` runs its steps (its ``step`` argument).
+STEPS = ("auto", "eager", "cuda_graph", "distributed")
 
 #: The divergence rule: training stops when a step's loss per datapoint is NaN, infinite, or
 #: larger in magnitude than this many nats. No model of data that a float32 tensor holds has an
@@ -101,8 +104,9 @@ class CapturedStep:
     once for the full batch shape and replayed for every batch of that shape; the first
     ``warmup`` steps and batches of another shape (the last, smaller one) run eagerly.
 
-    Needs an objective without host synchronization (``make_estimator(..., capturable=True)``,
-    built-in models, which take their constants from their inputs), an optimizer built with
+    Needs an objective without host synchronization (one whose ``capture_blocker()`` is
+    ``None``, after ``capturable_(like)``; built-in models take their constants from their
+    inputs), an optimizer built with
     ``capturable=True`` and a learning rate held in a tensor (schedules update it in place),
     and beta schedules on device tensors (``SVIObjective.capturable_``).
 
@@ -217,11 +221,9 @@ class CapturedStep:
                             self.data.steps_per_epoch)
 
 
-def capture_blocker(device: torch.device, estimator: str, capturable_estimators) -> str | None:
-    """Why the training step cannot be captured here, or ``None`` if it can."""
+def capture_blocker(device: torch.device, objective) -> str | None:
+    """Why the training step cannot be captured here, or ``None`` if it can: the device, then
+    the objective's own answer (its ``capture_blocker()``)."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, the model is on {device.type}"
-    if estimator not in capturable_estimators:
-        return (f"estimator {estimator!r} reads the ELBO on the host every step; capturable: "
-                f"{', '.join(capturable_estimators)}")
-    return None
+    return objective.capture_blocker()

@@ -139,7 +139,15 @@ class RerunGraph:
 
 
 def _train(step_kind, model_cls=VAE, num_epochs=3, x=None, beta=1.0, check_every=100):
-    from pvae.train import CapturedStep, TrainingData, TrainState, make_adam, run_epochs, seed_all
+    from pvae.train import (
+        CapturedStep,
+        Scheduler,
+        TrainingData,
+        TrainState,
+        make_adam,
+        run_epochs,
+        seed_all,
+    )
 
     torch.manual_seed(0)
     model = model_cls(X_DIM, 2, (8,))
@@ -154,7 +162,7 @@ def _train(step_kind, model_cls=VAE, num_epochs=3, x=None, beta=1.0, check_every
     objective.capturable_(probe[0])
     shuffling = torch.Generator(device="cpu").manual_seed(0)
     optimizer = make_adam(params, 1e-2)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)
+    scheduler = Scheduler(torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9), "epoch")
     state = TrainState(model, objective, optimizer, scheduler, shuffling, {})
     step = None
     if step_kind == "captured":

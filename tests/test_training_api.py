@@ -3,8 +3,8 @@ objects, any Pyro ELBO, an autoencoder's default), the Objective protocol, callb
 loop's epoch-level events, keywords that moved, and fit's size."""
 
 import ast
-import json
 import inspect
+import json
 
 import pyro
 import pyro.distributions as dist
@@ -46,7 +46,8 @@ def test_the_loss_config_is_recorded_as_it_is(tmp_path):
     config = load_checkpoint(tmp_path / "checkpoint.pt")["config"]
     assert config["training"]["loss"] == IWAE(3, gradient="dreg").config == {
         "name": "iwae", "num_particles": 3, "gradient": "dreg", "beta": 1.0, "data_plate": None}
-    assert config["training"]["optim"] == {"name": "Adam", "lr": 1e-3, "schedule": None}
+    assert config["training"]["optim"] == {"name": "Adam", "lr": 1e-3, "schedule": None,
+                                           "clip_norm": None, "weight_decay": 0.0}
 
 
 def test_every_loss_is_registered_by_its_name():

@@ -17,14 +17,32 @@ from pvae.train.fit import fit
 from pvae.train.history import History
 from pvae.train.loop import mean_value, run_epochs, train_epoch
 from pvae.train.objective import HasDefaultLoss, Loss, Objective, bind_objective
-from pvae.train.optim import Adam, ExponentialLR, make_adam
+from pvae.train.optim import (
+    SCHEDULES,
+    Adam,
+    AdamW,
+    ConstantLR,
+    CosineLR,
+    ExponentialLR,
+    ReduceLROnPlateau,
+    Scheduler,
+    StepLR,
+    make_adam,
+)
 from pvae.train.state import TrainState, seed_all, settings_diff
 from pvae.train.steps import STEPS, CapturedStep, CUDAGraph, EagerStep, TrainingDivergedError
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "SCHEDULES",
     "STEPS",
     "Adam",
+    "AdamW",
+    "ConstantLR",
+    "CosineLR",
+    "ReduceLROnPlateau",
+    "Scheduler",
+    "StepLR",
     "CUDAGraph",
     "Callback",
     "CapturedStep",

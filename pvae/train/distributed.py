@@ -151,6 +151,7 @@ class DistributedStep(EagerStep):
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
+        state.scheduler.step_batch()
         return value
 
 

@@ -114,9 +114,10 @@ def fit(model, data, *data_args, loss=None, val=None, num_epochs: int, batch_siz
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     own = [*([Checkpoint(path)] if path else []), *([ProgressBar()] if progress and rank == 0
                                                      else [])]
-    state = TrainState(model, objective, *optim.build(params, capturable=capture), generator,
-                       _record(config, settings), distributed=ddp,
-                       callbacks=[*callbacks, *own])
+    optimizer, scheduler = optim.build(params, capturable=capture, num_epochs=num_epochs,
+                                       steps_per_epoch=train_data.steps_per_epoch)
+    state = TrainState(model, objective, optimizer, scheduler, generator,
+                       _record(config, settings), distributed=ddp, callbacks=[*callbacks, *own])
     state.checkpoint = path
     run_step = (DistributedStep(state, train_data, replica) if ddp else
                 CapturedStep(state, train_data, fallback=step == "auto") if capture else None)

@@ -38,13 +38,13 @@ def train_epoch(state: TrainState, data: TrainingData, step=None) -> dict:
         seen += len(batch[0])
     step.check()
     seconds = time.perf_counter() - t0
-    state.scheduler.step()
     total = torch.stack(values).double().sum().item() if values else float("nan")
     if data.world_size > 1:  # every rank's datapoints
         total, seen = all_reduce_sum(total, seen)
     return {"epoch": state.epoch + 1, f"train_{name}": total / max(seen, 1),
             **state.objective.metrics(), f"val_{name}": float("nan"), "seconds": seconds,
-            "images_per_s": seen / seconds if seconds > 0 else float("nan")}
+            "images_per_s": seen / seconds if seconds > 0 else float("nan"),
+            "lr": float(state.optimizer.param_groups[0]["lr"])}
 
 
 @torch.no_grad()
@@ -79,6 +79,8 @@ def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,
             if val_data is not None:
                 state.set_training(False)
                 row[f"val_{name}"] = mean_value(val_objective, val_data)
+            monitored = row[f"val_{name}" if val_data is not None else f"train_{name}"]
+            state.scheduler.step_epoch(monitored if name != "loss" else -monitored)
             state.history.rows.append(row)
             state.epoch += 1
             for callback in state.callbacks:

@@ -60,7 +60,8 @@ class TrainState:
         ``nn.Module``).
     :param objective: an :class:`~pvae.train.Objective`.
     :param optimizer: a ``torch.optim`` optimizer over the trainable parameters.
-    :param scheduler: its learning-rate scheduler, stepped once per epoch.
+    :param scheduler: its learning-rate scheduler (:class:`~pvae.train.optim.Scheduler`),
+        stepped after every optimizer step or every epoch.
     :param generator: the CPU ``torch.Generator`` that shuffles the data.
     :param dict settings: what defines the run, ``{..., "training": {...}}`` (``fit`` records
         its own settings under ``"training"``); a checkpoint written with other settings is

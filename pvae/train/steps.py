@@ -70,6 +70,7 @@ class EagerStep:
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
+        state.scheduler.step_batch()
         return value
 
     def check(self) -> None:
@@ -202,6 +203,7 @@ class CapturedStep:
         for buffer, b in zip(self.captured.inputs, batch):
             buffer.copy_(b)
         self.captured.graph.replay()
+        self.state.scheduler.step_batch()  # a learning rate on the device, updated in place
         bad_here = torch.full_like(self.first_bad, global_step)
         self.first_bad = torch.where((self.first_bad < 0) & ~self.captured.finite, bad_here,
                                      self.first_bad)

@@ -3,8 +3,6 @@ contract, assembled from the engine's parts."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -17,7 +15,7 @@ from pvae.inference import (
     SVIObjective,
     make_estimator,
 )
-from pvae.train.checkpoint import CHECKPOINT_NAME
+from pvae.train.checkpoint import checkpoint_folder
 from pvae.train.data import TrainingData
 from pvae.train.distributed import DistributedStep, check_batches, use_distributed, wrap
 from pvae.train.history import History
@@ -107,7 +105,10 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
         intensities of every mini-batch (Burda et al. 2015). ``x_val`` must already be binary.
     :param checkpoint_dir: if given, ``checkpoint.pt`` (the :class:`TrainState`: model,
         objective state such as score-function baselines, optimizer, epoch, RNG states, history,
-        ``config``) is written there atomically after every epoch.
+        ``config``) is written there atomically after every epoch. The folder is created if
+        missing and locked for the whole run (one writer: a second process gets
+        :class:`pvae.files.FolderInUseError`); one that holds a checkpoint already is refused
+        unless ``resume``.
     :param bool resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists.
     :param bool progress: show a tqdm bar with the running ELBO.
     :param dict config: extra configuration saved in checkpoints and checked on resume.
@@ -162,13 +163,17 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
         nor a callable.
     :raises ValueError: bad arguments or data (NaN, outside the likelihood's support), both
         ``objective`` and ``loss``, estimator settings beside ``loss`` or ``objective``, a
-        checkpoint written with another configuration or number of processes, or
+        checkpoint written with another configuration or number of processes (or any
+        checkpoint in ``checkpoint_dir`` without ``resume``: a :class:`CheckpointError`), or
         ``cuda_graph=True`` where the step cannot be captured (not on CUDA, score-function
         estimator, data-parallel training); with several processes, a mini-batch with fewer
         datapoints than processes or param-store parameters; ``distributed=True`` outside
         ``torchrun`` without a process group.
     :raises TrainingDivergedError: the loss became NaN or inf; the message names the epoch and
         step, and the last good checkpoint is left intact.
+    :raises pvae.files.WriteError: a checkpoint cannot be written (full disk, read-only file
+        system, its folder deleted or moved meanwhile: :class:`pvae.files.FolderLostError`);
+        the message names the last good checkpoint's epoch.
     """
     if data_args:
         if c is not None:
@@ -249,12 +254,14 @@ def fit(model, x_train, *data_args, c=None, x_val=None, c_val=None, num_epochs: 
         step = DistributedStep(state, data, replica)
     elif capture:
         step = CapturedStep(state, data, fallback=cuda_graph == "auto")
-    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    if resume:
-        state.resume(checkpoint, map_location=device)
-    return run_epochs(state, data, num_epochs, checkpoint=checkpoint,
-                      progress=progress and rank == 0, val_objective=val_objective,
-                      val_data=val_data, step=step)
+    # issue 28: the folder is locked (one writer), and refused if it holds another run's
+    # checkpoint unless resume, for as long as the run writes it
+    with checkpoint_folder(checkpoint_dir, resume=resume, distributed=ddp) as checkpoint:
+        if resume:
+            state.resume(checkpoint, map_location=device)
+        return run_epochs(state, data, num_epochs, checkpoint=checkpoint,
+                          progress=progress and rank == 0, val_objective=val_objective,
+                          val_data=val_data, step=step)
 
 
 def _svi_objectives(model, settings: dict, *, estimator, num_particles, analytic_kl, baseline,

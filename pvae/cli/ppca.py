@@ -13,7 +13,7 @@ from pvae import data, plots
 from pvae.contract import resolve_device
 from pvae.inference import compare_posteriors, iw_log_likelihood, principal_angles, to_inference_data
 from pvae.models import PPCA
-from pvae.runs import RunError, load_data, prepare_run, write_json
+from pvae.runs import RunError, load_data, new_model, prepare_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import fit, save_checkpoint
 
@@ -57,7 +57,8 @@ def run(args) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     try:
-        model = PPCA(ds.x_dim, args.latent_dim, args.guide)
+        model = new_model(PPCA, dict(x_dim=ds.x_dim, latent_dim=args.latent_dim,
+                                     guide=args.guide), device)
     except ValueError as e:
         raise RunError(str(e)) from e
     config.update(image_shape=list(ds.image_shape) if ds.image_shape else None,

@@ -9,7 +9,7 @@ from pvae.contract import resolve_device
 from pvae.inference import BASELINES, ESTIMATORS, GRADIENTS, make_schedule
 from pvae.models import LIKELIHOODS, MODELS, NETWORKS
 from pvae.nn import ACTIVATIONS, COVARIANCES
-from pvae.runs import RunError, load_data, prepare_run
+from pvae.runs import RunError, load_data, new_model, prepare_run
 from pvae.train import fit
 
 from . import autoencoders
@@ -154,7 +154,8 @@ def _run(args) -> None:
     kwargs = model_arguments(args, ds)
     torch.manual_seed(args.seed)
     try:
-        model = MODELS[args.model](**kwargs)
+        # issue 28: its size is checked on the meta device against the memory available
+        model = new_model(MODELS[args.model], kwargs, resolve_device(args.device))
     except ValueError as e:  # the model's own checks of its arguments
         raise RunError(str(e)) from e
     config["model_config"] = model.config

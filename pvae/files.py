@@ -34,6 +34,7 @@ import contextlib
 import errno as errno_codes
 import json
 import os
+import re
 import secrets
 import signal
 import threading
@@ -230,9 +231,15 @@ def check_intact(path) -> None:
                 errno_codes.ENOENT, str(path))
 
 
+#: The names of temporary files: ``.<name>.<8 characters>.tmp`` (ours, and ``mkstemp``'s of
+#: earlier pvae versions), and the fixed names that earlier versions used.
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$"
+                        r"|^\.(config|metrics|report)\.json\.tmp$|^history\.csv\.tmp$")
+
+
 def _remove_stale_temp_files(folder: Path, depth: int = 1) -> None:
-    """Temporary files of killed writers (``.*.tmp``) in ``folder`` and its subfolders: called
-    with the lock held, so no live writer owns them."""
+    """Temporary files of killed writers (``.<name>.<random>.tmp``) in ``folder`` and its
+    subfolders: called with the lock held, so no live writer owns them."""
     pending = [(folder, 0)]
     while pending:
         current, level = pending.pop()
@@ -244,7 +251,7 @@ def _remove_stale_temp_files(folder: Path, depth: int = 1) -> None:
             if entry.is_dir(follow_symlinks=False):
                 if level < depth:
                     pending.append((Path(entry.path), level + 1))
-            elif entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+            elif _TEMP_NAME.match(entry.name):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 

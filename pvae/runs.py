@@ -359,18 +359,21 @@ def new_model(cls, kwargs: dict, device="cpu", *, training: bool = True):
     """
     with torch.device("meta"):
         meta = cls(**kwargs)
-    tensors = [*meta.parameters(), *meta.buffers()]
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    need = size * (TRAINING_MEMORY_FACTOR if training else 1)
-    free = available_memory(resolve_device(device))
-    if free is not None and need > free:
-        count = sum(p.numel() for p in meta.parameters())
-        why = (f"training needs about {TRAINING_MEMORY_FACTOR} times that (weights, gradients "
-               f"and Adam's two moments), {_gb(need)}" if training else "")
-        raise RunError(f"the {cls.__name__} asked for has {count:,} parameters ({_gb(size)}); "
-                       f"{why + ', ' if why else ''}more than the {_gb(free)} available on "
-                       f"{resolve_device(device)}: choose smaller sizes (--latent-dim, "
-                       "--hidden-dims)")
+    size = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+    count = sum(p.numel() for p in meta.parameters())
+    device = resolve_device(device)
+    # built on the CPU first, then trained on ``device``
+    needs = [(torch.device("cpu"), size, "")]
+    if training:
+        needs.append((device, size * TRAINING_MEMORY_FACTOR,
+                      f"training needs about {TRAINING_MEMORY_FACTOR} times that (weights, "
+                      f"gradients and Adam's two moments), {_gb(size * TRAINING_MEMORY_FACTOR)}, "))
+    for where, need, why in needs:
+        free = available_memory(where)
+        if free is not None and need > free:
+            raise RunError(f"the {cls.__name__} asked for has {count:,} parameters "
+                           f"({_gb(size)}); {why}more than the {_gb(free)} available on "
+                           f"{where}: choose smaller sizes (--latent-dim, --hidden-dims)")
     return cls(**kwargs)
 
 

@@ -83,7 +83,7 @@ def test_checkpoint_write_survives_ctrl_c_and_clears_stale_temp_files(tmp_path, 
     from pvae.files import folder_lock
     from pvae.train import checkpoint
 
-    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a killed save")
+    (tmp_path / ".checkpoint.pt.abc12345.tmp").write_bytes(b"left by a killed save")
     real_save = torch.save
 
     def interrupted_save(obj, f):
@@ -97,3 +97,21 @@ def test_checkpoint_write_survives_ctrl_c_and_clears_stale_temp_files(tmp_path, 
     state = checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")
     assert torch.equal(state["model"]["w"], torch.ones(3))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_lock_removes_only_temporary_files(tmp_path):
+    """Taking a folder's lock removes what killed writers left (``.<name>.<8>.tmp`` and the
+    fixed names of earlier versions), never other files that end in .tmp."""
+    from pvae.files import folder_lock
+
+    stale = [".checkpoint.pt.k_2x9q0z.tmp", ".metrics.json.0a1b2c3d.tmp", ".config.json.tmp",
+             "history.csv.tmp"]
+    kept = [".notes.tmp", "data.tmp", ".x.tmp.bak"]
+    (tmp_path / "figures").mkdir()
+    for name in [*stale, *kept]:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "figures" / ".samples.png.0a1b2c3d.tmp").write_text("x")
+    with folder_lock(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, ".lock", "figures"])
+    assert not list((tmp_path / "figures").iterdir())

@@ -152,6 +152,7 @@ class _Held:
     count: int
     identity: tuple[int, int]  # (st_dev, st_ino) of the folder when it was locked
     shown: str  # the folder as the caller named it
+    created: bool = False  # made by the lock (removed again if left empty)
 
 
 _held: dict[Path, _Held] = {}
@@ -264,35 +265,8 @@ def _read_pid(fd: int) -> str:
     return text if text.isdigit() else "(unknown)"
 
 
-@contextlib.contextmanager
-def folder_lock(folder, *, create: bool = False):
-    """Hold ``folder``'s write lock for the block (re-entrant within this process).
-
-    On first acquisition: refuse symbolic links out of the folder (:func:`check_folder`),
-    open ``folder/.lock`` without following a link, ``flock`` it without waiting, write this
-    process's id into it, and remove stale temporary files. With ``create``, a missing folder
-    is created first (with its parents) and, if the block leaves nothing in it but the lock
-    file, removed again.
-
-    :raises FolderInUseError: another process holds the lock ("... in use by process N").
-    :raises UnsafeFolderError: symbolic links out of the folder, or ``.lock`` is a link.
-    :raises WriteError: the lock file cannot be created (read-only or full file system, no
-        permission, ...).
-    """
-    folder = Path(folder)
-    key = _key(folder)
-    with _registry:
-        held = _held.get(key)
-        if held is not None:
-            held.count += 1
-    if held is not None:
-        try:
-            yield folder
-        finally:
-            with _registry:
-                held.count -= 1
-        return
-    created = create and not folder.exists()
+def _acquire(folder: Path, create: bool) -> tuple[int, tuple[int, int]]:
+    """The first acquisition (see :func:`folder_lock`): ``(fd of .lock, folder identity)``."""
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -325,22 +299,56 @@ def folder_lock(folder, *, create: bool = False):
     except BaseException:
         os.close(fd)
         raise
-    with _registry:
-        _held[key] = _Held(fd, 1, (info.st_dev, info.st_ino), str(folder))
+    return fd, (info.st_dev, info.st_ino)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, *, create: bool = False):
+    """Hold ``folder``'s write lock for the block (re-entrant within this process).
+
+    On first acquisition: refuse symbolic links out of the folder (:func:`check_folder`),
+    open ``folder/.lock`` without following a link, ``flock`` it without waiting, write this
+    process's id into it, and remove stale temporary files. With ``create``, a missing folder
+    is created first (with its parents) and, if the block leaves nothing in it but the lock
+    file, removed again.
+
+    :raises FolderInUseError: another process holds the lock ("... in use by process N").
+    :raises UnsafeFolderError: symbolic links out of the folder, or ``.lock`` is a link.
+    :raises WriteError: the lock file cannot be created (read-only or full file system, no
+        permission, ...).
+    """
+    folder = Path(folder)
+    key = _key(folder)
+    with _registry:  # (held while acquiring: the threads of one process share one lock)
+        held = _held.get(key)
+        if held is not None:
+            held.count += 1
+        else:
+            created = create and not folder.exists()
+            fd, identity = _acquire(folder, create)
+            held = _held[key] = _Held(fd, 1, identity, str(folder), created)
     try:
         yield folder
     finally:
         with _registry:
-            _held.pop(key, None)
-        if created:
-            with contextlib.suppress(OSError):
-                if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-                    lock_path.unlink()
-                    folder.rmdir()
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+            held.count -= 1
+            last = held.count == 0
+            if last:
+                del _held[key]
+        if last:
+            _release(folder, held)
+
+
+def _release(folder: Path, held: _Held) -> None:
+    if held.created:  # made for the block and left empty: removed again
+        with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(held.fd, fcntl.LOCK_UN)
+    os.close(held.fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,6 +140,28 @@ def test_lock_is_reentrant_names_the_holder_and_is_released(tmp_path):
     assert _lock_is_free(folder) and (folder / "kept").exists()
 
 
+def test_threads_of_one_process_share_the_lock_until_the_last_lets_go(tmp_path):
+    import threading
+
+    entered, leave_first = threading.Barrier(3), threading.Event()
+
+    def hold(wait):
+        with folder_lock(tmp_path):
+            entered.wait()
+            wait()
+
+    first = threading.Thread(target=hold, args=(leave_first.wait,))
+    second = threading.Thread(target=hold, args=(lambda: time.sleep(0.5),))
+    first.start()
+    second.start()
+    entered.wait()
+    leave_first.set()
+    first.join()
+    assert not _lock_is_free(tmp_path)  # the second thread still holds it
+    second.join()
+    assert _lock_is_free(tmp_path)
+
+
 def test_stale_temp_files_go_only_when_no_live_writer_holds_them(tmp_path):
     """With another process holding the lock, its temporary file survives a second writer's
     attempt; once it is gone (killed), the next writer removes what it left."""

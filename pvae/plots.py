@@ -2,13 +2,15 @@
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global
 figure state, no backend chosen at import: figures show inline in Jupyter and save anywhere)
-and, given ``path``, saves it as PNG.
+and, given ``path``, saves it as PNG, atomically (never a half-written file, never through a
+link).
 """
 
 from __future__ import annotations
 
+import io
 import math
-import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch.distributions import Normal
 
+from pvae.files import write_bytes
 from pvae.models import interpolate, traverse
 
 __all__ = ["gradient_variance", "image_grid", "interpolations", "kl_per_dim", "latent_manifold",
@@ -23,9 +26,18 @@ __all__ = ["gradient_variance", "image_grid", "interpolations", "kl_per_dim", "l
 
 
 def _finish(fig, path):
+    """Save ``fig`` at ``path`` (if given) atomically: drawn into memory first, then written to
+    a fresh temporary file renamed into place (:func:`pvae.files.write_bytes`), so a kill while
+    drawing or writing leaves the previous figure or none, never a truncated one, and a link at
+    ``path`` is replaced, not written through. The format is the suffix's (PNG by default).
+
+    :raises pvae.files.WriteError: the file cannot be written.
+    """
     if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110,
+                    bbox_inches="tight")
+        write_bytes(path, buffer.getvalue())
     return fig
 
 

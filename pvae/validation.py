@@ -11,25 +11,53 @@ import math
 import numbers
 from collections.abc import Sequence
 
-__all__ = ["check_choice", "check_count", "check_float", "check_probability", "check_sizes"]
+__all__ = ["MAX_SIZE", "check_choice", "check_count", "check_float", "check_numel",
+           "check_probability", "check_sizes"]
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an ``int`` >= ``minimum`` (1: a size; 0: a count that may be zero).
+#: The largest size a torch tensor can have in any dimension (and in all together): its sizes
+#: are 64-bit signed integers.
+MAX_SIZE = 2**63 - 1
+
+
+def check_count(name: str, value, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """``value`` as an ``int`` >= ``minimum`` (1: a size; 0: a count that may be zero) and
+    <= ``maximum`` (by default :data:`MAX_SIZE`, beyond what a tensor can hold).
 
     :raises TypeError: not an integer (``bool`` and floats such as ``2.7`` included).
-    :raises ValueError: below ``minimum``.
+    :raises ValueError: below ``minimum`` or above ``maximum``, the limit named.
     """
     if not _is_int(value):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} "
                         f"({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        limit = ("2**63 - 1, the largest size a torch tensor can have" if maximum == MAX_SIZE
+                 else str(maximum))
+        raise ValueError(f"{name} must be at most {limit}, got {value!r}")
     return int(value)
+
+
+def check_numel(name: str, *sizes: int, itemsize: int = 8) -> int:
+    """The number of entries of a tensor of shape ``sizes`` (e.g. a layer's weight), refused
+    when its storage (``itemsize`` bytes per entry: float64 by default, so that the model can
+    be moved to float64) would pass :data:`MAX_SIZE` bytes.
+
+    :raises ValueError: naming ``name``, the shape and the limit.
+    """
+    numel = 1
+    for size in sizes:
+        numel *= int(size)
+    if numel * itemsize > MAX_SIZE:
+        raise ValueError(f"{name}: a tensor of shape {tuple(int(s) for s in sizes)} has {numel} "
+                         f"entries, more than a torch tensor can hold (2**63 - 1 bytes); choose "
+                         "smaller sizes")
+    return numel
 
 
 def check_sizes(name: str, value, minimum: int = 1) -> tuple[int, ...]:

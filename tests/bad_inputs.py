@@ -1,21 +1,41 @@
-"""The bad-input catalogue: public API and command-line calls that must fail with a clear
-error. Each case is ``(id, category, call, expected, pattern)``:
+"""The bad-input and fault catalogue: public API and command-line calls that must fail with a
+clear error, or be handled correctly with nothing lost. Each case is ``(id, category, call,
+expected, pattern)`` or ``(id, category, call, expected, pattern, after)``:
 
 - ``call()`` makes the bad call (a CLI case returns ``cli([...])``'s result);
-- ``expected`` is the exception class, or for the CLI the exit code;
-- ``pattern`` must match the message: it names the parameter (or file) that is wrong.
+- ``expected`` is the exception class, or for the CLI the exit code; ``None`` for a fault that
+  must be handled without an error;
+- ``pattern`` must match the message: it names the parameter (or file) that is wrong;
+- ``after()``, where given, checks that nothing was lost or written where it must not be
+  (the file a link points to is unchanged, the last good checkpoint loads, ...): it raises
+  ``AssertionError`` otherwise.
 
-``tests/test_bad_input.py`` runs them. Only public names are used, so the same catalogue can
-be run against an older pvae to count how many answers were clear, unclear or silent.
+The categories after ``cli`` are the families of faults of run folders (issue 28):
+``concurrency`` (two writers, locks), ``filesystem`` (full disk, read-only files, folders lost
+while written, names too long), ``signals`` (SIGTERM, Ctrl-C, SIGKILL), ``hostile-files``
+(run folders and data files received from elsewhere: links out, gzip bombs, absurd headers and
+sizes, deep JSON) and ``api``.
+
+``tests/test_bad_input.py`` runs them. Only public names are used (and ``pvae.files``), so the
+same catalogue can be run against an older pvae to count how many answers were clear,
+handled, unclear, silent or lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -346,6 +366,7 @@ def cases(tmp):
         ("cli-likelihood-scale", "cli",
          lambda: cli([*train, "--likelihood", "gaussian", "--likelihood-scale", "big", "--out",
                       out]), 2, "likelihood-scale"),
+        *run_folder_cases(tmp, train),
     ]
 
 
@@ -382,26 +403,529 @@ def _truncated_idx(tmp):
 
 
 def classify(case) -> str:
-    """``clear`` (the expected error, naming what is wrong), ``unclear`` (another error, a
-    traceback, or a message that does not name it) or ``silent`` (no error at all)."""
+    """``clear`` (the expected error, naming what is wrong), ``handled`` (a fault handled
+    correctly, without an error where none is due), ``unclear`` (another error, a traceback,
+    or a message that does not name it), ``silent`` (no error at all where one is due) or
+    ``lost`` (``after`` found a file lost or written where it must not be)."""
     import re
 
-    _, category, call, expected, pattern = case
-    if category == "cli":
-        try:
-            code, err = call()
-        except Exception:  # a traceback out of the command line
-            return "unclear"
-        if code == 0:
-            return "silent"
-        one_line = err.strip().startswith("pvae: ") and err.strip().count("\n") == 0
-        return "clear" if one_line and re.search(pattern, err) else "unclear"
+    _, category, call, expected, pattern, *rest = case
+    after = rest[0] if rest else None
+    verdict = None
     try:
-        call()
-    except Exception as e:  # noqa: BLE001 - classifying any failure
-        ok = isinstance(e, expected) and re.search(pattern, str(e))
-        return "clear" if ok else "unclear"
-    return "silent"
+        result = call()
+    except Exception as e:  # noqa: BLE001 - classifying any failure (a traceback on the CLI)
+        ok = isinstance(expected, type) and isinstance(e, expected) and re.search(pattern, str(e))
+        verdict = "clear" if ok else "unclear"
+    else:
+        if expected is None:
+            verdict = "handled"
+        elif isinstance(expected, int):  # the command line: (exit code, stderr)
+            code, err = result
+            one_line = err.strip().startswith("pvae: ") and err.strip().count("\n") == 0
+            verdict = ("silent" if code == 0 else
+                       "clear" if code == expected and one_line and re.search(pattern, err)
+                       else "unclear")
+        else:
+            verdict = "silent"
+    if after is not None:
+        try:
+            after()
+        except Exception:  # noqa: BLE001 - AssertionError, or the file is unreadable
+            return "lost"
+    return verdict
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders: concurrency, file-system faults, signals, hostile files (issue 28)
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s write lock as pvae does (``flock`` on ``.lock``
+    with its process id inside), until it is terminated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT, 0o644)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode())\n"
+            "print('held', flush=True)\n"
+            "time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def while_held(folder: Path, call, plant_temp: bool = False):
+    """``call()`` while another process holds ``folder``'s lock; with ``plant_temp``, that
+    process has a temporary checkpoint in progress, which ``call`` must not delete."""
+    holder = _holder(folder)
+    try:
+        if plant_temp:
+            (folder / ".checkpoint.pt.live0000.tmp").write_bytes(b"being written")
+        return call()
+    finally:
+        holder.terminate()
+        holder.communicate()
+
+
+def _planted_link(tmp, name, link, target_is_folder=False):
+    """A copy of the digits run with ``link`` (a path inside it) a symbolic link to a file
+    (or folder) outside it; returns ``(run, target)``."""
+    target = tmp / f"{name}-outside"
+    if target_is_folder:
+        target.mkdir(exist_ok=True)
+    else:
+        target.write_text("precious")
+
+    def plant(run):
+        (run / link).parent.mkdir(parents=True, exist_ok=True)
+        if (run / link).is_dir() and not (run / link).is_symlink():
+            shutil.rmtree(run / link)
+        elif (run / link).exists():
+            (run / link).unlink()
+        (run / link).symlink_to(target)
+
+    return edited_run(tmp, name, plant), target
+
+
+def untouched(target: Path):
+    """An ``after`` check: the file is still ``precious`` (or the folder still empty)."""
+    def check():
+        if target.is_dir():
+            assert not list(target.iterdir()), f"{target} was written into"
+        else:
+            assert target.read_text() == "precious", f"{target} was overwritten"
+    return check
+
+
+def link_case(tmp, train, case_id, link, command, folder=False):
+    """A run folder with ``link`` pointing out of it; ``command`` is ``evaluate`` or
+    ``resume``."""
+    run, target = None, tmp / f"{case_id}-outside"
+
+    def call():
+        nonlocal run
+        run, _ = _planted_link(tmp, case_id, link, folder)
+        if command == "evaluate":
+            return cli(["evaluate", str(run), "--num-samples", "0"])
+        return cli([*train, "--num-epochs", "2", "--resume", "--out", str(run)])
+
+    return (case_id, "hostile-files", call, 2, "symbolic link", untouched(target))
+
+
+def _raising(exc):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    """``obj.name = value`` for the block (the catalogue runs without pytest's monkeypatch)."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _full_disk_at_second_save(tmp, train):
+    """``pvae train`` for 3 epochs whose second checkpoint hits a full disk (as torch.save
+    reports it: a RuntimeError raised from the OSError)."""
+    import pvae.train.checkpoint as checkpoint
+
+    out, calls, real_save = tmp / "enospc", [], torch.save
+
+    def save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from \
+                OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    shutil.rmtree(out, ignore_errors=True)
+    with patched(checkpoint.torch, "save", save):
+        return cli([*train, "--num-epochs", "3", "--out", str(out)])
+
+
+def _train_failing_history(tmp, train):
+    """``pvae train`` whose ``history.csv`` cannot be written (no permission)."""
+    out = tmp / "eacces-train"
+    shutil.rmtree(out, ignore_errors=True)
+    with _fails_to_write("history.csv", errno.EACCES):
+        return cli([*train, "--out", str(out)])
+
+
+def nothing_in_cwd(before: set):
+    """An ``after`` check: no file appeared in the current folder."""
+    def check():
+        assert set(os.listdir()) <= before, set(os.listdir()) - before
+    return check
+
+
+def checkpoint_at(folder: Path, epoch: int):
+    """An ``after`` check: ``folder`` holds a whole checkpoint of ``epoch`` and no temporary
+    files."""
+    def check():
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)
+        assert state["epoch"] == epoch, state["epoch"]
+        assert not list(folder.glob(".*.tmp")), list(folder.glob(".*.tmp"))
+    return check
+
+
+def _fails_to_write(name, code):
+    """``pvae.files``'s temporary file cannot be created for ``name`` (errno ``code``)."""
+    import pvae.files as files
+
+    real = files._open_temp
+
+    def open_temp(folder, target):
+        if target == name:
+            raise OSError(code, os.strerror(code), str(folder / target))
+        return real(folder, target)
+
+    return patched(files, "_open_temp", open_temp)
+
+
+def _evaluate_with(tmp, name, context, edit=None):
+    run = edited_run(tmp, name, edit or (lambda r: None))
+    with context:
+        return cli(["evaluate", str(run), "--num-samples", "0"])
+
+
+def metrics_written(tmp, name):
+    def check():
+        metrics = json.loads((tmp / name / "metrics.json").read_text())
+        assert "test_elbo" in metrics
+    return check
+
+
+class DeletesFolder(TensorDataset):
+    """Training data that, once the first checkpoint is in ``folder``, deletes the folder
+    (or, with ``replace``, puts an empty folder of the same name in its place)."""
+
+    def __init__(self, x, folder: Path, replace: bool = False):
+        super().__init__(x)
+        self.folder, self.replace = folder, replace
+
+    def __getitem__(self, i):
+        if (self.folder / "checkpoint.pt").is_file():
+            shutil.rmtree(self.folder)
+            if self.replace:
+                self.folder.mkdir()
+        return super().__getitem__(i)
+
+
+def _fit_losing_folder(tmp, name, replace=False):
+    folder = tmp / name
+    shutil.rmtree(folder, ignore_errors=True)
+    fit(vae(), DeletesFolder(X, folder, replace), num_epochs=3, batch_size=16,
+        checkpoint_dir=folder, progress=False)
+
+
+def nothing_written(folder: Path, replaced=False):
+    def check():
+        if replaced:
+            assert folder.is_dir() and not list(folder.iterdir()), list(folder.iterdir())
+        else:
+            assert not folder.exists(), f"{folder} was recreated"
+    return check
+
+
+def _sigterm_in_save(tmp, train):
+    """SIGTERM (as ``timeout`` or Slurm send it) while the second checkpoint is being
+    written."""
+    import pvae.train.checkpoint as checkpoint
+
+    out, calls, real_save = tmp / "sigterm", [], torch.save
+
+    def save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(obj, f)
+
+    shutil.rmtree(out, ignore_errors=True)
+    with patched(checkpoint.torch, "save", save):
+        return cli([*train, "--num-epochs", "4", "--out", str(out)])
+
+
+def _ctrl_c_in_evaluate(tmp):
+    import pvae.cli.evaluate as evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with patched(evaluate, "elbo_terms", interrupted):
+        return cli(["evaluate", str(digits_run(tmp)), "--num-samples", "0"])
+
+
+def _killed_while_writing_figure(tmp):
+    """A process killed by SIGKILL after a figure's bytes are written but before the rename
+    (the moment that used to leave a truncated PNG)."""
+    folder = tmp / "killed-figure"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    (folder / "old.png").write_bytes(b"the previous figure")
+    code = ("import os, signal, sys\n"
+            "from pvae import files\n"
+            "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "files.write_bytes(sys.argv[1], b'\\x89PNG half of a new figure')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder / "old.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def figure_intact(tmp):
+    def check():
+        folder = tmp / "killed-figure"
+        assert (folder / "old.png").read_bytes() == b"the previous figure"
+        assert [p.name for p in folder.glob(".old.png.*.tmp")], "no temporary file was used"
+        from pvae.files import folder_lock
+        with folder_lock(folder):  # the next writer removes what the killed one left
+            pass
+        assert not list(folder.glob(".*.tmp"))
+    return check
+
+
+def _gzip_bomb(tmp):
+    """A small gzip file whose IDX header announces 10 images of 28 x 28 followed by 64 MB of
+    zeros: read as the header says, it is refused after 7,841 bytes, not inflated whole."""
+    path = tmp / "bomb-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (10, 28, 28))
+    zeros = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(zeros)
+    return path
+
+
+def _idx_header(tmp, name, shape):
+    path = tmp / name
+    path.write_bytes(bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+                     + bytes(16))
+    return path
+
+
+def _edit_config(run, change):
+    """``change(config)`` applied alike to config.json and to the checkpoint's settings (a
+    folder crafted to pass the agreement check)."""
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    (run / "config.json").write_text(json.dumps(config))
+    _checkpoint(run, lambda state: change(state["config"]))
+
+
+def _received(tmp):
+    """A received run whose config asks for a download of MNIST into a folder outside it."""
+    outside = tmp / "received-elsewhere" / "mnist"
+
+    def edit(run):
+        _edit_config(run, lambda c: c.update(dataset="mnist", download=True,
+                                             data_dir=str(outside)))
+
+    run = edited_run(tmp, "received", edit)
+    env = os.environ.pop("PVAE_DATA_DIR", None)
+    try:
+        return cli(["evaluate", str(run), "--num-samples", "0"])
+    finally:
+        if env is not None:
+            os.environ["PVAE_DATA_DIR"] = env
+
+
+def no_download(tmp):
+    def check():
+        assert not (tmp / "received-elsewhere").exists(), "a folder was created outside the run"
+    return check
+
+
+def _repaired(tmp):
+    """``pvae repair`` on a run that lost config.json and history.csv."""
+    def edit(run):
+        (run / "config.json").unlink()
+        (run / "history.csv").unlink(missing_ok=True)
+
+    run = edited_run(tmp, "lost-config", edit)
+    code, err = cli(["repair", str(run)])
+    assert code == 0, err
+    from pvae.runs import load_run
+    load_run(run, device="cpu")
+    assert (run / "history.csv").is_file()
+
+
+def _writers_race(tmp):
+    """Eight threads rewriting one JSON file at once (the old fixed temporary name made
+    concurrent writers crash each other)."""
+    from pvae.files import write_json
+
+    path, errors = tmp / "race.json", []
+
+    def write(k):
+        try:
+            for i in range(20):
+                write_json(path, {"writer": k, "i": i})
+        except Exception as e:  # noqa: BLE001 - collected and re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def race_result(tmp):
+    def check():
+        assert json.loads((tmp / "race.json").read_text())["i"] == 19
+        assert not list(tmp.glob(".race.json.*.tmp"))
+    return check
+
+
+def _file_bytes(path: Path):
+    """An ``after`` check: ``path`` holds the bytes it had when the case was built."""
+    before = {}
+
+    def snapshot():
+        before["bytes"] = path.read_bytes()
+
+    def check():
+        assert path.read_bytes() == before["bytes"], f"{path} changed"
+    return snapshot, check
+
+
+def run_folder_cases(tmp, train):
+    """The cases of issue 28: run folders shared and written safely."""
+    out = str(tmp / "cli-out")
+    held = tmp / "held"
+    other = tmp / "other-run"
+    snapshot, unchanged = _file_bytes(other / "checkpoint.pt")
+
+    def other_run_fit():
+        if not other.exists():
+            shutil.copytree(digits_run(tmp), other)
+        snapshot()
+        fit(VAE(64, 2, (8,)), torch.rand(16, 64).bernoulli(), num_epochs=1,
+            checkpoint_dir=other, progress=False)
+
+    return [
+        # -- concurrency ---------------------------------------------------------------------
+        ("two-trains-one-out", "concurrency",
+         lambda: while_held(held, lambda: cli([*train, "--out", str(held)]), plant_temp=True),
+         2, r"run .*held is in use by process \d+",
+         lambda: (held / ".checkpoint.pt.live0000.tmp").read_bytes()),
+        ("evaluate-while-training", "concurrency",
+         lambda: while_held(digits_run(tmp), lambda: cli(["evaluate", str(digits_run(tmp)),
+                                                          "--num-samples", "0"])),
+         2, r"in use by process \d+"),
+        ("fit-while-held", "concurrency",
+         lambda: while_held(held, lambda: fit(vae(), X, num_epochs=1, checkpoint_dir=held,
+                                              progress=False)),
+         RuntimeError, r"in use by process \d+"),
+        ("fit-into-another-run", "concurrency", other_run_fit, ValueError,
+         "already holds a run's checkpoint.*resume=True", unchanged),
+        ("json-writers-race", "concurrency", lambda: _writers_race(tmp), None, "",
+         race_result(tmp)),
+        # -- file-system faults --------------------------------------------------------------
+        ("full-disk-at-checkpoint", "filesystem", lambda: _full_disk_at_second_save(tmp, train),
+         1, r"cannot write .*checkpoint.pt: No space left on device; the last good checkpoint "
+            r"is epoch 1", checkpoint_at(tmp / "enospc", 1)),
+        ("read-only-metrics", "filesystem",
+         lambda: _evaluate_with(tmp, "rofs", _fails_to_write("metrics.json", errno.EROFS)),
+         1, r"cannot write .*metrics.json: Read-only file system"),
+        ("no-permission-figure", "filesystem",
+         lambda: _evaluate_with(tmp, "eacces", _fails_to_write("samples.png", errno.EACCES)),
+         1, r"cannot write .*samples.png: Permission denied; .*metrics.json is written",
+         metrics_written(tmp, "eacces")),
+        ("no-permission-history", "filesystem", lambda: _train_failing_history(tmp, train), 1,
+         r"cannot write .*history.csv: Permission denied", checkpoint_at(tmp / "eacces-train", 1)),
+        ("figures-is-a-file", "filesystem",
+         lambda: _evaluate_with(tmp, "figfile", contextlib.nullcontext(),
+                                lambda r: (shutil.rmtree(r / "figures", ignore_errors=True),
+                                           (r / "figures").write_text("a file"))),
+         1, r"cannot write .*figures.* is a file", metrics_written(tmp, "figfile")),
+        ("full-disk-at-figure", "filesystem",
+         lambda: _evaluate_with(tmp, "figfull", _fails_to_write("reconstructions.png",
+                                                                errno.ENOSPC)),
+         1, r"reconstructions.png: No space left on device; .*metrics.json is written",
+         metrics_written(tmp, "figfull")),
+        ("out-name-too-long", "filesystem",
+         lambda: cli([*train, "--out", str(tmp / ("a" * 300))]), 2,
+         r"--out .* cannot be used \(File name too long\)"),
+        ("out-empty", "filesystem", lambda: cli([*train, "--out", ""]), 2, "--out is empty",
+         nothing_in_cwd(set(os.listdir()))),
+        ("folder-deleted-in-training", "filesystem",
+         lambda: _fit_losing_folder(tmp, "deleted"), OSError,
+         "was deleted or moved away while this process was writing it",
+         nothing_written(tmp / "deleted")),
+        ("folder-replaced-in-training", "filesystem",
+         lambda: _fit_losing_folder(tmp, "replaced", replace=True), OSError,
+         "was replaced by another folder", nothing_written(tmp / "replaced", replaced=True)),
+        ("config-lost", "filesystem",
+         lambda: cli(["evaluate", str(edited_run(tmp, "noconfig", lambda r: (
+             r / "config.json").unlink()))]), 2, r"config.json not found.*pvae repair"),
+        ("config-rebuilt-from-checkpoint", "filesystem", lambda: _repaired(tmp), None, ""),
+        # -- signals -------------------------------------------------------------------------
+        ("sigterm-during-checkpoint", "signals", lambda: _sigterm_in_save(tmp, train), 143,
+         r"terminated \(SIGTERM\); the last checkpoint \(epoch 2\) is intact: continue with "
+         "--resume", checkpoint_at(tmp / "sigterm", 2)),
+        ("ctrl-c-in-evaluate", "signals", lambda: _ctrl_c_in_evaluate(tmp), 130,
+         r"^(?!.*--resume)pvae: interrupted; .*run pvae evaluate again"),
+        ("sigkill-while-writing-figure", "signals", lambda: _killed_while_writing_figure(tmp),
+         None, "", figure_intact(tmp)),
+        ("out-of-memory-in-evaluate", "hostile-files",
+         lambda: _evaluate_with(tmp, "oom", patched(
+             __import__("pvae.cli.evaluate", fromlist=["x"]), "elbo_terms", _raising(
+                 RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                              "allocate memory: you tried to allocate 919 GB"))))
+         , 1, r"out of memory .*--num-elbo-samples"),
+        # -- hostile files -------------------------------------------------------------------
+        link_case(tmp, train, "link-metrics-tmp", ".metrics.json.tmp", "evaluate"),
+        link_case(tmp, train, "link-config-tmp", ".config.json.tmp", "resume"),
+        link_case(tmp, train, "link-history-tmp", "history.csv.tmp", "resume"),
+        link_case(tmp, train, "link-metrics", "metrics.json", "evaluate"),
+        link_case(tmp, train, "link-figure", "figures/samples.png", "evaluate"),
+        link_case(tmp, train, "link-figures-folder", "figures", "evaluate", folder=True),
+        ("received-run-downloads", "hostile-files", lambda: _received(tmp), 2,
+         r"mnist: the IDX files .* were not found", no_download(tmp)),
+        ("gzip-bomb", "hostile-files", lambda: data.read_idx(_gzip_bomb(tmp)), data.IDXError,
+         r"more than 7856 bytes"),
+        ("idx-header-too-large", "hostile-files",
+         lambda: data.read_idx(_idx_header(tmp, "huge-idx3-ubyte", (60000, 100000, 100000))),
+         data.IDXError, "more than max_bytes"),
+        ("idx-header-int64-overflow", "hostile-files",
+         lambda: data.read_idx(_idx_header(tmp, "overflow-idx4-ubyte", (2**32 - 1,) * 4)), data.IDXError,
+         "more than max_bytes"),
+        ("config-nested-100000", "hostile-files",
+         lambda: cli(["evaluate", str(edited_run(tmp, "deep", lambda r: _write(
+             r / "config.json", "[" * 100_000 + "]" * 100_000)))]), 2, "nests deeper than"),
+        ("config-huge-hidden", "hostile-files",
+         lambda: cli(["evaluate", str(edited_run(tmp, "huge", lambda r: _edit_config(
+             r, lambda c: c["model_config"].update(hidden_dims=[20000, 20000])))),
+             "--num-samples", "0"]), 2, r"does not fit the model .*\(8, 64\) in the checkpoint"),
+        ("config-latent-1e9", "hostile-files",
+         lambda: cli(["evaluate", str(edited_run(tmp, "widelatent", lambda r: _edit_config(
+             r, lambda c: c["model_config"].update(latent_dim=10**9)))), "--num-samples", "0"]),
+         2, "does not fit the model"),
+        ("cli-latent-1e9", "hostile-files",
+         lambda: cli([*train, "--latent-dim", str(10**9), "--hidden-dims", "400", "--out", out]),
+         2, r"parameters .* more than the .* available"),
+        ("cli-latent-beyond-int64", "hostile-files",
+         lambda: cli([*train, "--latent-dim", str(10**20), "--out", out]), 2, r"2\*\*63"),
+        # -- API -----------------------------------------------------------------------------
+        ("fit-checkpoint-dir-empty", "api",
+         lambda: fit(vae(), X, num_epochs=1, checkpoint_dir="", progress=False), ValueError,
+         "checkpoint_dir is an empty string"),
+        ("vae-latent-beyond-int64", "api", lambda: VAE(12, 10**20), ValueError,
+         r"latent_dim must be at most 2\*\*63 - 1"),
+        ("vae-layer-beyond-int64", "api", lambda: VAE(12, 2**60), ValueError,
+         "more than a torch tensor can hold"),
+    ]
 
 
 if __name__ == "__main__":  # python tests/bad_inputs.py: the catalogue's classification
@@ -419,5 +943,9 @@ if __name__ == "__main__":  # python tests/bad_inputs.py: the catalogue's classi
             table[case[1]][verdict] += 1
             print(f"{verdict:8s} {case[0]}", file=sys.stderr)
         for category, counts in table.items():
-            print(f"{category:10s} " + " ".join(f"{k}={counts[k]}" for k in
-                                                 ("clear", "unclear", "silent")))
+            print(f"{category:14s} " + " ".join(f"{k}={counts[k]}" for k in
+                                                 ("clear", "handled", "unclear", "silent",
+                                                  "lost")))
+        total = sum(table.values(), collections.Counter())
+        print(f"{'all':14s} " + " ".join(f"{k}={total[k]}" for k in
+                                         ("clear", "handled", "unclear", "silent", "lost")))

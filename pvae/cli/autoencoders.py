@@ -22,7 +22,8 @@ from pvae.autoencoders import (
     linear_probe,
     reconstruction_error,
 )
-from pvae.runs import RunError, write_json
+from pvae.contract import resolve_device
+from pvae.runs import RunError, new_model, write_json
 from pvae.stats import mean_stderr
 
 from .common import count, number, table
@@ -69,14 +70,17 @@ def model_and_loss(args, ds):
         if args.model == "mae":
             if not ds.image_shape:
                 raise ValueError(f"--model mae needs images; {args.dataset} has none")
-            model = MaskedAutoencoder(ds.image_shape, args.patch_size, embed_dim=args.latent_dim,
-                                      mask_ratio=args.mask_ratio)
+            kwargs = dict(image_shape=ds.image_shape, patch_size=args.patch_size,
+                          embed_dim=args.latent_dim, mask_ratio=args.mask_ratio)
         elif args.model == "linear-ae":
-            model = AUTOENCODERS["linear-ae"](ds.x_dim, args.latent_dim, loss=args.loss)
+            kwargs = dict(x_dim=ds.x_dim, code_dim=args.latent_dim, loss=args.loss)
         else:
-            model = AUTOENCODERS["ae"](ds.x_dim, args.latent_dim, args.hidden_dims or [400],
-                                       activation=args.activation or "relu",
-                                       code_activation=args.code_activation, loss=args.loss)
+            kwargs = dict(x_dim=ds.x_dim, code_dim=args.latent_dim,
+                          hidden_dims=args.hidden_dims or [400],
+                          activation=args.activation or "relu",
+                          code_activation=args.code_activation, loss=args.loss)
+        # its size checked on the meta device against the memory available
+        model = new_model(AUTOENCODERS[args.model], kwargs, resolve_device(args.device))
         loss = AutoencoderLoss(
             sparsity=none(args.sparsity), sparsity_weight=args.sparsity_weight,
             target_activation=args.target_activation, corruption=none(args.corruption),

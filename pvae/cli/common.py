@@ -14,10 +14,14 @@ def count(minimum: int = 1):
     """An argparse type: an integer >= ``minimum``."""
     def parse(text: str) -> int:
         try:
-            return check_count("value", int(text), minimum)
+            value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"must be an integer >= {minimum}, got {text!r}") from None
+        try:
+            return check_count("value", value, minimum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
     parse.__name__ = f"integer >= {minimum}"
     return parse
 

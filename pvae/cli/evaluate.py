@@ -8,11 +8,12 @@ import torch
 
 from pvae import data, parallel, plots
 from pvae.contract import resolve_device
+from pvae.files import WriteError
 from pvae.inference import elbo_terms, impute, inference_gap, iw_log_likelihood
 from pvae.inference.mcmc import compare_samples, guide_samples, nuts_posterior
 from pvae.runs import load_data, load_run, write_json
 from pvae.stats import mean_stderr
-from pvae.train import History
+from pvae.train import CheckpointError, History
 
 from . import autoencoders
 from .common import count, table
@@ -60,15 +61,27 @@ def run(args) -> None:
 
 
 def _run(args) -> None:
+    """Everything is computed first; then ``metrics.json`` is written, then the figures, so a
+    figure that cannot be written (full disk, ``figures`` a file...) never loses the metrics.
+    The run folder is data, not instructions: nothing is downloaded and ``data_dir`` is used
+    only if it exists (:func:`pvae.runs.load_data` with ``received``)."""
     run_dir = Path(args.run)
     model, config, state = load_run(run_dir, args.device)
-    ds = load_data(config)
+    ds = load_data(config, received=True)
+    recorded = config.get("image_shape")
+    if recorded is not None and list(recorded) != list(ds.image_shape or []):
+        raise CheckpointError(f"{run_dir / 'config.json'} says image_shape {recorded}, but "
+                              f"{config['dataset']}'s images are {ds.image_shape}")
     if autoencoders.is_autoencoder(config["model"]):
         return autoencoders.evaluate(args, run_dir, model, config, state, ds)
     n = args.num_test or len(ds.x_test)
     condition = config.get("condition") or "none"
-    x_test, c_test = data.split_condition(condition, ds.x_test[:n], ds.y_test[:n],
-                                          ds.image_shape)
+    try:
+        x_test, c_test = data.split_condition(condition, ds.x_test[:n], ds.y_test[:n],
+                                              ds.image_shape)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / 'config.json'}: condition {condition!r} cannot be "
+                              f"used ({e})") from e
     terms = elbo_terms(model, x_test, c=c_test, num_samples=args.num_elbo_samples)
     summary = terms.summary()
     metrics = {"run": str(run_dir), "dataset": config["dataset"], "num_test": len(x_test),
@@ -107,6 +120,7 @@ def _run(args) -> None:
                  ("median ESS", f"{metrics['iw_median_ess']:.1f} of {args.num_samples}")]
     if parallel.rank() != 0:
         return
+    drawn = []  # figures, drawn once metrics.json is written
     if args.inference_gap:
         n_gap = min(args.inference_gap, len(x_test))
         gap = inference_gap(model, x_test[:n_gap], c=None if c_test is None else c_test[:n_gap],
@@ -119,20 +133,28 @@ def _run(args) -> None:
                   f"{g['approximation_gap']:.2f} ± {g['approximation_gap_stderr']:.2f}"),
                  ("  amortization: ELBO(q*) − ELBO(q)",
                   f"{g['amortization_gap']:.2f} ± {g['amortization_gap_stderr']:.2f}")]
-        plots.inference_gap(gap, path=run_dir / "figures" / "inference_gap.png")
+        drawn.append(lambda: plots.inference_gap(gap, path=run_dir / "figures" /
+                                                 "inference_gap.png"))
     if args.nuts:
-        rows += _nuts_check(model, x_test, c_test, args, metrics, run_dir / "figures")
+        rows += _nuts_check(model, x_test, c_test, args, metrics, run_dir / "figures", drawn)
     print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs "
           "(nats per image):")
     print(table(rows))
     write_json(run_dir / "metrics.json", metrics)
-    figures(model, config, state, x_test, c_test, metrics["kl_per_dim"], run_dir / "figures")
+    drawn.append(lambda: figures(model, config, state, x_test, c_test, metrics["kl_per_dim"],
+                                 run_dir / "figures"))
+    try:
+        for draw in drawn:
+            draw()
+    except WriteError as e:
+        raise WriteError(f"{e}; {run_dir / 'metrics.json'} is written, the figures are "
+                         "incomplete", e.errno, e.filename) from e
     print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'figures'}/")
 
 
-def _nuts_check(model, x_test, c_test, args, metrics: dict, folder: Path) -> list:
+def _nuts_check(model, x_test, c_test, args, metrics: dict, folder: Path, drawn: list) -> list:
     """NUTS reference posteriors of the first ``args.nuts`` test images against the guide:
-    fills ``metrics["nuts"]``, draws the pair plot, returns the table rows."""
+    fills ``metrics["nuts"]``, adds the pair plot to ``drawn``, returns the table rows."""
     n = min(args.nuts, len(x_test))
     x, c = x_test[:n], None if c_test is None else c_test[:n]
     nuts = nuts_posterior(model, x, c, num_samples=args.nuts_samples,
@@ -150,8 +172,8 @@ def _nuts_check(model, x_test, c_test, args, metrics: dict, folder: Path) -> lis
     if width >= 2:
         log_ratio = cmp.variance_ratio[0, :width].log().abs()
         worst = tuple(log_ratio.argsort(descending=True)[:2].tolist())
-        plots.posterior_pairs(nuts, guide, dims=worst, site=name,
-                              path=folder / "posterior_pairs.png")
+        drawn.append(lambda: plots.posterior_pairs(nuts, guide, dims=worst, site=name,
+                                                   path=folder / "posterior_pairs.png"))
     return [(f"NUTS vs guide ({n} images, 4 chains x {args.nuts_samples})",
              f"max R-hat {conv['max_r_hat']:.3f}, min bulk ESS {conv['min_ess_bulk']:.0f}, "
              f"{conv['divergences']} divergences"),

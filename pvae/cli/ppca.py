@@ -13,7 +13,7 @@ from pvae import data, plots
 from pvae.contract import resolve_device
 from pvae.inference import ReparamELBO, iw_log_likelihood
 from pvae.models import PPCA, compare_posteriors, to_inference_data
-from pvae.runs import RunError, WriteConfig, load_data, prepare_run, write_json
+from pvae.runs import RunError, WriteConfig, load_data, new_model, prepare_run, write_json
 from pvae.stats import mean_stderr, principal_angles
 from pvae.train import Adam, ExponentialLR, fit, save_checkpoint
 
@@ -55,7 +55,8 @@ def run(args) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     try:
-        model = PPCA(ds.x_dim, args.latent_dim, args.guide)
+        model = new_model(PPCA, dict(x_dim=ds.x_dim, latent_dim=args.latent_dim,
+                                     guide=args.guide), device)
     except ValueError as e:
         raise RunError(str(e)) from e
     config.update(image_shape=list(ds.image_shape) if ds.image_shape else None,

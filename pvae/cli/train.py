@@ -11,7 +11,7 @@ from pvae.contract import resolve_device
 from pvae.inference import BASELINES, GRADIENTS, LOSSES, make_schedule
 from pvae.models import LIKELIHOODS, NETWORKS
 from pvae.nn import ACTIVATIONS, COVARIANCES
-from pvae.runs import REGISTRY, RunError, WriteConfig, load_data, prepare_run
+from pvae.runs import REGISTRY, RunError, WriteConfig, load_data, new_model, prepare_run
 from pvae.train import Adam, fit
 
 from . import autoencoders
@@ -185,8 +185,9 @@ def _run(args) -> None:
     if is_ae:
         model, loss = autoencoders.model_and_loss(args, ds)
     else:
-        try:
-            model = REGISTRY[args.model](**model_arguments(args, ds))
+        try:  # its size checked on the meta device against the memory available
+            model = new_model(REGISTRY[args.model], model_arguments(args, ds),
+                              resolve_device(args.device))
         except ValueError as e:  # the model's own checks of its arguments
             raise RunError(str(e)) from e
         loss = svi_loss(args)

@@ -4,9 +4,11 @@ downloading the four files of a dataset."""
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import torch
 
 from pvae.data.splits import Splits
 
-__all__ = ["DataNotFoundError", "IDXError", "load_idx_dataset", "read_idx", "search_paths"]
+__all__ = ["MAX_IDX_BYTES", "DataNotFoundError", "IDXError", "load_idx_dataset", "read_idx",
+           "search_paths"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -52,40 +55,67 @@ class DataNotFoundError(FileNotFoundError):
 # IDX reading
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not.
+#: The most bytes of data an IDX header may announce (MNIST's training images are 47 MB): a
+#: header beyond it is refused before anything is read or inflated.
+MAX_IDX_BYTES = 1 << 31
+
+
+def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not, bounded by its header: the header
+    (magic number, sizes) is read and checked first, and then exactly the bytes it announces
+    (one more shows a file that is too long), so neither a gzip bomb nor a header with absurd
+    sizes can make the reader inflate or allocate more than the header promised, and that
+    at most ``max_bytes``.
 
     :param path: path to a ``.gz`` or uncompressed IDX file.
+    :param int max_bytes: the largest data size (bytes after the header) accepted.
     :returns: a numpy array with the shape stored in the header.
     :raises FileNotFoundError: if ``path`` does not exist.
-    :raises IDXError: on a bad magic number, an unknown data type, or a file whose length does
-        not match its header (truncated or corrupt download).
+    :raises IDXError: on a bad magic number, an unknown data type, a header that announces
+        more than ``max_bytes``, or a file whose length does not match its header (truncated
+        or corrupt download).
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    gzipped = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:  # gzip raises BadGzipFile (an OSError) or EOFError
-        raise IDXError(f"{path}: cannot be read as {'gzip' if opener is gzip.open else 'IDX'} "
-                       f"({e}); the file is corrupt or truncated: delete it and fetch it again") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IDXError(f"{path}: bad magic number {raw[:4].hex() or '(empty file)'}; an IDX file "
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            return _read_idx_stream(f, path, max_bytes, None if gzipped else path.stat().st_size)
+    except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile (an OSError), EOFError
+        raise IDXError(f"{path}: cannot be read as {'gzip' if gzipped else 'IDX'} ({e}); the "
+                       "file is corrupt or truncated: delete it and fetch it again") from e
+
+
+def _read_idx_stream(f, path: Path, max_bytes: int, file_size: int | None) -> np.ndarray:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+        raise IDXError(f"{path}: bad magic number {magic.hex() or '(empty file)'}; an IDX file "
                        "starts with two zero bytes, a type code and the number of dimensions")
-    type_code, ndim = raw[2], raw[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code not in _IDX_DTYPES or ndim == 0:
-        raise IDXError(f"{path}: bad magic number {raw[:4].hex()} (type code {type_code:#04x}, "
+        raise IDXError(f"{path}: bad magic number {magic.hex()} (type code {type_code:#04x}, "
                        f"{ndim} dimensions)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise IDXError(f"{path}: truncated header ({len(raw)} bytes)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    sizes = f.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise IDXError(f"{path}: truncated header ({4 + len(sizes)} bytes)")
+    shape = struct.unpack(f">{ndim}I", sizes)
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(raw) != expected:
-        raise IDXError(f"{path}: size mismatch: header says shape {shape} ({expected} bytes) but "
-                       f"the file has {len(raw)} bytes; it is truncated or corrupt")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    header = 4 + 4 * ndim
+    nbytes = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
+    if nbytes > max_bytes:
+        raise IDXError(f"{path}: the header announces shape {shape}, {nbytes} bytes of data, "
+                       f"more than max_bytes={max_bytes}; the file is corrupt (or pass a larger "
+                       "max_bytes to read_idx if it really is that large)")
+    if file_size is not None and file_size != header + nbytes:
+        raise IDXError(f"{path}: size mismatch: header says shape {shape} ({header + nbytes} "
+                       f"bytes) but the file has {file_size} bytes; it is truncated or corrupt")
+    raw = f.read(nbytes + 1)
+    if len(raw) != nbytes:
+        found = f"{header + len(raw)}" if len(raw) < nbytes else f"more than {header + nbytes}"
+        raise IDXError(f"{path}: size mismatch: header says shape {shape} ({header + nbytes} "
+                       f"bytes) but the file has {found} bytes; it is truncated or corrupt")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:

@@ -110,8 +110,11 @@ class SVILoss(RecordsConfig, nn.Module):
         """``{"name": ..., **constructor arguments}``: what identifies the loss in a
         checkpoint (a schedule is recorded as its ``repr``)."""
         config = {"name": self.name or type(self).__name__, **super().config}
-        if callable(config.get("beta")):
-            config["beta"] = repr(config["beta"])
+        beta = config.get("beta")
+        if isinstance(beta, Constant):
+            config["beta"] = beta.beta
+        elif callable(beta):
+            config["beta"] = repr(beta)
         return config
 
     def extra_repr(self) -> str:

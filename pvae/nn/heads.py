@@ -12,7 +12,7 @@ from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn import functional as F
 
 from pvae.nn.mlp import MLP, activation_layer
-from pvae.validation import check_choice
+from pvae.validation import check_choice, check_numel
 
 __all__ = ["COVARIANCES", "LOWER_GAIN", "GaussianEncoder"]
 
@@ -80,6 +80,7 @@ class GaussianEncoder(nn.Module):
         self.act = activation_layer(activation) if hidden_dims else nn.Identity()
         width = hidden_dims[-1] if hidden_dims else in_dim
         num_lower = latent_dim * (latent_dim - 1) // 2 if covariance == "full" else 0
+        check_numel("the encoder's output layer (latent_dim)", 2 * latent_dim + num_lower, width)
         self.head = nn.Linear(width, 2 * latent_dim + num_lower)
         with torch.no_grad():  # L starts diagonal: a full guide begins as the diagonal one
             self.head.weight[2 * latent_dim:].zero_()

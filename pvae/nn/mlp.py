@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pvae.validation import check_numel
+
 __all__ = ["ACTIVATIONS", "MLP", "activation_layer"]
 
 #: Activation functions by name (``--activation`` on the command line).
@@ -36,8 +38,10 @@ class MLP(nn.Sequential):
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int,
                  activation: str = "relu"):
         layers, width = [], in_dim
-        for h in hidden_dims:
+        for i, h in enumerate(hidden_dims):
+            check_numel(f"MLP layer {i} ({width} -> {h})", h, width)
             layers += [nn.Linear(width, h), activation_layer(activation)]
             width = h
+        check_numel(f"MLP output layer ({width} -> {out_dim})", out_dim, width)
         layers.append(nn.Linear(width, out_dim))
         super().__init__(*layers)

@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
-import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_NAME", "CheckpointError", "get_rng_state", "load_checkpoint",
-           "save_checkpoint", "set_rng_state"]
+from pvae import parallel
+from pvae.files import (
+    FolderLostError,
+    WriteError,
+    atomic_writer,
+    deferred_signals,
+    folder_lock,
+    holds_lock,
+)
+
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "checkpoint_folder", "get_rng_state",
+           "last_saved_epoch", "load_checkpoint", "save_checkpoint", "set_rng_state"]
 
 #: File name of the checkpoint in a run folder or ``checkpoint_dir``.
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -25,43 +32,90 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``. A kill at any moment leaves either the previous or the
-    new checkpoint; temporary files that earlier kills left behind are removed first; Ctrl-C
-    during the write takes effect once the file is complete."""
+    """Write ``state`` to ``path`` atomically (:func:`pvae.files.atomic_writer`): a fresh
+    temporary file in the same folder, never through a link, flushed to disk, then renamed over
+    ``path``. A kill at any moment leaves either the previous or the new checkpoint; Ctrl-C or
+    SIGTERM during the write take effect once the file is complete. Temporary files that killed
+    saves left behind are removed when the folder's lock is taken (:func:`checkpoint_folder`).
+
+    :raises pvae.files.WriteError: the file cannot be written (full disk, read-only file
+        system, ...); the message names the last good checkpoint's epoch.
+    :raises pvae.files.FolderLostError: the folder this process locked was deleted or moved.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    with _interrupt_after():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    key = os.path.realpath(path)
+    with deferred_signals():  # (until the epoch written is recorded)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with atomic_writer(path, make_parents=not holds_lock(path.parent)) as f:
                 torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        except FolderLostError:
             raise
+        except WriteError as e:
+            raise WriteError(f"{e}; {_last_good(path, key)}", e.errno, e.filename) from e
+        if isinstance(state.get("epoch"), int):
+            _last_saved[key] = state["epoch"]
+
+
+#: The epoch of the last checkpoint this process wrote, by real path.
+_last_saved: dict[str, int] = {}
+
+
+def last_saved_epoch(path: str | os.PathLike) -> int | None:
+    """The epoch of the last checkpoint this process wrote to ``path``, if any."""
+    return _last_saved.get(os.path.realpath(path))
+
+
+def _last_good(path: Path, key: str) -> str:
+    """What is left on disk after a failed save: "the last good checkpoint is epoch N"."""
+    epoch = _last_saved.get(key)
+    if epoch is None and path.is_file():
+        try:
+            epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        except Exception:  # noqa: BLE001 - only for the message
+            return f"the earlier checkpoint {path} is untouched"
+    if epoch is None:
+        return "no checkpoint has been written yet"
+    return f"the last good checkpoint is epoch {epoch} ({path}), untouched"
 
 
 @contextlib.contextmanager
-def _interrupt_after():
-    """Hold back Ctrl-C (SIGINT) until the block is done, then raise ``KeyboardInterrupt``
-    (only in the main thread, where Python handles signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def checkpoint_folder(checkpoint_dir, *, resume: bool = False, distributed: bool = False):
+    """The folder that ``fit(checkpoint_dir=...)`` writes, held for the whole run: created if
+    missing, locked against a second writer (:func:`pvae.files.folder_lock`; by rank 0 alone
+    with ``distributed``), and refused when it already holds a run's checkpoint unless
+    ``resume``. Yields the checkpoint's path (``None`` without ``checkpoint_dir``).
+
+    :raises ValueError: ``checkpoint_dir`` is an empty string.
+    :raises CheckpointError: the folder holds a checkpoint and ``resume`` is false.
+    :raises pvae.files.FolderInUseError: another process writes the folder.
+    :raises pvae.files.UnsafeFolderError: the folder holds symbolic links out of it.
+    :raises pvae.files.WriteError: the folder cannot be created or locked.
+    """
+    if checkpoint_dir is None:
+        yield None
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+    if not str(checkpoint_dir).strip():
+        raise ValueError("checkpoint_dir is an empty string; pass a folder (or None for no "
+                         "checkpoints)")
+    folder = Path(checkpoint_dir)
+    path = folder / CHECKPOINT_NAME
+    held, error = contextlib.ExitStack(), None
+    if not distributed or parallel.rank() == 0:
+        try:
+            held.enter_context(folder_lock(folder, create=True))
+            if path.is_file() and not resume:
+                raise CheckpointError(
+                    f"checkpoint_dir {folder} already holds a run's checkpoint ({CHECKPOINT_NAME}); "
+                    "pass resume=True to continue it, or choose another checkpoint_dir")
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            held.close()
+            error = e
+    if distributed:
+        error = parallel.broadcast(error)
+    if error is not None:
+        raise error
+    with held:
+        yield path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:

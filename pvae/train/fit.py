@@ -3,15 +3,13 @@ assembled from the engine's parts."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from pvae import parallel
 from pvae.contract import placement
 from pvae.train.callbacks import Checkpoint, ProgressBar
-from pvae.train.checkpoint import CHECKPOINT_NAME
+from pvae.train.checkpoint import checkpoint_folder
 from pvae.train.data import TrainingData
 from pvae.train.distributed import DistributedStep, check_batches, use_distributed, wrap
 from pvae.train.history import History
@@ -54,7 +52,9 @@ def fit(model, data, *data_args, loss=None, val=None, num_epochs: int, batch_siz
         ``"cuda"``...; data follow the model's dtype (``model.double()`` trains in float64).
     :param int seed: seeds torch, numpy, Python and the shuffling: same seed, same history.
     :param checkpoint_dir: write ``checkpoint.pt`` (the whole :class:`TrainState`) there
-        atomically after every epoch; with ``resume`` continue from it if it exists.
+        atomically after every epoch, holding the folder's lock (one writer); a folder with a
+        checkpoint is refused unless ``resume``, which continues from it. A second ``fit`` on
+        the same model continues from its weights with a fresh optimizer, schedule and seeds.
     :param callbacks: :class:`~pvae.train.Callback` objects for the loop's epoch-level events
         (they may stop the run); the checkpoint and progress bar are the loop's own.
     :param bool progress: a tqdm bar over the epochs.
@@ -73,8 +73,10 @@ def fit(model, data, *data_args, loss=None, val=None, num_epochs: int, batch_siz
     :raises TypeError: a model that meets no contract, a loss that does not fit it, data that
         are not a tensor or ``Dataset``, or a keyword that moved (the message names where to).
     :raises ValueError: bad settings or data (NaN, outside the likelihood's support), a
-        checkpoint of another configuration or number of processes, ``step="cuda_graph"``
-        where the step cannot be captured.
+        checkpoint of another configuration or number of processes, or in ``checkpoint_dir``
+        without ``resume`` (``CheckpointError``), ``step="cuda_graph"`` where the step cannot
+        be captured.
+    :raises pvae.files.FolderInUseError: another process writes ``checkpoint_dir``.
     :raises TrainingDivergedError: the loss became NaN or inf; the last good checkpoint stays.
     """
     _refuse_removed(removed)
@@ -111,19 +113,20 @@ def fit(model, data, *data_args, loss=None, val=None, num_epochs: int, batch_siz
     if ddp:  # lazy parts exist now (the probe built them): wrap, then per-rank noise
         replica = wrap(model, objective, params, device)
         seed_all(seed + rank)
-    path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    own = [*([Checkpoint(path)] if path else []), *([ProgressBar()] if progress and rank == 0
-                                                     else [])]
     optimizer, scheduler = optim.build(params, capturable=capture, num_epochs=num_epochs,
                                        steps_per_epoch=train_data.steps_per_epoch)
     state = TrainState(model, objective, optimizer, scheduler, generator,
-                       _record(config, settings), distributed=ddp, callbacks=[*callbacks, *own])
-    state.checkpoint = path
+                       _record(config, settings), distributed=ddp)
     run_step = (DistributedStep(state, train_data, replica) if ddp else
                 CapturedStep(state, train_data, fallback=step == "auto") if capture else None)
-    if resume:
-        state.resume(path, map_location=device)
-    return run_epochs(state, train_data, num_epochs, val_data=val_data, step=run_step)
+    # one writer: the folder is locked, and refused if it holds a checkpoint unless resume
+    with checkpoint_folder(checkpoint_dir, resume=resume, distributed=ddp) as path:
+        state.checkpoint = path
+        state.callbacks = [*callbacks, *([Checkpoint(path)] if path else []),
+                           *([ProgressBar()] if progress and rank == 0 else [])]
+        if resume:
+            state.resume(path, map_location=device)
+        return run_epochs(state, train_data, num_epochs, val_data=val_data, step=run_step)
 
 
 def _validation_data(val, data, c, placed: dict) -> TrainingData | None:

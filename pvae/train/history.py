@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
-from pathlib import Path
+
+from pvae.files import write_text
 
 __all__ = ["History"]
 
@@ -36,12 +38,15 @@ class History:
         return [row.get(name) for row in self.rows]
 
     def to_csv(self, path: str | os.PathLike) -> None:
+        """Write the rows to ``path`` as CSV, atomically (:func:`pvae.files.write_text`: a fresh
+        temporary file renamed into place, never through a link); nothing for an empty history.
+
+        :raises pvae.files.WriteError: the file cannot be written.
+        """
         if not self.rows:
             return
-        path = Path(path)
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(path, text.getvalue())

@@ -174,6 +174,10 @@ class AutoencoderObjective(nn.Module):
         """Nothing per step to record."""
         return {}
 
+    def settled(self) -> bool:
+        """Always: nothing is annealed."""
+        return True
+
     def validation(self) -> AutoencoderObjective:
         """Itself: in ``eval()`` mode (validation) the input is not corrupted."""
         return self

@@ -51,7 +51,7 @@ from pvae.inference.objectives import (
     SVIObjective,
     as_loss,
 )
-from pvae.inference.schedules import Constant, Cyclical, LinearWarmup, make_schedule
+from pvae.inference.schedules import Constant, Cyclical, LinearWarmup, make_schedule, settled
 
 __all__ = [
     # trace core
@@ -74,6 +74,7 @@ __all__ = [
     "ScoreFunctionELBO",
     "as_loss",
     "make_schedule",
+    "settled",
     # guides
     "AutoAmortizedNormal",
     # estimates

@@ -49,7 +49,7 @@ from pvae.config import RecordsConfig
 from pvae.contract import check_model, trusted_inputs
 from pvae.distributions import base_dist, detached
 from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
-from pvae.inference.schedules import Constant, make_schedule
+from pvae.inference.schedules import Constant, make_schedule, settled
 from pvae.inference.traces import (
     data_layout,
     forked_rng,
@@ -623,7 +623,7 @@ class SVIObjective(nn.Module):
         else:
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
-        self.trusted, self._warned = False, False
+        self.trusted, self._warned, self._step = False, False, 0
 
     @property
     def config(self) -> dict:
@@ -665,6 +665,7 @@ class SVIObjective(nn.Module):
     def set_step(self, step: int) -> None:
         """Set beta for optimizer step ``step`` (counted from 0 over the whole run); in place
         when beta is a device tensor (:meth:`capturable_`)."""
+        self._step = step
         beta = self.schedule(step)
         if isinstance(self.kl_scale.beta, torch.Tensor):
             self.kl_scale.beta.fill_(beta)
@@ -683,6 +684,12 @@ class SVIObjective(nn.Module):
     def metrics(self) -> dict:
         """Settings of the current step worth recording in the history."""
         return {"beta": float(self.kl_scale.beta)}
+
+    def settled(self) -> bool:
+        """Whether the objective no longer changes with the step: beta has finished warming up,
+        or is in the flat part of a cycle (early stopping and the best checkpoint wait for
+        it)."""
+        return settled(self.schedule, self._step)
 
     def trainable_parameters(self, *batch) -> list[torch.Tensor]:
         """The model's ``nn.Module`` parameters, this objective's own (neural baselines) and

@@ -3,9 +3,7 @@ optimizer step (step 0 is the first)."""
 
 from __future__ import annotations
 
-__all__ = ["Constant", "Cyclical", "LinearWarmup", "make_schedule"]
-
-
+__all__ = ["Constant", "Cyclical", "LinearWarmup", "make_schedule", "settled"]
 
 
 class Constant:
@@ -16,6 +14,9 @@ class Constant:
 
     def __call__(self, step: int) -> float:
         return self.beta
+
+    def settled(self, step: int) -> bool:
+        return True
 
     def __repr__(self):
         return f"Constant({self.beta})"
@@ -34,6 +35,10 @@ class LinearWarmup:
         t = min(step / self.num_steps, 1.0)
         return self.start + t * (self.end - self.start)
 
+    def settled(self, step: int) -> bool:
+        """Warmed up: beta has reached ``end``."""
+        return step >= self.num_steps
+
     def __repr__(self):
         return f"LinearWarmup({self.num_steps}, start={self.start}, end={self.end})"
 
@@ -51,8 +56,20 @@ class Cyclical:
         t = (step % self.period) / (self.period * self.ratio)
         return self.end * min(t, 1.0)
 
+    def settled(self, step: int) -> bool:
+        """In the flat part of a cycle, where beta is ``end``."""
+        return (step % self.period) >= self.period * self.ratio
+
     def __repr__(self):
         return f"Cyclical({self.period}, ratio={self.ratio}, end={self.end})"
+
+
+def settled(schedule, step: int) -> bool:
+    """Whether beta no longer changes at ``step``: after a warm-up, in the flat part of a cycle,
+    always for a constant; a schedule of the user's own (any callable) counts as settled unless
+    it has a ``settled(step)`` method."""
+    check = getattr(schedule, "settled", None)
+    return bool(check(step)) if callable(check) else True
 
 
 def make_schedule(beta=1.0, kl_warmup_steps: int = 0, kl_cycle_steps: int = 0):

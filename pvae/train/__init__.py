@@ -3,7 +3,15 @@ checkpoints and the optimizer, assembled by :func:`fit`. The loop itself is blin
 objective (:class:`Objective`) maps a mini-batch to ``(value, loss)``."""
 
 from pvae.contract import resolve_device
-from pvae.train.callbacks import Callback, Checkpoint, ProgressBar
+from pvae.train.callbacks import (
+    BestCheckpoint,
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    HistoryCSV,
+    ProgressBar,
+    monitored,
+)
 from pvae.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -38,8 +46,10 @@ __all__ = [
     "STEPS",
     "Adam",
     "AdamW",
+    "BestCheckpoint",
     "ConstantLR",
     "CosineLR",
+    "EarlyStopping",
     "ReduceLROnPlateau",
     "Scheduler",
     "StepLR",
@@ -52,6 +62,7 @@ __all__ = [
     "ExponentialLR",
     "HasDefaultLoss",
     "History",
+    "HistoryCSV",
     "Loss",
     "Objective",
     "ProgressBar",
@@ -64,6 +75,7 @@ __all__ = [
     "load_checkpoint",
     "make_adam",
     "mean_value",
+    "monitored",
     "resolve_device",
     "run_epochs",
     "save_checkpoint",

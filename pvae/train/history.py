@@ -18,6 +18,9 @@ class History:
     ``seconds`` and ``images_per_s``; an objective with another ``value_name`` (an
     autoencoder's: ``train_loss``, ``val_loss``, lower is better) names its own columns.
 
+    ``lr``, ``beta`` and what callbacks add; the row of the epoch after which a callback stopped
+    the run holds the reason in ``stopped``.
+
     :ivar stop_reason: why a callback ended the run early (``None``: it was not stopped).
     """
 
@@ -46,7 +49,8 @@ class History:
         if not self.rows:
             return
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))  # in first-seen order
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
         write_text(path, text.getvalue())

@@ -34,7 +34,8 @@ class Objective(Protocol):
     - ``objective(*batch) -> (value, loss)``: per datapoint, ``value`` detached, ``loss`` the
       surrogate to differentiate;
     - ``set_step(step)`` before each optimizer step (schedules such as beta), ``metrics()`` the
-      settings of the current step worth a history column;
+      settings of the current step worth a history column, ``settled()`` whether the objective
+      no longer changes with the step (beta warmed up; early stopping waits for it);
     - ``trainable_parameters(*batch)``: runs once on a probe batch (building lazy parts) and
       returns every tensor to optimize;
     - ``validation()``: the objective whose value is reported on validation data (evaluated in
@@ -56,6 +57,8 @@ class Objective(Protocol):
     def set_step(self, step: int) -> None: ...
 
     def metrics(self) -> dict: ...
+
+    def settled(self) -> bool: ...
 
     def trainable_parameters(self, *batch) -> list[torch.Tensor]: ...
 

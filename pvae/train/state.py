@@ -93,9 +93,11 @@ class TrainState:
 
     def stop(self, reason: str) -> None:
         """End the run after the current epoch (a callback asks for it); ``reason`` is kept in
-        the history (:attr:`History.stop_reason`) and the checkpoint, so that a resumed run
-        knows it is finished."""
+        the history (:attr:`History.stop_reason`, and the last row's ``stopped`` column) and
+        the checkpoint, so that a resumed run knows it is finished."""
         self.history.stop_reason = str(reason)
+        if self.history.rows:
+            self.history.rows[-1]["stopped"] = str(reason)
 
     @property
     def stopped(self) -> bool:

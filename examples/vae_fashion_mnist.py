@@ -1,7 +1,7 @@
 """Train a VAE on Fashion-MNIST, evaluate its test ELBO and IW log-likelihood, draw figures.
 
 Shows the whole pvae workflow in Python rather than through the ``pvae`` command line:
-``pvae.data.load`` -> ``pvae.models.VAE`` -> ``pvae.inference.fit`` ->
+``pvae.data.load`` -> ``pvae.models.VAE`` -> ``pvae.train.fit`` ->
 ``elbo_terms`` / ``iw_log_likelihood`` -> ``pvae.plots``.
 
 References: Kingma & Welling (2014), "Auto-Encoding Variational Bayes";

@@ -11,6 +11,7 @@ import time
 import torch
 
 from pvae.parallel import all_reduce_sum
+from pvae.train.callbacks import monitored
 from pvae.train.data import TrainingData
 from pvae.train.history import History
 from pvae.train.state import TrainState
@@ -79,8 +80,7 @@ def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,
             if val_data is not None:
                 state.set_training(False)
                 row[f"val_{name}"] = mean_value(val_objective, val_data)
-            monitored = row[f"val_{name}" if val_data is not None else f"train_{name}"]
-            state.scheduler.step_epoch(monitored if name != "loss" else -monitored)
+            state.scheduler.step_epoch(monitored(state, row)[1])  # ReduceLROnPlateau's value
             state.history.rows.append(row)
             state.epoch += 1
             for callback in state.callbacks:

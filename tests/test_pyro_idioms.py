@@ -1,16 +1,28 @@
 """Pyro idioms (issue 26): programs written the way Pyro's examples and tutorials write them,
 each checked against a closed form or against Pyro's own ``Trace_ELBO`` / ``TraceEnum_ELBO`` on
-the same draws.
+the same draws. With an exact-posterior guide every log weight is log p(x_n), so IW and the
+ELBO must be the closed form to rounding, and a history of identical rows must be it exactly.
 
-======================================  ================================================
-idiom                                   test
-======================================  ================================================
-masked latents (``.mask``, sequences)   test_masks_travel_to_the_autoguide
-integer data                            test_integer_data_give_floating_point_results
-``Delta`` guide (MAP)                   test_a_delta_guide_is_refused
-index argument beside x                 test_the_encoder_reads_x_alone_by_default
-``subsample_size`` / guide subsampling  test_history_units_when_the_program_subsamples
-======================================  ================================================
+==============================  ===============================================  ==========================
+idiom                           test                                             reference
+==============================  ===============================================  ==========================
+``.mask(m)``, ``pyro.markov``   test_masks_travel_to_the_autoguide               closed form; Trace_ELBO
+  (sequences)                   test_an_unmasked_guide_of_a_masked_model_is_...  refused, naming the site
+``subsample_size``, model or    test_history_units_when_the_program_subsamples   closed form; Trace_ELBO
+  guide; pvae batches with      test_units_against_trace_elbo                    Trace_ELBO, same draws
+  ``subsample=idx``;            test_history_is_per_datapoint_whoever_subsamples closed form (ELBO, IWAE)
+  ``poutine.scale``; unsized    test_every_datapoint_is_scored                   closed form, every point
+``@config_enumerate`` (model)   test_enumerated_sites_are_summed_out             exact sum; TraceEnum_ELBO
+                                test_autoguide_leaves_enumerated_sites_to_the... closed form
+``Delta`` guide (``AutoDelta``) test_a_delta_guide_is_refused                    refused, naming the site
+integer (count) data            test_integer_data_give_floating_point_results    closed form (NegBinomial)
+index argument beside x         test_the_encoder_reads_x_alone_by_default        renumbering invariance
+``DataLoader`` + collate_fn     test_dataloader_batches_with_a_collate_fn        closed form
+many particles                  test_elbo_terms_chunks_particles                 chunks seen; closed form
+global latents                  test_messages_name_the_site_and_say_what_to_do   the messages
+==============================  ===============================================  ==========================
+
+Non-broadcasting models (``elbo_terms`` looping over particles) are in ``test_any_program.py``.
 """
 
 import math
@@ -19,10 +31,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta
+from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from pvae.inference import AutoAmortizedNormal, elbo_terms, iw_log_likelihood
+from pvae.inference import AutoAmortizedNormal, elbo_terms, iw_log_likelihood, log_weights
 from pvae.train import fit
 
 
@@ -59,10 +73,10 @@ class Sequences(nn.Module):
                 pyro.sample(f"x_{t}", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1)
                             .mask(mask[:, t]), obs=x[:, t])
 
-    def exact_guide_(self, x, lengths):
+    def exact_guide_(self, *args):
         """Set the guide's linear heads to the exact posterior of every step,
-        z_nt | x_nt ~ N(w.x_nt / (1 + |w|^2), 1 / (1 + |w|^2))."""
-        self.guide(x, lengths)  # built on the first call
+        z_nt | x_nt ~ N(w.x_nt / (1 + |w|^2), 1 / (1 + |w|^2)), the guide built on ``args``."""
+        self.guide(*args)  # built on the first call
         precision = 1 + self.w @ self.w
         d = len(self.w)
         with torch.no_grad():
@@ -138,16 +152,22 @@ class PoissonGamma:
 
 
 def test_integer_data_give_floating_point_results():
+    """Counts as int64: every log weight is the closed form (exact guide), so IW is exact to
+    rounding; the ELBO (reconstruction by Monte Carlo, KL(Gamma || Gamma) in closed form) is
+    unbiased for it. Nothing is truncated to the data's integer dtype."""
     g = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.full((5, 4), 3.0), generator=g).long()
+    x = torch.poisson(torch.full((50, 4), 3.0), generator=g).long()
     model = PoissonGamma()
+    exact = model.log_marginal(x)
     iw = iw_log_likelihood(model, x, num_samples=20, seed=0)
-    assert iw.per_datapoint.is_floating_point()
-    torch.testing.assert_close(iw.per_datapoint.double(), model.log_marginal(x), atol=1e-4,
-                               rtol=0)
-    terms = elbo_terms(model, x, num_samples=2)
-    assert terms.elbo.is_floating_point()
-    torch.testing.assert_close(terms.elbo.double(), model.log_marginal(x), atol=1e-4, rtol=0)
+    assert iw.per_datapoint.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(iw.per_datapoint.double(), exact, atol=1e-4, rtol=0)
+    terms = elbo_terms(model, x, num_samples=100)
+    assert terms.elbo.dtype == torch.get_default_dtype()
+    diff = terms.elbo.double() - exact
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5, diff.mean()  # 3 SEs
+    float64 = iw_log_likelihood(model, x.double(), num_samples=20, seed=0).per_datapoint
+    assert float64.dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +233,7 @@ def test_the_encoder_reads_x_alone_by_default():
     a = iw_log_likelihood(model, x, c=idx, num_samples=10, seed=0)
     b = iw_log_likelihood(model, x, c=idx + 1000, num_samples=10, seed=0)
     torch.testing.assert_close(a.per_datapoint, b.per_datapoint)
-    assert model.guide.encoder[0].net[0].in_features == 3  # x's width alone
+    assert model.guide.encoder[0][0].in_features == 3  # x's width alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,3 +281,363 @@ def test_history_units_when_the_program_subsamples(where, batch_size):
     history = fit(model, x, num_epochs=2, batch_size=batch_size, lr=1e-8, seed=0, progress=False)
     for value in history.column("train_elbo"):
         assert value == pytest.approx(exact, abs=1e-4), (value, exact)
+
+
+def test_an_unmasked_guide_of_a_masked_model_is_refused():
+    w, x, lengths = sequence_data(n=8)
+    model = Sequences(w, x.size(1))
+
+    def unmasked(x, lengths):
+        with pyro.plate("sequences", x.size(0)):
+            for t in pyro.markov(range(x.size(1))):
+                pyro.sample(f"z_{t}", dist.Normal(x.new_zeros(x.size(0)), 1.0))
+
+    program = type("Unmasked", (), {"model": model.model, "guide": staticmethod(unmasked)})()
+    with pytest.raises(ValueError, match=r"masks its latent site 'z_\d'.*unmasked.*model's mask"):
+        iw_log_likelihood(program, x, c=lengths, num_samples=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# One unit rule: the datapoints the estimate stands for, whoever subsamples
+
+
+class Scaled(nn.Module):
+    """The linear-Gaussian model with the exact posterior as guide, its data plate made in one
+    of the ways a Pyro program subsamples or scales its data term:
+
+    - ``"indices"``: pvae's batches, ``pyro.plate("data", N, subsample=idx)``, idx an argument;
+    - ``"subsample_size"`` / ``"guide"``: the program draws m of its batch (see
+      :class:`Subsampled`);
+    - ``"scale"``: ``poutine.scale(scale=N / n)`` around a plate of n, as in Pyro's mini-batch
+      examples;
+    - ``"unsized"``: ``pyro.plate("data")``, its size inferred from the sites, as in Pyro's
+      CVAE and semi-supervised VAE examples.
+    """
+
+    def __init__(self, w, kind, num_data=120, subsample_size=16):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.kind, self.num_data, self.subsample_size = kind, num_data, subsample_size
+
+    def _plate(self, x, idx, guide):
+        if self.kind == "indices":
+            return pyro.plate("data", self.num_data, subsample=idx)
+        if self.kind == "unsized":
+            return pyro.plate("data")
+        if self.kind == "subsample_size" or (self.kind == "guide" and guide):
+            return pyro.plate("data", x.shape[0], subsample_size=self.subsample_size)
+        return pyro.plate("data", x.shape[0])
+
+    def _rows(self, x, plate):
+        return x[plate.indices] if self.kind in ("subsample_size", "guide") else x
+
+    def _scale(self, x):
+        return pyro.poutine.scale(scale=self.num_data / x.shape[0] if self.kind == "scale"
+                                  else 1.0)
+
+    def model(self, x, idx=None):
+        plate = self._plate(x, idx, guide=False)
+        with self._scale(x), plate:
+            batch = self._rows(x, plate)
+            z = pyro.sample("z", dist.Normal(batch.new_zeros(batch.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=batch)
+
+    def guide(self, x, idx=None):
+        precision = 1 + self.w @ self.w
+        plate = self._plate(x, idx, guide=True)
+        with self._scale(x), plate:
+            batch = self._rows(x, plate)
+            pyro.sample("z", dist.Normal(batch @ self.w / precision, precision ** -0.5))
+
+
+KINDS = ["indices", "subsample_size", "guide", "scale", "unsized"]
+
+
+def scaled_data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, generator=g)
+    return w, torch.randn(n, 1, generator=g) * w + torch.randn(n, 3, generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_units_against_trace_elbo(kind):
+    """Pyro's Trace_ELBO().loss on a batch, divided by the datapoints it stands for
+    (:class:`pvae.inference.handlers.data_units`, read off the same run), is the mean ELBO per
+    datapoint: with the exact posterior as guide, the mean closed-form log p(x_n) over the
+    datapoints the program scored (their rows read off the observed site)."""
+    from pvae.inference.handlers import data_units
+
+    w, x = scaled_data()
+    model = Scaled(w, kind)
+    idx = torch.arange(40, 80)
+    args = (x[idx], idx) if kind in ("indices", "scale") else (x,)
+    with data_units(batch_size=args[0].shape[0]) as units:
+        loss = pyro.infer.Trace_ELBO().loss(model.model, model.guide, *args)
+    scored = units.observed["x"]["value"]
+    expected_n = {"indices": 40, "subsample_size": 16, "guide": 16, "scale": 40, "unsized": 120}
+    assert units.num_data == expected_n[kind] == len(scored)
+    exact = linear_gaussian_log_marginal(w, scored).mean().item()
+    assert -loss / units.units == pytest.approx(exact, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("estimator", ["reparam", "iwae"])
+def test_history_is_per_datapoint_whoever_subsamples(kind, estimator):
+    """fit's history with the exact-posterior guide, identical rows (log p(x_n) the same for
+    every n, whichever the program scores): every epoch's value is that log p(x)."""
+    w, _ = scaled_data()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 3, generator=g) + w).expand(120, 3).contiguous()
+    model = Scaled(w, kind)
+    data = (x, torch.arange(120)) if kind == "indices" else (x,)
+    history = fit(model, *data, num_epochs=2, batch_size=40, lr=1e-8, seed=0, progress=False,
+                  estimator=estimator, num_particles=2 if estimator == "iwae" else 1)
+    exact = linear_gaussian_log_marginal(w, x[:1]).item()
+    for value in history.column("train_elbo"):
+        assert value == pytest.approx(exact, abs=1e-4), (value, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation scores every datapoint, however the program makes its data plate
+
+
+@pytest.mark.parametrize("kind", ["subsample_size", "guide", "unsized"])
+@pytest.mark.parametrize("batch_size", [None, 40, 10])
+def test_every_datapoint_is_scored(kind, batch_size):
+    """With the exact posterior as guide every log weight is log p(x_n): IW and the ELBO are
+    the closed form for every datapoint, in order, whether the plate is unsized or draws 16 of
+    the pass's rows itself (covered by subsamples [0, 16), [16, 32), ..., the last one ending
+    at the pass's end; a pass of 10 rows is too small for it: it gets the whole data)."""
+    w, x = scaled_data(n=60)
+    model = Scaled(w, kind)
+    exact = linear_gaussian_log_marginal(w, x)
+    iw = iw_log_likelihood(model, x, num_samples=8, seed=0, batch_size=batch_size)
+    torch.testing.assert_close(iw.per_datapoint, exact, atol=1e-4, rtol=0)
+    terms = elbo_terms(model, x, num_samples=3, batch_size=batch_size)
+    diff = terms.elbo - exact  # closed-form KL, Monte Carlo reconstruction: unbiased
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5
+    assert log_weights(model, x, num_samples=4).shape == (4, 60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumerated discrete latents, as TraceEnum_ELBO sums them out
+
+
+class MixtureVAE(nn.Module):
+    """A Gaussian-mixture prior in a linear VAE, its component enumerated in the model
+    (``@config_enumerate``, as in Pyro's GMM tutorial), the guide proposing z alone:
+
+        k ~ Categorical(pi), z | k ~ N(mu_k, 1), x | z ~ N(w z, I),
+        log p(x) = log sum_k pi_k N(x; mu_k w, I + w w^T).
+
+    The guide is N(w.x / (1 + |w|^2), 1 / (1 + |w|^2)) (the posterior under mu = 0)."""
+
+    def __init__(self, w, pi=(0.3, 0.7), mu=(-2.0, 2.0)):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.register_buffer("pi", torch.tensor(pi))
+        self.register_buffer("mu", torch.tensor(mu))
+
+    @config_enumerate
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Categorical(self.pi))
+            z = pyro.sample("z", dist.Normal(self.mu[k], 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        precision = 1 + self.w @ self.w
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ self.w / precision, precision ** -0.5))
+
+    def log_marginal(self, x):
+        cov = torch.eye(len(self.w)) + torch.outer(self.w, self.w)
+        parts = [self.pi[k].log() + dist.MultivariateNormal(self.mu[k] * self.w, cov).log_prob(x)
+                 for k in range(2)]
+        return torch.logsumexp(torch.stack(parts), 0)
+
+    def log_weight(self, x, z):
+        """log sum_k pi_k N(z; mu_k, 1) N(x; w z, I) - log q(z | x), the exact sum."""
+        prior = torch.logsumexp(self.pi.log()[:, None] + dist.Normal(self.mu[:, None], 1.0)
+                                .log_prob(z), 0)
+        likelihood = dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1).log_prob(x)
+        precision = 1 + self.w @ self.w
+        guide = dist.Normal(x @ self.w / precision, precision ** -0.5).log_prob(z)
+        return prior + likelihood - guide
+
+
+class AutoMixture(MixtureVAE):
+    """The mixture model with an AutoAmortizedNormal guide (a linear one)."""
+
+    def __init__(self, w):
+        super().__init__(w)
+        self.auto = AutoAmortizedNormal(self.model, hidden_dims=())
+
+    def guide(self, x):
+        return self.auto(x)
+
+
+def mixture_data(model, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(model.pi, n, replacement=True, generator=g)
+    z = model.mu[k] + torch.randn(n, generator=g)
+    return z.unsqueeze(-1) * model.w + torch.randn(n, len(model.w), generator=g)
+
+
+def test_enumerated_sites_are_summed_out():
+    """One particle: the log weight is the exact sum over the component at the guide's draw
+    (the same draw, replayed); its sum over the datapoints is minus TraceEnum_ELBO's loss on
+    the same draw; with many particles IW reaches the closed-form log p(x)."""
+    w, _ = scaled_data()
+    model = MixtureVAE(w)
+    x = mixture_data(model, 100, seed=1)
+    one = iw_log_likelihood(model, x, num_samples=1, seed=3).per_datapoint
+    torch.manual_seed(3)  # the draw of pass 0 (seed + 0), again
+    z = pyro.poutine.trace(model.guide).get_trace(x).nodes["z"]["value"]
+    torch.testing.assert_close(one, model.log_weight(x, z), atol=1e-4, rtol=0)
+    pyro.set_rng_seed(3)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, model.guide, x)
+    assert -loss == pytest.approx(one.sum().item(), abs=1e-3)
+    terms = elbo_terms(model, x, num_samples=1)
+    assert not terms.analytic_kl and terms.kl_per_dim is None
+    iw = iw_log_likelihood(model, x, num_samples=2000, seed=0)
+    diff = iw.per_datapoint - model.log_marginal(x)
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+
+
+def test_autoguide_leaves_enumerated_sites_to_the_model():
+    """AutoAmortizedNormal on the mixture model amortizes z and leaves k to the model, which
+    TraceEnum_ELBO trains and evaluation sums out; the fitted guide's IW estimate reaches the
+    closed form."""
+    w, _ = scaled_data()
+    model = AutoMixture(w)
+    x, x_test = mixture_data(model, 300, seed=1), mixture_data(model, 100, seed=2)
+    fit(model, x, loss=TraceEnum_ELBO(max_plate_nesting=1), num_epochs=30, batch_size=50,
+        lr=0.05, seed=0, progress=False)
+    guide_sites = pyro.poutine.trace(model.guide).get_trace(x_test).nodes
+    assert "z" in guide_sites and "k" not in guide_sites
+    iw = iw_log_likelihood(model, x_test, num_samples=500, seed=0)
+    diff = iw.per_datapoint - model.log_marginal(x_test)
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3, diff.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches from the user's own DataLoader
+
+
+class PackedSequences(Sequences):
+    """The masked sequence model taking what a ``collate_fn`` for variable-length sequences
+    returns, ``model(padded, packed, mask)``: padded ``(B, T, D)``, a ``PackedSequence`` of the
+    same sequences (one row per step: not aligned with the batch) and the ``(B, T)`` mask. The
+    encoder reads the padded tensor alone."""
+
+    def model(self, padded, packed, mask):
+        if not isinstance(packed, nn.utils.rnn.PackedSequence):
+            raise TypeError(f"expected a PackedSequence, got {type(packed).__name__}")
+        return super().model(padded, mask.sum(-1))
+
+
+def pad_collate(num_steps):
+    def collate(items):
+        lengths = torch.tensor([len(s) for s in items])
+        padded = torch.zeros(len(items), num_steps, items[0].shape[-1])
+        for i, s in enumerate(items):
+            padded[i, :len(s)] = s
+        packed = nn.utils.rnn.pack_sequence(items, enforce_sorted=False)
+        return padded, packed, torch.arange(num_steps) < lengths.unsqueeze(-1)
+    return collate
+
+
+def test_dataloader_batches_with_a_collate_fn():
+    """Sequences of different lengths, batched by the user's DataLoader and collate_fn into
+    (padded, PackedSequence, mask), the arguments Pyro's SVI.step(*args) would get: fit and
+    evaluation take the loader, count datapoints from the data plate (the sequences, not the
+    PackedSequence's rows), and with the exact guide give the closed form."""
+    from torch.utils.data import DataLoader
+
+    w, x, lengths = sequence_data(n=40)
+    items = [x[i, :lengths[i]] for i in range(len(x))]
+    loader = DataLoader(items, batch_size=16, collate_fn=pad_collate(x.size(1)))
+    model = PackedSequences(w, x.size(1))
+    model.exact_guide_(*pad_collate(x.size(1))(items[:16]))
+    exact = model.log_marginal(x, lengths)
+    iw = iw_log_likelihood(model, loader, num_samples=10, seed=0)
+    torch.testing.assert_close(iw.per_datapoint, exact, atol=1e-3, rtol=0)
+    terms = elbo_terms(model, loader, num_samples=2)
+    torch.testing.assert_close(terms.elbo, exact, atol=1e-3, rtol=0)
+    history = fit(model, loader, num_epochs=1, lr=1e-8, seed=0, progress=False)
+    assert history.column("train_elbo")[0] == pytest.approx(exact.mean().item(), abs=1e-3)
+    with pytest.raises(ValueError, match="DataLoader.*c=None"):
+        iw_log_likelihood(model, loader, c=lengths, num_samples=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Particles: looped where the program does not broadcast, chunked whatever their number
+
+
+def test_elbo_terms_chunks_particles():
+    """elbo_terms with many particles traces chunk_size of them at a time (memory bounded by
+    the chunk, not by num_samples), and its estimate is the same ELBO."""
+    w, x = scaled_data(n=30)
+    model = Scaled(w, "unsized")
+    shapes = []
+
+    class Record(Messenger):
+        def _pyro_post_sample(self, msg):
+            if msg["name"] == "z":
+                shapes.append(tuple(msg["value"].shape))
+
+    model.guide = Record()(model.guide)
+    terms = elbo_terms(model, x, num_samples=1000, chunk_size=100)
+    assert max(shape[0] for shape in shapes if len(shape) == 2) == 100
+    exact = linear_gaussian_log_marginal(w, x)
+    diff = terms.elbo - exact
+    assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5 + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that name the site and the idiom
+
+
+class GlobalShift(nn.Module):
+    """z_n ~ N(0, 1), u ~ N(0, 1) shared by every datapoint, x_n | z_n, u ~ N(w z_n + u, I)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.guide = AutoAmortizedNormal(self.model, hidden_dims=())
+
+    def model(self, x):
+        u = pyro.sample("u", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w + u, 1.0).to_event(1), obs=x)
+
+
+def test_messages_name_the_site_and_say_what_to_do():
+    w, x = scaled_data(n=20)
+    model = GlobalShift(w)
+    # a global latent beside AutoAmortizedNormal (AutoNormal's auxiliary draw for it): the
+    # model's site is named, not a joint autoguide
+    with pytest.raises(ValueError, match=r"latent site 'u' is outside pyro.plate\('data', "
+                                         r"\.\.\.\).*global.*poutine.condition"):
+        iw_log_likelihood(model, x, num_samples=5)
+    # conditioned on a value, u is an observed site outside every plate: named, with the way
+    # out; with observed=("x",) and a guide without u, log p(x | u) = log N(x; u, I + w w^T)
+    u = torch.tensor(0.7)
+    conditioned = pyro.poutine.condition(model.model, data={"u": u})
+    given = type("Given", (), {"model": staticmethod(conditioned),
+                               "guide": AutoAmortizedNormal(conditioned, hidden_dims=())})()
+    with pytest.raises(ValueError, match=r"observed site \['u'\] lies in no plate.*"
+                                         r"observed=\['x'\]"):
+        iw_log_likelihood(given, x, num_samples=5)
+    iw = iw_log_likelihood(given, x, num_samples=5, observed=("x",))
+    assert iw.per_datapoint.shape == (20,)
+
+    def discrete(x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Bernoulli(x.new_full((len(x),), 0.5)))
+            pyro.sample("x", dist.Normal(k.unsqueeze(-1), 1.0).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="'k' is discrete.*enumerate it in the model"):
+        AutoAmortizedNormal(discrete)(x)

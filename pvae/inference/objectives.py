@@ -36,7 +36,7 @@ from torch.distributions import kl_divergence
 from pvae import parallel
 from pvae.contract import trusted_inputs
 from pvae.distributions import base_dist, detached
-from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
+from pvae.inference.handlers import BASELINES, data_units, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule
 from pvae.inference.traces import (
     data_layout,
@@ -44,6 +44,7 @@ from pvae.inference.traces import (
     in_model_order,
     log_prob,
     max_plate_nesting,
+    plate_extent,
     reduce_site,
     site_shaped,
     sites,
@@ -233,7 +234,7 @@ class IWAEEstimator(nn.Module):
         self._layout = None
 
     def forward(self, model, guide, *args):
-        K, N = self.num_particles, args[0].shape[0]
+        K = self.num_particles
         if self._layout is None:
             nesting, plate = data_layout(model, guide, args, self.data_plate)
             x = args[0]
@@ -249,7 +250,7 @@ class IWAEEstimator(nn.Module):
         k = K if vectorize else 1
         log_w, obs_scale = [], None
         for guide_tr, model_tr in parts:
-            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, N, nesting, plate, dreg)
+            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, nesting, plate, dreg)
             log_w.append(part)
         log_w = torch.cat(log_w) if len(log_w) > 1 else log_w[0]  # (K, N)
         objective = (obs_scale * logmeanexp(log_w, 0)).sum()
@@ -269,10 +270,11 @@ class IWAEEstimator(nn.Module):
         return objective.detach(), surrogate
 
 
-def _iw_log_weight(guide_tr, model_tr, K, N, nesting, plate, dreg):
+def _iw_log_weight(guide_tr, model_tr, K, nesting, plate, dreg):
     """``(log_w, obs_scale)``: the beta-weighted log importance weights ``(K, N)`` of one trace
-    pair (see :class:`IWAEEstimator`) and the observed sites' scale; with ``dreg`` log q with
-    stopped parameters."""
+    pair (see :class:`IWAEEstimator`; N the datapoints of the data plate as the trace holds
+    them) and the observed sites' scale; with ``dreg`` log q with stopped parameters."""
+    N = plate_extent(model_tr, plate)
     obs_scale = None
     log_w = 0.0
     for name, site in sites(model_tr, True):
@@ -406,15 +408,18 @@ class SVIObjective(nn.Module):
     ``objective(*batch)`` returns ``(value, loss)``, both per datapoint: the objective's value
     (the beta-weighted ELBO or IWAE bound, nats, no gradient) and the surrogate loss to
     differentiate. Per datapoint means: the estimator's sums over the batch divided by the
-    batch size ``n`` and by the scale ``s`` of the model's observed sites
-    (:class:`~pvae.inference.handlers.observed_scale`), so that a model that scales its data
-    term (plate subsampling, ``pyro.plate("data", N, subsample=idx)``: ``s = N / n``;
-    ``poutine.scale(scale=s)``) still reports the unscaled ELBO per datapoint, and its loss
-    (hence its gradient) is that of the ELBO per datapoint. Where the observed sites carry
-    different scales no single ``s`` exists: nothing is divided out beyond ``n``, with one
-    warning. The model's own ``state_dict`` is not part of this module's (it is saved
-    beside it); the estimator's state and the values of Pyro param-store parameters that the
-    programs use (user models with ``pyro.param``) are.
+    number of datapoints they stand for (:class:`~pvae.inference.handlers.data_units`): the
+    datapoints ``n`` in the data plate as the model's trace holds them times the scale ``s``
+    of its observed sites, so that a program that subsamples or scales its data term
+    (``pyro.plate("data", N, subsample=idx)``: ``n s = N``; ``subsample_size=m`` in the
+    model's or the guide's plate: ``m * N / m = N``; ``poutine.scale(scale=s)``) still reports
+    the unscaled ELBO per datapoint, and its loss (hence its gradient) is that of the ELBO per
+    datapoint. Where the observed sites carry different scales no single ``s`` exists: nothing
+    is divided out beyond ``n``, with one warning. :attr:`num_data` holds the last call's
+    ``n`` (what an epoch's mean weights the call's value by). The model's own ``state_dict``
+    is not part of this module's (it is saved beside it); the estimator's state and the
+    values of Pyro param-store parameters that the programs use (user models with
+    ``pyro.param``) are.
 
     :param model: an object meeting the model contract.
     :param estimator: from :func:`make_estimator`.
@@ -438,15 +443,20 @@ class SVIObjective(nn.Module):
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
         self.trusted, self._warned = False, False
+        self.num_data = None  #: datapoints in the last call's data plate
 
     def forward(self, *batch):
+        first = batch[0] if batch else None
+        hint = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else None
         with contextlib.ExitStack() as stack:
             if self.trusted:
                 stack.enter_context(trusted_inputs())
                 stack.enter_context(pyro.validation_enabled(False))
-            scale = stack.enter_context(observed_scale())
+            # the data plate, where fit named it for the estimators that trace the programs
+            plate = getattr(self.estimator, "data_plate", None)
+            scale = stack.enter_context(data_units(plate, hint))
             value, surrogate = self.estimator(self._model, self._guide, *batch)
-        n = batch[0].shape[0]
+        n = self.num_data = scale.num_data
         value, surrogate = value / n, surrogate / n
         if not scale.agree:
             if not self._warned:

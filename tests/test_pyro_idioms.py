@@ -641,3 +641,8 @@ def test_messages_name_the_site_and_say_what_to_do():
 
     with pytest.raises(ValueError, match="'k' is discrete.*enumerate it in the model"):
         AutoAmortizedNormal(discrete)(x)
+    sequential = type("Sequential", (), {
+        "model": staticmethod(pyro.infer.config_enumerate(discrete, default="sequential")),
+        "guide": staticmethod(lambda x: None)})()
+    with pytest.raises(ValueError, match="'k' is marked.*'sequential'.*mark it 'parallel'"):
+        iw_log_likelihood(sequential, x, num_samples=2)

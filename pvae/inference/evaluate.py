@@ -88,17 +88,22 @@ class _Data:
 
     def sizes(self, num_samples: int, batch_size, chunk_size) -> int:
         """Set the datapoints per pass (tensor data) and return the particles per pass: as
-        given, or so that their product suits the device (:mod:`pvae.inference.sizes`)."""
+        given, or so that their product suits the device (:mod:`pvae.inference.sizes`);
+        :attr:`rows` is that product, the budget of a trace that holds fewer datapoints than
+        the pass (a plate that subsamples itself), ``None`` where ``chunk_size`` was given."""
         if self.loader is not None:
             if batch_size is not None:
                 raise ValueError("a DataLoader's batches are its own: pass batch_size=None")
             first = self.first()[0]
             n = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
             width = first[0].numel() if isinstance(first, torch.Tensor) and first.dim() else 1
-            return default_sizes(n, num_samples, self.device, width, 4, n, chunk_size)[1]
-        self.batch_size, chunk = default_sizes(len(self.x), num_samples, self.device,
-                                               self.x[0].numel(), self.x.element_size(),
-                                               batch_size, chunk_size)
+            chunk = default_sizes(n, num_samples, self.device, width, 4, n, chunk_size)[1]
+        else:
+            self.batch_size, chunk = default_sizes(len(self.x), num_samples, self.device,
+                                                   self.x[0].numel(), self.x.element_size(),
+                                                   batch_size, chunk_size)
+            n = self.batch_size
+        self.rows = None if chunk_size is not None else chunk * n
         return chunk
 
 
@@ -159,14 +164,12 @@ def _too_small(error: ValueError) -> bool:
     return "subsample_size does not match len(subsample)" in str(error)
 
 
-def _chunk(chunk: int, found: Layout, args: tuple) -> int:
-    """Particles per trace where a self-subsampling plate holds fewer datapoints per trace
-    than the pass: as many more as fit the same rows."""
-    first = args[0]
-    n = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
-    if found.subsample_size is None or found.subsample_size >= n:
+def _chunk(chunk: int, found: Layout, data: _Data, num_samples: int) -> int:
+    """Particles per trace: ``chunk``, or where the data plate subsamples itself (a trace
+    holds m datapoints of the pass) as many as fit the pass's budget of rows."""
+    if found.subsample_size is None or data.rows is None:
         return chunk
-    return max(chunk, chunk * n // found.subsample_size)
+    return max(1, min(num_samples, data.rows // found.subsample_size))
 
 
 class _Programs:
@@ -332,7 +335,7 @@ def iw_log_likelihood(model, x, *, c=None, num_samples: int = 5000, batch_size: 
     def one_pass(args) -> torch.Tensor:
         """``(2, n)``: the estimate and the ESS of the pass's datapoints."""
         lse = lse2 = None
-        chunk = _chunk(chunk_size, found, args)
+        chunk = _chunk(chunk_size, found, data, num_samples)
         for start in range(0, num_samples, chunk):
             k = min(chunk, num_samples - start)
             logw = weights(model.model, model.guide, args, k, found).log_weight
@@ -532,7 +535,7 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     sums = []
     for args in data.passes():
         total = {}
-        chunk = _chunk(chunk_size, found, args)
+        chunk = _chunk(chunk_size, found, data, num_samples)
         for start in range(0, num_samples, chunk):
             k = min(chunk, num_samples - start)
             out = per_datapoint(terms, model.model, model.guide, args, k, found)

@@ -16,9 +16,8 @@ import contextvars
 import torch
 from torch import nn
 
-__all__ = ["DataArgs", "check_model", "fixed_parameters", "inputs_trusted", "place_data",
-           "prepare_data",
-           "program_args", "placement", "resolve_device",
+__all__ = ["DataArgs", "check_model", "fixed_parameters", "inputs_trusted", "place_args",
+           "place_data", "prepare_data", "program_args", "placement", "resolve_device",
            "to_placement", "trusted_inputs"]
 
 _TRUSTED = contextvars.ContextVar("pvae_trusted_inputs", default=False)
@@ -166,6 +165,33 @@ def fixed_parameters(model):
             p.requires_grad_(True)
         for m in training:
             m.train(True)
+
+
+def place_args(item, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A ``DataLoader``'s item as the programs' positional arguments, placed: a tuple or list
+    is the arguments (a lone tensor one argument); tensors go to ``device`` (floating ones in
+    ``dtype``, as :func:`to_placement`), ``PackedSequence`` and other objects with ``.to`` to
+    ``device`` (floating data in ``dtype``), tuples, lists and dicts of them element by
+    element; anything else as it is.
+    """
+    args = tuple(item) if isinstance(item, (tuple, list)) and not hasattr(item, "_fields") \
+        else (item,)
+    return tuple(_placed(a, device, dtype) for a in args)
+
+
+def _placed(value, device: torch.device, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return to_placement(value, device, dtype)
+    if isinstance(value, nn.utils.rnn.PackedSequence):
+        data = value.data
+        return value.to(device=device, dtype=dtype if data.is_floating_point() else data.dtype)
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_placed(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _placed(v, device, dtype) for k, v in value.items()}
+    if callable(getattr(value, "to", None)):
+        return value.to(device)
+    return value
 
 
 def program_args(x: torch.Tensor, c=None) -> tuple:

@@ -237,3 +237,4 @@ def test_pvae_train_keeps_one_settings_record(tmp_path):
         main(["train", "--dataset", "digits", "--estimator", "reparam", "--gradient", "dreg",
               "--num-epochs", "1", "--out", str(tmp_path / "refused")])
     assert refused.value.code == 2
+

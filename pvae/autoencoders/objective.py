@@ -126,6 +126,7 @@ class AutoencoderObjective(nn.Module):
         object.__setattr__(self, "autoencoder", autoencoder)  # not a submodule: saved on its own
         object.__setattr__(self, "loss", loss)
         self.trusted = False  # the engine's flag; the checks live in check_data
+        self.num_data = 0  # datapoints of the last call
 
     @property
     def config(self) -> dict:
@@ -165,6 +166,7 @@ class AutoencoderObjective(nn.Module):
         if rest:
             raise TypeError("autoencoders take x only; got conditioning data as well")
         loss = self.losses(x).mean()
+        self.num_data = len(x)
         return loss.detach(), loss
 
     def set_step(self, step: int) -> None:
@@ -177,6 +179,10 @@ class AutoencoderObjective(nn.Module):
     def settled(self) -> bool:
         """Always: nothing is annealed."""
         return True
+
+    def needs_whole_batches(self, *batch) -> bool:
+        """Never: any rows of x make a batch."""
+        return False
 
     def validation(self) -> AutoencoderObjective:
         """Itself: in ``eval()`` mode (validation) the input is not corrupted."""

@@ -6,6 +6,7 @@ import pyro
 import torch
 from torch import nn
 
+from pvae.inference.handlers import data_units
 from pvae.inference.objectives import ReparamELBO, ScoreFunctionELBO, as_loss
 
 __all__ = ["gradient_variance"]
@@ -17,7 +18,8 @@ def gradient_variance(model, x: torch.Tensor, *, loss=None, num_estimates: int =
     parameters, per parameter group (the first component of each parameter's name, e.g.
     ``encoder``, ``decoder``).
 
-    Each estimate is the gradient of the surrogate loss per datapoint on the same batch ``x``.
+    Each estimate is the gradient of the surrogate loss per datapoint on the same batch ``x``
+    (the datapoints of the data plate, :class:`~pvae.inference.handlers.data_units`).
     Neural baselines, which start untrained, can be fitted first for ``warmup_steps`` Adam
     steps on the baseline's own parameters (the model's parameters stay fixed).
 
@@ -48,7 +50,9 @@ def gradient_variance(model, x: torch.Tensor, *, loss=None, num_estimates: int =
     grads = []
     for _ in range(num_estimates):
         model.zero_grad(set_to_none=True)
-        surrogate = est(model.model, model.guide, *args)[1] / x.shape[0]
+        with data_units(batch_size=x.shape[0]) as units:  # per datapoint, as in training
+            surrogate = est(model.model, model.guide, *args)[1]
+        surrogate = surrogate / units.num_data
         gs = torch.autograd.grad(surrogate, [p for _, p in named], allow_unused=True)
         grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                 for g, (_, p) in zip(gs, named)]))

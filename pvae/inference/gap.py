@@ -26,7 +26,8 @@ from torch.distributions import MultivariateNormal, Normal
 
 from pvae.contract import fixed_parameters, prepare_data, program_args
 from pvae.distributions import base_dist
-from pvae.inference.traces import data_layout, sites, traces, weights
+from pvae.inference.traces import layout as find_layout
+from pvae.inference.traces import sites, traces, weights
 from pvae.stats import mean_stderr
 from pvae.validation import check_choice, check_count, check_float
 
@@ -163,8 +164,7 @@ def _elbo(program, args, num_samples, layout, chunk=256):
     total, total_sq = 0.0, 0.0
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
-        log_w = weights(program.model, program.guide, args, k, layout[0],
-                        plate=layout[1]).log_weight.double()
+        log_w = weights(program.model, program.guide, args, k, layout).log_weight.double()
         total, total_sq = total + log_w.sum(0), total_sq + log_w.pow(2).sum(0)
     mean = total / num_samples
     var = (total_sq / num_samples - mean**2).clamp_min(0) * num_samples / max(num_samples - 1, 1)
@@ -177,8 +177,7 @@ def _iw(program, args, num_samples, layout, chunk=256):
     lse = lse2 = None
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
-        log_w = weights(program.model, program.guide, args, k, layout[0],
-                        plate=layout[1]).log_weight.double()
+        log_w = weights(program.model, program.guide, args, k, layout).log_weight.double()
         a, b = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
         lse = a if lse is None else torch.logaddexp(lse, a)
         lse2 = b if lse2 is None else torch.logaddexp(lse2, b)
@@ -220,7 +219,8 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     x, c = prepare_data(model, x, c, device, "inference_gap")
     args = program_args(x, c)
     pyro.set_rng_seed(seed)
-    layout = nesting, _ = data_layout(model.model, model.guide, args)  # (nesting, data plate)
+    layout = find_layout(model.model, model.guide, args)
+    nesting = layout.nesting
     refined = RefinedGuide(model, args, family)
     with fixed_parameters(model):
         elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True,

@@ -1,8 +1,10 @@
 """Effect handlers that turn any model and guide into the program an objective needs:
 :class:`scale_latents` (beta-weighted KL), :class:`score_function` (REINFORCE gradients with
-baselines), :class:`observed_scale` (the scale of the data, to report values per datapoint)
-and :class:`mask_entries` / :class:`select_observed` (the likelihood of some entries of x, or
-of some observed sites, only)."""
+baselines), :class:`data_units` (how many datapoints a program's estimate stands for, to report
+values per datapoint) and :class:`mask_entries` / :class:`select_observed` (the likelihood of
+some entries of x, or of some observed sites, only). The handler that covers a
+self-subsampling data plate, :class:`~pvae.inference.traces.subsample_indices`, lives with the
+trace code that uses it."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pvae.distributions import base_dist
+from pvae.inference.traces import DESELECTED, find_data_plate, plate_extent
 
-__all__ = ["BASELINES", "mask_entries", "observed_scale", "scale_latents", "score_function",
-           "select_observed"]
+__all__ = ["BASELINES", "data_units", "mask_entries", "observed_scale", "scale_latents",
+           "score_function", "select_observed"]
 
 #: Baseline options of the score-function estimator.
 BASELINES = (None, "average", "neural")
@@ -73,9 +76,11 @@ class mask_entries(Messenger):
 
 class select_observed(Messenger):
     """Score only the observed sites named in ``names``: the others are masked out (their
-    log-density counts as 0, as under ``pyro.poutine.mask(mask=False)``), so that importance
-    weights estimate the likelihood of the selected sites alone, the others marginalized:
-    log p(x | t) for ``model(x, t, y)`` with ``names=("x",)``, when y is a leaf of the model.
+    log-density counts as 0, as under ``pyro.poutine.mask(mask=False)``) and marked, so that
+    evaluation leaves them out of the weights and of the search for the data plate
+    (:func:`~pvae.inference.traces.sites`): importance weights then estimate the likelihood of
+    the selected sites alone, the others marginalized: log p(x | t) for ``model(x, t, y)`` with
+    ``names=("x",)``, when y is a leaf of the model.
 
     :param names: observed site names.
     """
@@ -87,13 +92,25 @@ class select_observed(Messenger):
     def _pyro_sample(self, msg):
         if msg["is_observed"] and msg["name"] not in self.names:
             msg["mask"] = torch.zeros((), dtype=torch.bool, device=msg["value"].device)
+            msg["infer"] = {**msg["infer"], DESELECTED: True}
 
 
-class observed_scale(Messenger):
-    """Record the scale that the model's **observed** sites carry: the mini-batch scaling of a
-    subsampled plate (``pyro.plate("data", N, subsample=...)``: N / batch) times any
-    ``poutine.scale`` around them. An objective divides its value by it to report nats per
-    datapoint, unscaled. Only reads ``msg["scale"]`` (no host synchronization, nothing changed).
+class data_units(Messenger):
+    """How many datapoints a program's estimate stands for, read off its observed sites as they
+    run: the datapoints in the data plate as the trace holds them (its subsample's size for a
+    subsampled plate, the inferred size for an unsized ``pyro.plate("data")``) times the scale
+    the observed sites carry (``N / n`` of a plate that subsamples n of N datapoints, times any
+    ``poutine.scale``). An objective divides its value (a sum over the batch with the model's
+    scales, as Pyro's ELBOs compute it) by :attr:`units` to report nats per datapoint,
+    unscaled, whoever subsamples: pvae's batches with ``pyro.plate("data", N,
+    subsample=idx)`` (units ``n * N / n = N``), ``subsample_size=m`` in the model's or the
+    guide's plate (``m * N / m = N``, the plate's full size), ``poutine.scale(scale=s)`` around
+    a plate of n (``n * s``). Only reads the messages: no host synchronization, nothing changed.
+
+    :param data_plate: the data plate's name, where several plates could be it (by default
+        found: :func:`~pvae.inference.traces.find_data_plate`).
+    :param batch_size: the batch's leading size, a hint among several plates around the
+        observed sites (``None``: no hint).
 
     :ivar scale: the observed sites' common scale (a float, or a tensor as ``poutine.scale``
         got it), 1.0 before any observed site is seen.
@@ -101,19 +118,45 @@ class observed_scale(Messenger):
         objective: no single factor makes it per datapoint).
     """
 
-    def __init__(self):
+    def __init__(self, data_plate: str | None = None, batch_size: int | None = None):
         super().__init__()
-        self.scale, self.agree, self._seen = 1.0, True, False
+        self.data_plate, self.batch_size = data_plate, batch_size
+        self.scale, self.agree, self.observed = 1.0, True, {}
 
     def _postprocess_message(self, msg):
-        if msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg):
+        if msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg) \
+                or msg["name"] in self.observed:  # (sequential particles: the first run's)
             return
         scale = msg["scale"]
-        if not self._seen:
-            self.scale, self._seen = scale, True
+        if not self.observed:
+            self.scale = scale
         elif not isinstance(scale, torch.Tensor) and not isinstance(self.scale, torch.Tensor) \
                 and scale != self.scale:
             self.agree = False
+        self.observed[msg["name"]] = msg
+
+    @property
+    def num_data(self) -> int:
+        """Datapoints in the data plate, as the program ran it.
+
+        :raises ValueError: no observed site was seen, or they lie in no common plate.
+        """
+        observed = list(self.observed.values())
+        if not observed:
+            raise ValueError("the model has no observed site; condition the data with "
+                             "pyro.sample('x', ..., obs=x)")
+        return plate_extent(observed, find_data_plate(observed, self.batch_size,
+                                                      self.data_plate))
+
+    @property
+    def units(self):
+        """``num_data * scale``: the datapoints the estimate stands for (where the scales
+        :attr:`agree`)."""
+        return self.num_data * self.scale
+
+
+#: The former name of :class:`data_units`, which now also counts the datapoints.
+observed_scale = data_units
 
 
 def baseline_key(site_name: str) -> str:

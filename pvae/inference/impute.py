@@ -24,7 +24,7 @@ which improves the proposal without changing what is estimated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyro
 import pyro.poutine as poutine
@@ -43,10 +43,10 @@ from pvae.contract import (
 from pvae.inference.handlers import mask_entries
 from pvae.inference.sizes import pass_rows
 from pvae.inference.traces import (
-    data_layout,
     features,
     forked_rng,
     has_auxiliary,
+    layout,
     own_rng,
     replayed_log_density,
     sites,
@@ -164,11 +164,18 @@ class _Sampler:
         self.guide, self.prior_fraction = model.guide, prior_fraction
         device = args[0].device
         with forked_rng(device):  # looking at the programs leaves the draws alone
-            self.nesting, self.plate = data_layout(model.model, model.guide, args, data_plate)
+            found = layout(model.model, model.guide, args, data_plate)
+            if found.subsample_size is not None or found.enumerated:
+                raise ValueError("impute needs a model that scores every datapoint it is given "
+                                 "and samples every latent site from the guide; this one "
+                                 + ("enumerates discrete sites" if found.enumerated else
+                                    "subsamples its data plate itself"))
+            self.nesting, self.plate = found.nesting, found.plate
             self.site = _data_site(model, args)
             self.model = mask_entries(self.site, mask)(model.model)
             self.vectorize = vectorizes(self.model, model.guide, args, self.nesting,
                                         self.plate, task="imputing")
+            self.layout = replace(found, vectorize=self.vectorize)
             with poutine.block():
                 self.auxiliary = has_auxiliary(poutine.trace(model.guide).get_trace(*args))
 
@@ -208,7 +215,7 @@ class _Sampler:
                 else:
                     log_q = w.log_guide if proposal is self.guide else replayed_log_density(
                         self.guide, w.guide_trace, args, k if self.vectorize else None,
-                        self.nesting, self.plate)  # the guide's density at the prior's draws
+                        self.layout)  # the guide's density at the prior's draws
                     log_pi = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
                 out.append((w.log_likelihood + log_p - log_pi, self._x(w, k, "mean")))
         return tuple(torch.cat(parts) for parts in zip(*out))
@@ -238,8 +245,7 @@ class _Sampler:
         return out
 
     def _particles(self, proposal, args, k):
-        return weights(self.model, proposal, args, k, self.nesting, self.vectorize,
-                       plate=self.plate)
+        return weights(self.model, proposal, args, k, self.layout)
 
     def _x(self, w, k: int, what: str) -> torch.Tensor:
         """``(k, N, D)``: the likelihood's mean, or one draw, for each particle of ``w``."""

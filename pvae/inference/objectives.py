@@ -48,14 +48,16 @@ from pvae import parallel
 from pvae.config import RecordsConfig
 from pvae.contract import check_model, trusted_inputs
 from pvae.distributions import base_dist, detached
-from pvae.inference.handlers import BASELINES, observed_scale, scale_latents, score_function
+from pvae.inference.handlers import BASELINES, data_units, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule, settled
 from pvae.inference.traces import (
     data_layout,
+    draws_subsample,
     forked_rng,
     in_model_order,
     log_prob,
     max_plate_nesting,
+    plate_extent,
     reduce_site,
     site_shaped,
     sites,
@@ -93,6 +95,8 @@ class SVILoss(RecordsConfig, nn.Module):
     """
 
     name: str | None = None
+    #: the data plate's name where several plates could be it (``None``: found)
+    data_plate: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -199,7 +203,7 @@ class ReparamELBO(SVILoss):
     def forward(self, model, guide, *args):
         if not self.capturable:
             if self.analytic_kl and self._mean_field is None:  # decided once, on the first call
-                with forked_rng(args[0].device):  # the training draws stay as they were
+                with forked_rng(_device(args)):  # the training draws stay as they were
                     self._mean_field = in_model_order(*traces(model, guide, args))
                 if not self._mean_field:  # TraceMeanField_ELBO's KLs would be biased
                     self.elbo = Trace_ELBO(num_particles=self.num_particles,
@@ -304,11 +308,13 @@ class ScoreFunctionELBO(SVILoss):
             with score_function(self.baseline, a[0], self.nets, average):
                 return guide(*a)
 
-        elbo, surrogate = self.elbo.loss_and_surrogate(model, scored_guide, *args)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        with data_units(self.data_plate, None if first is None else first.shape[0]) as units:
+            elbo, surrogate = self.elbo.loss_and_surrogate(model, scored_guide, *args)
         elbo = torch.as_tensor(elbo).detach()
         # under data-parallel training, the global mini-batch's ELBO: every rank keeps the same
         # average (and rank 0's checkpoint holds everyone's); one process: this batch's
-        total, count = elbo.item(), args[0].shape[0]
+        total, count = elbo.item(), units.units if units.agree else units.num_data
         if self._global:
             total, count = parallel.all_reduce_sum(total, count)
         per_datapoint = total / count
@@ -342,7 +348,7 @@ class _ImportanceWeighted(SVILoss):
         """``[(guide_trace, model_trace), ...]``: one vectorized pair, or K pairs."""
         if self._layout is None:
             nesting, plate = data_layout(model, guide, args, self.data_plate)
-            with forked_rng(args[0].device):
+            with forked_rng(_device(args)):
                 vectorize = vectorizes(model, guide, args, nesting, plate, task="training")
             self._layout = nesting, plate, vectorize
         nesting, _, vectorize = self._layout
@@ -351,14 +357,14 @@ class _ImportanceWeighted(SVILoss):
             return [traces(model, guide, args, K, nesting, block=False)]
         return [traces(model, guide, args, None, nesting, block=False) for _ in range(K)]
 
-    def _log_weights(self, parts, N, dreg: bool = False):
-        """``(log_w, obs_scale)``: the ``(K, N)`` log weights of ``parts`` and the observed
-        sites' scale."""
+    def _log_weights(self, parts, dreg: bool = False):
+        """``(log_w, obs_scale)``: the ``(K, N)`` log weights of ``parts`` (N the datapoints of
+        the data plate as the traces hold them) and the observed sites' scale."""
         nesting, plate, _ = self._layout
         k = self.num_particles if len(parts) == 1 else 1
         log_w, obs_scale = [], None
         for guide_tr, model_tr in parts:
-            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, N, nesting, plate, dreg)
+            part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, nesting, plate, dreg)
             log_w.append(part)
         return (torch.cat(log_w) if len(log_w) > 1 else log_w[0]), obs_scale
 
@@ -395,9 +401,9 @@ class IWAE(_ImportanceWeighted):
         self.gradient = gradient
 
     def forward(self, model, guide, *args):
-        N, dreg = args[0].shape[0], self.gradient == "dreg"
+        dreg = self.gradient == "dreg"
         parts = self._traces(model, guide, args)
-        log_w, obs_scale = self._log_weights(parts, N, dreg)  # (K, N)
+        log_w, obs_scale = self._log_weights(parts, dreg)  # (K, N)
         objective = (obs_scale * logmeanexp(log_w, 0)).sum()
         if not dreg:
             return objective.detach(), -objective
@@ -417,10 +423,16 @@ class IWAE(_ImportanceWeighted):
         return objective.detach(), surrogate
 
 
-def _iw_log_weight(guide_tr, model_tr, K, N, nesting, plate, dreg):
+def _device(args) -> torch.device:
+    """The device of the programs' first tensor argument (the CPU without one)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+
+
+def _iw_log_weight(guide_tr, model_tr, K, nesting, plate, dreg):
     """``(log_w, obs_scale)``: the beta-weighted log importance weights ``(K, N)`` of one trace
-    pair (see :class:`IWAE`) and the observed sites' scale; with ``dreg`` log q with stopped
-    parameters."""
+    pair (see :class:`IWAE`; N the datapoints of the data plate as the trace holds them) and
+    the observed sites' scale; with ``dreg`` log q with stopped parameters."""
+    N = plate_extent(model_tr, plate)
     obs_scale = None
     log_w = 0.0
     for name, site in sites(model_tr, True):
@@ -479,10 +491,11 @@ class VIMCO(_ImportanceWeighted):
                              f"particle out), got {num_particles}")
 
     def forward(self, model, guide, *args):
-        K, N = self.num_particles, args[0].shape[0]
+        K = self.num_particles
         with score_function():
             parts = self._traces(model, guide, args)
-        log_w, obs_scale = self._log_weights(parts, N)  # (K, N)
+        log_w, obs_scale = self._log_weights(parts)  # (K, N)
+        N = log_w.shape[1]
         nesting, plate, _ = self._layout
         k = K if len(parts) == 1 else 1
         log_q = torch.cat([sum((reduce_site(name, site, log_prob(site), k, N, nesting, plate)
@@ -564,7 +577,7 @@ class PyroLoss(SVILoss):
     def forward(self, model, guide, *args):
         if self._elbo is not None and not torch.is_grad_enabled():
             # validation: Pyro's differentiable_loss refuses a loss without gradient
-            loss = args[0].new_tensor(self._elbo.loss(model, guide, *args))
+            loss = torch.tensor(self._elbo.loss(model, guide, *args), device=_device(args))
             return -loss, loss
         loss = self._loss(model, guide, *args)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
@@ -589,16 +602,18 @@ class SVIObjective(nn.Module):
 
     ``objective(*batch)`` returns ``(value, loss)``, both per datapoint: the objective's value
     (the beta-weighted ELBO or IWAE bound, nats, no gradient) and the surrogate loss to
-    differentiate. Per datapoint means: the loss's sums over the batch divided by the batch size
-    ``n`` and by the scale ``s`` of the model's observed sites
-    (:class:`~pvae.inference.handlers.observed_scale`), so that a model that scales its data
-    term (plate subsampling, ``pyro.plate("data", N, subsample=idx)``: ``s = N / n``;
-    ``poutine.scale(scale=s)``) still reports the unscaled ELBO per datapoint, and its loss
-    (hence its gradient) is that of the ELBO per datapoint. Where the observed sites carry
-    different scales no single ``s`` exists: nothing is divided out beyond ``n``, with one
-    warning. The model's own ``state_dict`` is not part of this module's (it is saved
-    beside it); the loss's state and the values of Pyro param-store parameters that the
-    programs use (user models with ``pyro.param``) are.
+    differentiate. Per datapoint means: the loss's sums over the batch divided by the number
+    of datapoints they stand for (:class:`~pvae.inference.handlers.data_units`): the
+    datapoints ``n`` in the data plate as the model's trace holds them times the scale ``s``
+    of its observed sites, so that a program that subsamples or scales its data term
+    (``pyro.plate("data", N, subsample=idx)``: ``n s = N``; ``subsample_size=m`` in the
+    model's or the guide's plate: ``m * N / m = N``; ``poutine.scale(scale=s)``) still reports
+    the unscaled ELBO per datapoint, and its loss (hence its gradient) is that of the ELBO per
+    datapoint. Where the observed sites carry different scales no single ``s`` exists: nothing
+    is divided out beyond ``n``, with one warning. :attr:`num_data` holds the last call's
+    ``n`` (what an epoch's mean weights the call's value by). The model's own ``state_dict``
+    is not part of this module's (it is saved beside it); the loss's state and the values of
+    Pyro param-store parameters that the programs use (user models with ``pyro.param``) are.
 
     :param model: an object meeting the model contract.
     :param SVILoss loss: the loss; its ``beta`` is applied to the latent sites with
@@ -624,6 +639,7 @@ class SVIObjective(nn.Module):
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
         self.trusted, self._warned, self._step = False, False, 0
+        self.num_data = None  #: datapoints in the last call's data plate
 
     @property
     def config(self) -> dict:
@@ -631,14 +647,17 @@ class SVIObjective(nn.Module):
         return self.estimator.config
 
     def forward(self, *batch):
+        first = batch[0] if batch else None
+        hint = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else None
         with contextlib.ExitStack() as stack:
             if self.trusted:
                 stack.enter_context(trusted_inputs())
                 stack.enter_context(pyro.validation_enabled(False))
-            scale = stack.enter_context(observed_scale())
+            # the data plate, where fit named it for the estimators that trace the programs
+            scale = stack.enter_context(data_units(self.estimator.data_plate, hint))
             value, surrogate = self.estimator(self._model, self._guide, *batch)
-        n = batch[0].shape[0]
-        value, surrogate = value / n, surrogate / n
+        n = self.num_data = scale.num_data
+        units = n
         if not scale.agree:
             if not self._warned:
                 warnings.warn("the model's observed sites carry different scales "
@@ -646,7 +665,8 @@ class SVIObjective(nn.Module):
                               "without removing them", RuntimeWarning, stacklevel=2)
                 self._warned = True
         elif isinstance(scale.scale, torch.Tensor) or scale.scale != 1.0:
-            value, surrogate = value / scale.scale, surrogate / scale.scale
+            units = n * scale.scale
+        value, surrogate = value / units, surrogate / units
         return value, surrogate
 
     def validation(self) -> SVIObjective:
@@ -690,6 +710,17 @@ class SVIObjective(nn.Module):
         or is in the flat part of a cycle (early stopping and the best checkpoint wait for
         it)."""
         return settled(self.schedule, self._step)
+
+    def needs_whole_batches(self, *batch) -> bool:
+        """Whether the programs take no fewer datapoints than ``batch`` (a whole mini-batch):
+        they draw a subsample of a plate themselves (``subsample_size``), seen on one trace of
+        the guide (which draws the subsample the model replays) with torch's RNG forked; a
+        trace that fails answers ``False`` (the probe's own run reports the error)."""
+        with forked_rng(_device(batch)):
+            try:
+                return draws_subsample(self.program.guide, batch)
+            except Exception:  # noqa: BLE001 (reported by the probe's own run)
+                return False
 
     def trainable_parameters(self, *batch) -> list[torch.Tensor]:
         """The model's ``nn.Module`` parameters, this objective's own (neural baselines) and

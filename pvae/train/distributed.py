@@ -138,7 +138,7 @@ class DistributedStep(EagerStep):
         super().__init__(state, data)
         self.replica = replica
 
-    def __call__(self, batch: tuple, global_step: int) -> torch.Tensor:
+    def __call__(self, batch: tuple, global_step: int) -> tuple[torch.Tensor, int]:
         state, data = self.state, self.data
         state.objective.set_step(global_step)
         value, loss = self.replica(*data.transform(batch))
@@ -152,7 +152,7 @@ class DistributedStep(EagerStep):
         loss.backward()
         state.optimizer.step()
         state.scheduler.step_batch()
-        return value
+        return value, state.objective.num_data
 
 
 def use_distributed(step: str, device: torch.device) -> bool:

@@ -105,7 +105,7 @@ def fit(model, data, *data_args, loss=None, val=None, num_epochs: int, batch_siz
     capture = _capture(step, device, objective, ddp)
     seed_all(seed)
     generator = torch.Generator().manual_seed(seed)
-    probe = train_data.probe(seed)
+    probe = train_data.probe(seed, whole=objective.needs_whole_batches(*train_data.sample(seed)))
     params = objective.trainable_parameters(*probe)
     objective.trusted = True  # the data were checked once above
     if capture:

@@ -34,9 +34,9 @@ def train_epoch(state: TrainState, data: TrainingData, step=None) -> dict:
     state.set_training(True)
     t0, values, seen = time.perf_counter(), [], 0
     for i, batch in enumerate(data.shuffled(state.generator)):
-        value = step(batch, state.epoch * data.steps_per_epoch + i)
-        values.append(value * len(batch[0]))
-        seen += len(batch[0])
+        value, num_data = step(batch, state.epoch * data.steps_per_epoch + i)
+        values.append(value * num_data)  # each step weighted by the datapoints it stands for
+        seen += num_data
     step.check()
     seconds = time.perf_counter() - t0
     total = torch.stack(values).double().sum().item() if values else float("nan")
@@ -50,14 +50,16 @@ def train_epoch(state: TrainState, data: TrainingData, step=None) -> dict:
 
 @torch.no_grad()
 def mean_value(objective, data: TrainingData, batch_size: int = 1000) -> float:
-    """Mean over ``data`` of an objective's per-datapoint value (e.g. the validation ELBO);
-    with several processes each computes its share and the sums are all-reduced."""
-    total = 0.0
+    """Mean over ``data`` of an objective's per-datapoint value (e.g. the validation ELBO), each
+    batch weighted by the datapoints it stands for (``objective.num_data``); with several
+    processes each computes its share and the sums are all-reduced."""
+    total, count = 0.0, 0
     for batch in data.in_order(batch_size):
-        total += objective(*batch)[0].item() * len(batch[0])
+        total += objective(*batch)[0].item() * objective.num_data
+        count += objective.num_data
     if data.world_size > 1:
-        (total,) = all_reduce_sum(total)
-    return total / len(data)
+        total, count = all_reduce_sum(total, count)
+    return total / max(count, 1)
 
 
 def run_epochs(state: TrainState, data: TrainingData, num_epochs: int, *,

@@ -32,12 +32,14 @@ class Objective(Protocol):
       resume;
     - ``trusted``: set by the loop once the whole dataset is checked (per-call checks off);
     - ``objective(*batch) -> (value, loss)``: per datapoint, ``value`` detached, ``loss`` the
-      surrogate to differentiate;
+      surrogate to differentiate; ``num_data``, the datapoints the last call stood for (the
+      epoch's mean weights each step by them);
     - ``set_step(step)`` before each optimizer step (schedules such as beta), ``metrics()`` the
       settings of the current step worth a history column, ``settled()`` whether the objective
       no longer changes with the step (beta warmed up; early stopping waits for it);
     - ``trainable_parameters(*batch)``: runs once on a probe batch (building lazy parts) and
-      returns every tensor to optimize;
+      returns every tensor to optimize; ``needs_whole_batches(*batch)``: whether that probe
+      must be a whole mini-batch (programs that draw their own subsample);
     - ``validation()``: the objective whose value is reported on validation data (evaluated in
       ``eval()`` mode, without gradient);
     - ``capture_blocker()``: why the step cannot be captured as a CUDA graph, or ``None``, and
@@ -48,6 +50,7 @@ class Objective(Protocol):
 
     value_name: str
     trusted: bool
+    num_data: int
 
     @property
     def config(self) -> dict: ...
@@ -61,6 +64,8 @@ class Objective(Protocol):
     def settled(self) -> bool: ...
 
     def trainable_parameters(self, *batch) -> list[torch.Tensor]: ...
+
+    def needs_whole_batches(self, *batch) -> bool: ...
 
     def validation(self) -> Objective: ...
 

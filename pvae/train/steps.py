@@ -2,7 +2,8 @@
 
 A step takes a placed mini-batch (``TrainingData.shuffled``), transforms it (dynamic
 binarization), evaluates the objective, differentiates the loss and steps the optimizer; it
-returns the objective's value per datapoint as a device tensor. The loop calls
+returns the objective's value per datapoint as a device tensor and the number of datapoints it
+stands for (the objective's ``num_data``: those of the data plate, not the batch's length). The loop calls
 :meth:`check` at the end of every epoch; a captured step checks for a non-finite loss only
 then and every ``check_every`` steps, through a flag kept on the device, so that no step waits
 for the host.
@@ -61,7 +62,7 @@ class EagerStep:
     def __init__(self, state: TrainState, data: TrainingData):
         self.state, self.data = state, data
 
-    def __call__(self, batch: tuple, global_step: int) -> torch.Tensor:
+    def __call__(self, batch: tuple, global_step: int) -> tuple[torch.Tensor, int]:
         state = self.state
         state.objective.set_step(global_step)
         value, loss = state.objective(*self.data.transform(batch))
@@ -71,7 +72,7 @@ class EagerStep:
         loss.backward()
         state.optimizer.step()
         state.scheduler.step_batch()
-        return value
+        return value, state.objective.num_data
 
     def check(self) -> None:
         """Nothing is pending: every step was checked."""
@@ -98,6 +99,7 @@ class _Captured:
     inputs: list  # static input buffers, one per batch tensor
     value: torch.Tensor  # static output: the objective's value per datapoint
     finite: torch.Tensor  # static output: whether the loss was finite
+    num_data: int  # datapoints the captured batch stands for
 
 
 class CapturedStep:
@@ -177,9 +179,9 @@ class CapturedStep:
         state.optimizer.zero_grad(set_to_none=True)  # backward allocates grads in the graph
         graph = self.graph_factory()
         graph.capture(step)
-        return _Captured(graph, inputs, value, finite)
+        return _Captured(graph, inputs, value, finite, state.objective.num_data)
 
-    def __call__(self, batch: tuple, global_step: int) -> torch.Tensor:
+    def __call__(self, batch: tuple, global_step: int) -> tuple[torch.Tensor, int]:
         shape = tuple(b.shape for b in batch)
         if self.shape is None:
             self.shape = shape  # the full batch shape: the one captured
@@ -210,7 +212,7 @@ class CapturedStep:
         self.since_check += 1
         if self.since_check >= self.check_every:
             self.check()
-        return self.captured.value.clone()
+        return self.captured.value.clone(), self.captured.num_data
 
     def check(self) -> None:
         """Raise :class:`TrainingDivergedError` if a replayed step had a non-finite loss."""

@@ -51,6 +51,7 @@ from pvae.distributions import base_dist, detached
 from pvae.inference.handlers import BASELINES, data_units, scale_latents, score_function
 from pvae.inference.schedules import Constant, make_schedule, settled
 from pvae.inference.traces import (
+    PARTICLE_PLATES,
     data_layout,
     draws_subsample,
     forked_rng,
@@ -97,6 +98,11 @@ class SVILoss(RecordsConfig, nn.Module):
     name: str | None = None
     #: the data plate's name where several plates could be it (``None``: found)
     data_plate: str | None = None
+    #: whether the history gets the training reconstruction and KL of this loss's steps
+    reports_terms = True
+    #: the last step's KL summed over the batch (scaled as the value), where the loss computes
+    #: it itself; ``None``: the objective derives it from the value and beta
+    last_kl = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -362,10 +368,13 @@ class _ImportanceWeighted(SVILoss):
         the data plate as the traces hold them) and the observed sites' scale."""
         nesting, plate, _ = self._layout
         k = self.num_particles if len(parts) == 1 else 1
-        log_w, obs_scale = [], None
+        log_w, kl, obs_scale = [], [], None
         for guide_tr, model_tr in parts:
             part, obs_scale = _iw_log_weight(guide_tr, model_tr, k, nesting, plate, dreg)
             log_w.append(part)
+            kl.append(_log_ratio(guide_tr, model_tr, k, nesting, plate))
+        # the history's KL: E_q[log q - log p] per datapoint, summed over the batch
+        self.last_kl = obs_scale * torch.cat(kl).mean(0).sum()
         return (torch.cat(log_w) if len(log_w) > 1 else log_w[0]), obs_scale
 
 
@@ -426,6 +435,17 @@ class IWAE(_ImportanceWeighted):
 def _device(args) -> torch.device:
     """The device of the programs' first tensor argument (the CPU without one)."""
     return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+
+
+def _log_ratio(guide_tr, model_tr, K, nesting, plate) -> torch.Tensor:
+    """log q(z | x) - log p(z), unscaled and detached, ``(K, N)``."""
+    N = plate_extent(model_tr, plate)
+    ratio = 0.0
+    for name, site in sites(guide_tr, False, auxiliary=True):
+        ratio = ratio + reduce_site(name, site, log_prob(site), K, N, nesting, plate)
+    for name, site in sites(model_tr, False):
+        ratio = ratio - reduce_site(name, site, log_prob(site), K, N, nesting, plate)
+    return torch.as_tensor(ratio).detach().expand(K, N)
 
 
 def _iw_log_weight(guide_tr, model_tr, K, nesting, plate, dreg):
@@ -530,6 +550,8 @@ class PyroLoss(SVILoss):
         :class:`IWAE`), an ``ELBOModule`` (``Trace_ELBO()(model, guide)``: pass the ELBO
         itself), or not callable; at a step, the loss is not a 0-dim tensor.
     """
+
+    reports_terms = False  # its value need not be an ELBO (enumerated sites, other bounds)
 
     def __init__(self, loss, beta=1.0):
         super().__init__(beta)
@@ -639,6 +661,8 @@ class SVIObjective(nn.Module):
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
         self.trusted, self._warned, self._step = False, False, 0
+        self._terms = None  # this epoch's sums: reconstruction, datapoints, KL, datapoints
+        self._global = False  # data-parallel: the sums are all-reduced
         self.num_data = None  #: datapoints in the last call's data plate
 
     @property
@@ -667,7 +691,40 @@ class SVIObjective(nn.Module):
         elif isinstance(scale.scale, torch.Tensor) or scale.scale != 1.0:
             units = n * scale.scale
         value, surrogate = value / units, surrogate / units
+        if self.trusted and self.estimator.reports_terms:
+            self._record_terms(scale.observed.values(), value, units, n)
         return value, surrogate
+
+    def _record_terms(self, observed, value, units, n: int) -> None:
+        """Add this step's reconstruction term E_q[log p(x | z)] (from the observed sites the
+        step ran: scaled and masked as in the value, averaged over vectorized particles) and
+        KL (the loss's own where it has one; else (reconstruction - value) / beta, for steps
+        with beta > 0) to the epoch's sums, on the device (no host synchronization: a captured
+        step adds in place)."""
+        recon = 0.0
+        for msg in observed:
+            lp = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"])
+            particles = math.prod(f.size for f in msg["cond_indep_stack"]
+                                  if f.name in PARTICLE_PLATES)
+            recon = recon + lp.detach().sum() / particles
+        recon = recon / units
+
+        def on_device(v):  # a fill, not a host-to-device copy: capturable
+            return v.double() if isinstance(v, torch.Tensor) else value.new_full(
+                (), float(v), dtype=torch.float64)
+
+        beta = on_device(self.kl_scale.beta)
+        if self.estimator.last_kl is not None:
+            kl, weight = on_device(self.estimator.last_kl / units), on_device(n)
+        else:  # value = recon - beta KL; nothing to learn of the KL at beta = 0
+            positive = beta > 0
+            kl = torch.where(positive, (on_device(recon) - value.detach().double())
+                             / torch.where(positive, beta, torch.ones_like(beta)),
+                             torch.zeros_like(beta))
+            weight = on_device(n) * positive
+        if self._terms is None:
+            self._terms = value.new_zeros(4, dtype=torch.float64)
+        self._terms.add_(torch.stack([on_device(recon) * n, on_device(n), kl * weight, weight]))
 
     def validation(self) -> SVIObjective:
         """The objective whose value is reported on validation data: the loss's
@@ -679,8 +736,10 @@ class SVIObjective(nn.Module):
         return self.estimator.capture_blocker()
 
     def data_parallel_(self) -> None:
-        """Under data-parallel training: the loss keeps statistics of the global batch."""
+        """Under data-parallel training: the loss keeps statistics of the global batch, and the
+        epoch's terms are summed over the processes."""
         self.estimator.data_parallel_()
+        self._global = True
 
     def set_step(self, step: int) -> None:
         """Set beta for optimizer step ``step`` (counted from 0 over the whole run); in place
@@ -702,8 +761,18 @@ class SVIObjective(nn.Module):
         return self
 
     def metrics(self) -> dict:
-        """Settings of the current step worth recording in the history."""
-        return {"beta": float(self.kl_scale.beta)}
+        """What the history records of the epoch: beta at its last step, and (for pvae's
+        losses) the epoch's training reconstruction term and KL, nats per datapoint (summed
+        over the steps since the last call, which resets them)."""
+        out = {"beta": float(self.kl_scale.beta)}
+        if self._terms is not None:
+            recon, n, kl, weight = self._terms.tolist()
+            if self._global:
+                recon, n, kl, weight = parallel.all_reduce_sum(recon, n, kl, weight)
+            out.update(train_reconstruction=recon / n if n else math.nan,
+                       train_kl=kl / weight if weight else math.nan)
+            self._terms.zero_()
+        return out
 
     def settled(self) -> bool:
         """Whether the objective no longer changes with the step: beta has finished warming up,

@@ -278,3 +278,14 @@ def test_the_history_has_the_training_reconstruction_and_kl():
     se = math.sqrt(variance / (len(x) * 5))  # per epoch: every datapoint, 5 particles
     for row in history.rows:
         assert abs(row["train_kl"] - exact) < 4 * se, (row["train_kl"], exact, se)
+
+
+def test_data_that_require_grad_are_constants_of_the_objective():
+    """fit detaches its data: a tensor that requires grad gets no gradient from training (it
+    accumulated one at every step before), and the model still trains."""
+    x = torch.bernoulli(torch.full((32, 12), 0.5), generator=rng(0)).requires_grad_()
+    history = fit(VAE(12, 2, (8,)), x, num_epochs=2, batch_size=16, progress=False)
+    assert x.grad is None and len(history) == 2
+    fit(VAE(12, 2, (8,)), torch.utils.data.TensorDataset(x), num_epochs=1, batch_size=16,
+        progress=False)
+    assert x.grad is None

@@ -9,7 +9,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pvae.contract import place_args, place_data, program_args
+from pvae.contract import DataArgs, place_args, place_data, program_args
 from pvae.data import Splits, batches, bernoulli_sample, check_intensities
 from pvae.parallel import shard
 
@@ -71,6 +71,7 @@ class TrainingData:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         if isinstance(x, torch.Tensor):
             x, c = place_data(x, c, device, dtype)
+            x, c = _constants(x, c)
             _check(model, x, c, binarize)
         self.x, self.c = x, c
 
@@ -92,7 +93,7 @@ class TrainingData:
 
     def _placed(self, xb, cb) -> tuple:
         if not isinstance(self.x, torch.Tensor):  # streamed: each batch gets the checks here
-            xb, cb = place_data(xb, cb, self.device, self.dtype)
+            xb, cb = _constants(*place_data(xb, cb, self.device, self.dtype))
             _check(self.model, xb, cb, self.binarize)
         return program_args(xb, cb)
 
@@ -187,6 +188,16 @@ class TrainingData:
         xb, cb = next(batches(self.x, self.c, batch_size=rows, shuffle=True,
                               generator=generator))
         return self.transform(self._placed(xb, cb))
+
+
+def _constants(x, c):
+    """The data as constants of the objective: detached, so that data which require grad (a
+    view of someone's computation) never accumulate gradients from training."""
+    if isinstance(c, DataArgs):
+        c = DataArgs(t.detach() for t in c.tensors)
+    elif isinstance(c, torch.Tensor):
+        c = c.detach()
+    return x.detach(), c
 
 
 def _check(model, x, c, binarize) -> None:

@@ -92,7 +92,9 @@ class SVILoss(RecordsConfig, nn.Module):
     - :meth:`capture_blocker`: why the step cannot be captured as a CUDA graph, or ``None``;
       :meth:`capturable_` switches to the host-sync-free path before capture;
     - :meth:`data_parallel_`: keep statistics of the global mini-batch under data-parallel
-      training.
+      training;
+    - :attr:`reports_terms` and :attr:`last_kl`: whether the history gets the steps'
+      reconstruction and KL, and the KL where the loss computes it from its own particles.
     """
 
     name: str | None = None
@@ -188,11 +190,8 @@ class ReparamELBO(SVILoss):
         super().__init__(beta)
         self.num_particles = check_count("num_particles", num_particles)
         self.analytic_kl, self.data_plate = bool(analytic_kl), data_plate
-        cls = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
-        self.elbo = cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
         self.capturable = False
-        self._nesting = None  # found by tracing once, on the first capturable call
-        self._mean_field = None  # with analytic_kl: whether the guide is in the model's order
+        self.forget_layout()
 
     def validation_loss(self) -> SVILoss:
         return ReparamELBO(1, self.analytic_kl)
@@ -204,7 +203,8 @@ class ReparamELBO(SVILoss):
         cls = TraceMeanField_ELBO if self.analytic_kl else Trace_ELBO
         self.elbo = cls(num_particles=self.num_particles,
                         vectorize_particles=self.num_particles > 1)
-        self._nesting = self._mean_field = None
+        self._nesting = None  # found by tracing once, on the first capturable call
+        self._mean_field = None  # with analytic_kl: whether the guide is in the model's order
 
     def forward(self, model, guide, *args):
         if not self.capturable:

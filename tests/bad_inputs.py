@@ -533,7 +533,8 @@ def patched(obj, name, value):
 
 def _full_disk_at_second_save(tmp, train):
     """``pvae train`` for 3 epochs whose second checkpoint hits a full disk (as torch.save
-    reports it: a RuntimeError raised from the OSError)."""
+    reports it: a RuntimeError raised from the OSError); without validation data, so that no
+    best.pt is saved in between."""
     import pvae.train.checkpoint as checkpoint
 
     out, calls, real_save = tmp / "enospc", [], torch.save
@@ -548,15 +549,16 @@ def _full_disk_at_second_save(tmp, train):
 
     shutil.rmtree(out, ignore_errors=True)
     with patched(checkpoint.torch, "save", save):
-        return cli([*train, "--num-epochs", "3", "--out", str(out)])
+        return cli([*train, "--num-epochs", "3", "--num-val", "0", "--out", str(out)])
 
 
 def _train_failing_history(tmp, train):
-    """``pvae train`` whose ``history.csv`` cannot be written (no permission)."""
+    """``pvae train`` whose ``history.csv`` (rewritten every epoch) cannot be written from the
+    second epoch on (no permission): the first epoch's checkpoint stays."""
     out = tmp / "eacces-train"
     shutil.rmtree(out, ignore_errors=True)
-    with _fails_to_write("history.csv", errno.EACCES):
-        return cli([*train, "--out", str(out)])
+    with _fails_to_write("history.csv", errno.EACCES, after=1):
+        return cli([*train, "--num-epochs", "3", "--out", str(out)])
 
 
 def nothing_in_cwd(before: set):
@@ -576,15 +578,18 @@ def checkpoint_at(folder: Path, epoch: int):
     return check
 
 
-def _fails_to_write(name, code):
-    """``pvae.files``'s temporary file cannot be created for ``name`` (errno ``code``)."""
+def _fails_to_write(name, code, after=0):
+    """``pvae.files``'s temporary file cannot be created for ``name`` (errno ``code``), once
+    ``after`` writes of it went through."""
     import pvae.files as files
 
-    real = files._open_temp
+    real, written = files._open_temp, []
 
     def open_temp(folder, target):
         if target == name:
-            raise OSError(code, os.strerror(code), str(folder / target))
+            if len(written) >= after:
+                raise OSError(code, os.strerror(code), str(folder / target))
+            written.append(target)
         return real(folder, target)
 
     return patched(files, "_open_temp", open_temp)
@@ -637,7 +642,7 @@ def nothing_written(folder: Path, replaced=False):
 
 def _sigterm_in_save(tmp, train):
     """SIGTERM (as ``timeout`` or Slurm send it) while the second checkpoint is being
-    written."""
+    written (without validation data: no best.pt saved in between)."""
     import pvae.train.checkpoint as checkpoint
 
     out, calls, real_save = tmp / "sigterm", [], torch.save
@@ -650,7 +655,7 @@ def _sigterm_in_save(tmp, train):
 
     shutil.rmtree(out, ignore_errors=True)
     with patched(checkpoint.torch, "save", save):
-        return cli([*train, "--num-epochs", "4", "--out", str(out)])
+        return cli([*train, "--num-epochs", "4", "--num-val", "0", "--out", str(out)])
 
 
 def _ctrl_c_in_evaluate(tmp):

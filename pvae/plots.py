@@ -132,9 +132,9 @@ def latent_embedding(codes, labels=None, *, tsne_points: int = 2000, seed: int =
     panels = [("PCA", pca, labels)]
     m = min(tsne_points, len(codes))
     if m >= 5 and codes.shape[1] >= 2:
-        # OpenMP threads as many as torch's intra-op threads: more than the cores free makes
-        # t-SNE's spinning threads several times slower
-        with threadpool_limits(limits=torch.get_num_threads()):
+        # one OpenMP thread: on a machine whose cores are busy, t-SNE's spinning threads ran
+        # 7-10x slower with two than with one (2000 points of 50-D: ~10 s on one core)
+        with threadpool_limits(limits=1, user_api="openmp"):
             tsne = TSNE(n_components=2, perplexity=min(30.0, (m - 1) / 3), init="pca",
                         random_state=seed).fit_transform(codes[:m])
         panels.append((f"t-SNE ({m} points)", tsne, None if labels is None else labels[:m]))

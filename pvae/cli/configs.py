@@ -347,7 +347,7 @@ def _optim_flags(optim: dict, where) -> dict:
         raise RunError(f"{where}: training.optim.schedule {schedule!r} is not one of pvae "
                        f"train's schedules ({', '.join(SCHEDULES)})")
     name = by_class[schedule["name"]]
-    flags["lr_schedule"] = name
+    flags["lr_schedule"] = name  # (ConstantLR: pvae train records no schedule for constant)
     to_flag = {param: dest for dest, params in train.SCHEDULE_FLAGS.items() for param in params}
     defaults = _defaults(SCHEDULES[name])
     for key, value in schedule.items():

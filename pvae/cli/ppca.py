@@ -23,7 +23,7 @@ from pvae.runs import (
     write_json,
 )
 from pvae.stats import mean_stderr, principal_angles
-from pvae.train import Adam, ExponentialLR, fit, save_checkpoint
+from pvae.train import Adam, ExponentialLR, HistoryCSV, fit, save_checkpoint
 
 from .common import count, number, table
 
@@ -77,9 +77,9 @@ def run(args) -> None:
                   batch_size=args.batch_size, optim=Adam(args.lr, schedule=decay),
                   loss=ReparamELBO(args.num_particles, analytic_kl=True), device=device,
                   seed=args.seed, checkpoint_dir=out, progress=not args.no_progress,
-                  config=run_record(config), callbacks=[WriteConfig(out)])
+                  config=run_record(config),
+                  callbacks=[WriteConfig(out), HistoryCSV(out / "history.csv")])
     svi_seconds = time.perf_counter() - t0
-    history.to_csv(out / "history.csv")
     t0 = time.perf_counter()
     reference = PPCA.closed_form(x_train.to(device), args.latent_dim, guide=args.guide)
     closed_form_seconds = time.perf_counter() - t0

@@ -387,7 +387,7 @@ def make_optim(args):
                            + (f", not {name}" if name else " (the learning rate is constant "
                               "without --lr-schedule)"))
         options[param] = value
-    if name is not None:
+    if name not in (None, "constant"):  # (a constant learning rate needs no schedule)
         try:
             schedule = SCHEDULES[name](**options)
         except TypeError:
@@ -519,7 +519,8 @@ def _report(args, out, history, best) -> None:
     if best is not None and best.best_epoch is not None:
         value = best.best if column == "elbo" else -best.best
         kept = f"; best val {label} {value:.{digits}f} at epoch {best.best_epoch} ({BEST_NAME})"
+    val = last.get(f"val_{column}", nan)
+    val = f", val {label} {val:.{digits}f}" if val == val else ""
     print(f"trained {args.model} on {source(args)}: {len(history)} epochs{stopped}, "
-          f"train {label} {last.get(f'train_{column}', nan):.{digits}f}, "
-          f"val {label} {last.get(f'val_{column}', nan):.{digits}f} {unit}, "
+          f"train {label} {last.get(f'train_{column}', nan):.{digits}f}{val} {unit}, "
           f"{last.get('images_per_s', nan):.0f} images/s{kept} -> {out}")

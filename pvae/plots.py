@@ -152,7 +152,9 @@ def latent_embedding(codes, labels=None, *, tsne_points: int = 2000, seed: int =
         ax.set_xticks([])
         ax.set_yticks([])
     if labels is not None:
-        fig.colorbar(scatter, ax=list(axes), label="label", shrink=0.8)
+        k = int(labels.max()) + 1
+        fig.colorbar(scatter, ax=list(axes), label="label", shrink=0.8,
+                     ticks=range(k) if k <= 10 else None)
     return _finish(fig, path)
 
 

@@ -14,6 +14,7 @@ from pvae.contract import resolve_device
 from pvae.inference import ReparamELBO, iw_log_likelihood
 from pvae.models import PPCA, compare_posteriors, to_inference_data
 from pvae.runs import (
+    BEST_NAME,
     RunError,
     WriteConfig,
     load_data,
@@ -23,7 +24,7 @@ from pvae.runs import (
     write_json,
 )
 from pvae.stats import mean_stderr, principal_angles
-from pvae.train import Adam, ExponentialLR, HistoryCSV, fit, save_checkpoint
+from pvae.train import Adam, BestCheckpoint, ExponentialLR, HistoryCSV, fit, save_checkpoint
 
 from .common import count, number, table
 
@@ -78,7 +79,8 @@ def run(args) -> None:
                   loss=ReparamELBO(args.num_particles, analytic_kl=True), device=device,
                   seed=args.seed, checkpoint_dir=out, progress=not args.no_progress,
                   config=run_record(config),
-                  callbacks=[WriteConfig(out), HistoryCSV(out / "history.csv")])
+                  callbacks=[WriteConfig(out), BestCheckpoint(out / BEST_NAME),
+                             HistoryCSV(out / "history.csv")])
     svi_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     reference = PPCA.closed_form(x_train.to(device), args.latent_dim, guide=args.guide)

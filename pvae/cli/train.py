@@ -335,11 +335,6 @@ def model_arguments(args, ds: data.Splits) -> dict:
     return {**kwargs, "prior": args.prior}
 
 
-def _refuse(flag: str, value_given: bool, takes: bool, what: str) -> None:
-    if value_given and not takes:
-        raise RunError(f"{flag} does not apply to {what}")
-
-
 def svi_loss(args):
     """The VAEs' loss object from ``--estimator`` and its options; an option that the chosen
     estimator does not take is refused.
@@ -349,14 +344,15 @@ def svi_loss(args):
     cls = LOSSES[args.estimator]
     given = {"num_particles": args.num_particles,
              "analytic_kl": args.analytic_kl,
-             "baseline": None if args.baseline is None else
-             (None if args.baseline == "none" else args.baseline),
+             "baseline": None if args.baseline in (None, "none") else args.baseline,
              "gradient": args.gradient}
     takes = inspect.signature(cls).parameters
-    for key in ("num_particles", "analytic_kl", "gradient"):
-        _refuse(_flag(key), given[key] is not None, key in takes, f"--estimator {args.estimator}")
-    _refuse("--baseline", args.baseline not in (None, "none"), "baseline" in takes,
-            f"--estimator {args.estimator}")
+    for key in given:  # (--baseline none: no baseline, which every estimator has)
+        if given[key] is not None and key not in takes:
+            owners = [name for name, loss in sorted(LOSSES.items())
+                      if key in inspect.signature(loss).parameters]
+            raise RunError(f"{_flag(key)} applies to --estimator {', '.join(owners)}, not "
+                           f"{args.estimator}")
     options = {k: v for k, v in given.items() if v is not None and k in takes}
     try:
         beta = make_schedule(args.beta, args.kl_warmup_steps, args.kl_cycle_steps)

@@ -5,8 +5,8 @@ Models are Pyro programs (``model(x, c=None)``, ``guide(x, c=None)``) with amort
 ``fit``) work on any object meeting that contract. ``ARCHITECTURE.md`` is the map.
 """
 
-__version__ = "0.1.0"
+from pvae import data, inference, models, train
+from pvae.runs import load_run
+from pvae.versions import __version__  # the one place the version is written
 
-from pvae import data, inference, models, train  # noqa: E402
-
-__all__ = ["__version__", "data", "inference", "models", "train"]
+__all__ = ["__version__", "data", "inference", "load_run", "models", "train"]

@@ -7,9 +7,15 @@
     ``model_config``, the model's recorded constructor arguments) and, under ``training``,
     what ``fit`` records (``loss`` and ``optim`` with their settings, batch size, seed,
     binarization, epochs); written when training starts (:class:`WriteConfig`).
+    It also records the run ``format`` and the pvae, torch and Pyro ``versions`` that wrote it
+    (:mod:`pvae.versions`; :func:`run_record`), and for your own data (``--data-file``,
+    ``--image-folder``) the path, its options and ``data_sha256``, the digest of the data read.
 ``checkpoint.pt``
     the training state (:class:`pvae.train.TrainState`), its ``config`` the same record;
     a folder holds a run once this file exists.
+``best.pt``
+    the state of the epoch with the best validation value (:data:`BEST_NAME`), kept where the
+    run has validation data; ``load_run(..., checkpoint="best")`` loads it.
 ``history.csv``, ``metrics.json``, ``report.json``, ``figures/``
     written by training and evaluation.
 
@@ -18,8 +24,10 @@ writes a run at a time (:func:`lock_run`, a lock on ``.lock`` in the folder). A 
 received from elsewhere is data, never instructions: :func:`load_run` refuses links that leave
 the folder, bounds ``config.json`` (size and nesting) and checks the model that it describes
 against the checkpoint's tensor shapes before building it, and evaluation
-(:func:`load_data` with ``received=True``) never downloads and uses ``data_dir`` only if it
-exists. The checkpoint alone rebuilds ``config.json`` and ``history.csv`` (:func:`repair_run`,
+(:func:`load_data` with ``received=True``) never downloads, uses ``data_dir`` and the paths of
+your own data only if they exist, and refuses data whose digest differs from the one
+recorded. A run of another format is refused with the version that wrote it. The checkpoint
+alone rebuilds ``config.json`` and ``history.csv`` (:func:`repair_run`,
 ``pvae repair RUN``).
 """
 
@@ -45,12 +53,20 @@ from pvae.train import (
     load_checkpoint,
     settings_diff,
 )
+from pvae.versions import FORMAT, check_format, versions
 
-__all__ = ["CONFIG_NAME", "RunError", "WriteConfig", "available_memory", "build_model",
-           "check_out", "load_data", "load_run", "lock_run", "new_model", "prepare_run",
-           "read_config", "repair_run", "write_json"]
+__all__ = ["BEST_NAME", "CHECKPOINTS", "CONFIG_NAME", "RunError", "WriteConfig",
+           "available_memory", "build_model", "check_out", "load_data", "load_run", "lock_run",
+           "new_model", "prepare_run", "read_config", "repair_run", "run_record", "stop_reason",
+           "write_json"]
 
 CONFIG_NAME = "config.json"
+#: The best epoch's state, beside ``checkpoint.pt`` (the last).
+BEST_NAME = "best.pt"
+#: The checkpoints a run folder may hold, by the name ``pvae evaluate --checkpoint`` takes.
+CHECKPOINTS = {"last": CHECKPOINT_NAME, "best": BEST_NAME}
+#: The options of your own data that are paths (used in a received run only if they exist).
+PATH_OPTIONS = ("data_file", "image_folder")
 #: Every model a run folder can hold, by its ``"model"`` name.
 REGISTRY = {**MODELS, **AUTOENCODERS}
 #: Keys that every run's ``config.json`` holds.
@@ -151,6 +167,27 @@ def prepare_run(out: str | os.PathLike, resume: bool = False, resumable: bool = 
     return out
 
 
+def run_record(config: dict) -> dict:
+    """``config`` (the data and model settings a command records beside ``fit``'s own) with
+    the run :data:`~pvae.versions.FORMAT` and the :func:`~pvae.versions.versions` of pvae,
+    torch and Pyro first: what ``pvae train`` and ``pvae ppca`` pass as ``fit(config=...)``.
+    The versions are never compared on resume or evaluation, the format is."""
+    return {"format": FORMAT, "versions": versions(), **config}
+
+
+def stop_reason(out) -> str | None:
+    """Why the run in ``out`` was stopped early (a callback's reason, e.g. early stopping), or
+    ``None`` (not stopped, or no run there): a resumed, stopped run trains no further.
+
+    :raises CheckpointError: the checkpoint is corrupt or of another format.
+    """
+    path = Path(out) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    reason = load_checkpoint(path, map_location="cpu").get("stop_reason")
+    return reason if isinstance(reason, str) else None
+
+
 class WriteConfig(Callback):
     """Write the run's ``config.json`` when training starts (after a resume): the record that
     ``fit`` keeps in every checkpoint (the caller's settings, ``training`` with fit's own), so
@@ -171,6 +208,7 @@ def read_config(path: Path) -> dict:
     :raises FileNotFoundError: no such file.
     :raises CheckpointError: too large or too deeply nested, not a JSON object, or without
         the keys every run has.
+    :raises pvae.versions.FormatError: written in another run format.
     """
     path = Path(path)
     if not path.is_file():
@@ -195,6 +233,7 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object (the run's settings), got a "
                               f"{type(config).__name__}")
+    check_format(config, path)
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise CheckpointError(f"{path} lacks the keys {missing}; {repair}")
@@ -238,8 +277,9 @@ def build_model(config: dict, device=None):
         raise CheckpointError(f"config.json cannot rebuild the {name} model ({e})") from e
 
 
-def load_run(run_dir, device="auto"):
-    """Load a trained run: ``(model, config, checkpoint_state)``, the model in eval mode.
+def load_run(run_dir, device="auto", checkpoint: str = "last"):
+    """Load a trained run: ``(model, config, checkpoint_state)``, the model in eval mode
+    (also ``pvae.load_run``).
 
     A reader: it takes no lock. The folder is refused if it holds links that lead out of it;
     the model that ``config.json`` describes is built on the ``meta`` device first and its
@@ -247,29 +287,41 @@ def load_run(run_dir, device="auto"):
     beside a small checkpoint fails before any memory is taken.
 
     :param device: where to put the model (``"auto"``: CUDA when available).
-    :raises FileNotFoundError: no ``config.json`` or ``checkpoint.pt`` in ``run_dir``.
+    :param str checkpoint: ``"last"`` (``checkpoint.pt``, the last epoch's) or ``"best"``
+        (``best.pt``, the best validation value's).
+    :raises FileNotFoundError: no ``config.json`` or no such checkpoint in ``run_dir``.
     :raises CheckpointError: ``config.json`` is not valid JSON, the checkpoint is corrupt, or
         it was written for other settings than ``config.json`` holds, or its tensors do not
         fit the model that ``config.json`` describes.
+    :raises pvae.versions.FormatError: the run was written in another format (the message
+        names the pvae version that wrote it).
+    :raises ValueError: ``checkpoint`` is neither ``"last"`` nor ``"best"``.
     :raises pvae.files.UnsafeFolderError: symbolic links out of ``run_dir``.
     """
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {sorted(CHECKPOINTS)}, got {checkpoint!r}")
     run_dir = Path(run_dir)
     files.check_folder(run_dir)
     config_path = run_dir / CONFIG_NAME
     config = read_config(config_path)
     device = resolve_device(device)
-    state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+    checkpoint_path = run_dir / CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {BEST_NAME}: the best epoch is kept when a "
+                                "run has validation data (pvae train --num-val N > 0); evaluate "
+                                "the last epoch's (--checkpoint last)")
+    state = load_checkpoint(checkpoint_path, map_location=device)
     saved = state.get("config", {})
     if not isinstance(saved, dict):
-        raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} has no settings (its config is a "
+        raise CheckpointError(f"{checkpoint_path} has no settings (its config is a "
                               f"{type(saved).__name__}); it is not a complete pvae checkpoint")
     mismatch = settings_diff({k: saved.get(k) for k in config}, config)
     if mismatch:
-        raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} was written for another config than "
+        raise CheckpointError(f"{checkpoint_path} was written for another config than "
                               f"{config_path} (checkpoint vs config: {mismatch}); retrain or "
                               f"restore the matching config.json (`pvae repair {run_dir}`)")
-    _check_state(state, run_dir / CHECKPOINT_NAME)
-    _check_shapes(build_model(config, device="meta"), state["model"], run_dir)
+    _check_state(state, checkpoint_path)
+    _check_shapes(build_model(config, device="meta"), state["model"], run_dir, checkpoint_path)
     model = build_model(config).to(device)
     try:
         model.load_state_dict(state["model"])
@@ -279,7 +331,7 @@ def load_run(run_dir, device="auto"):
     return model, config, state
 
 
-def _check_shapes(meta_model, saved: dict, run_dir: Path) -> None:
+def _check_shapes(meta_model, saved: dict, run_dir: Path, path: Path) -> None:
     """The checkpoint's model tensors against those of the model that ``config.json``
     describes (built on the meta device): the same names and shapes."""
     expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()
@@ -293,7 +345,7 @@ def _check_shapes(meta_model, saved: dict, run_dir: Path) -> None:
     if problems:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         raise CheckpointError(
-            f"{run_dir / CHECKPOINT_NAME} does not fit the model that {run_dir / CONFIG_NAME} "
+            f"{path} does not fit the model that {run_dir / CONFIG_NAME} "
             f"describes: {'; '.join(problems[:2])}{more}; restore the matching config.json "
             f"(`pvae repair {run_dir}` rebuilds it from the checkpoint)")
 
@@ -312,27 +364,55 @@ def _check_state(state: dict, path: Path) -> None:
 
 
 def load_data(config: dict, *, received: bool = False) -> data.Splits:
-    """The run's dataset, loaded as its ``config`` says (name, folder, binarization, seed).
+    """The run's dataset, loaded as its ``config`` says (name, folder, binarization, seed, and
+    the options of your own data: ``data_file``, ``image_folder``, ``image_size``,
+    ``test_fraction``, :func:`pvae.data.dataset_options`).
 
     :param bool received: the config comes from a run folder being evaluated, which is data,
-        not instructions: nothing is downloaded, ``data_dir`` is searched only if it is an
-        existing folder, and settings that cannot be loaded are a :class:`CheckpointError`.
+        not instructions: nothing is downloaded, ``data_dir`` and the paths of your own data
+        are used only if they exist, data whose digest differs from the recorded
+        ``data_sha256`` are refused, and settings that cannot be loaded are a
+        :class:`CheckpointError`.
     :raises pvae.data.DataNotFoundError: the files are not found.
-    :raises CheckpointError: (with ``received``) a dataset setting that is not usable.
+    :raises pvae.data.DataFileError: your own data cannot be read.
+    :raises CheckpointError: (with ``received``) a dataset setting that is not usable, or own
+        data that changed since the run was trained.
     """
     data_dir, download = config.get("data_dir"), config.get("download", False)
+    name = config["dataset"]
     if not received:
-        return data.load(config["dataset"], data_dir=data_dir, binarize=config.get("binarize"),
-                         seed=config["seed"], download=download)
+        return data.load(name, data_dir=data_dir, binarize=config.get("binarize"),
+                         seed=config["seed"], download=download, **_options(config, name))
     if data_dir is not None and not (isinstance(data_dir, str) and Path(data_dir).is_dir()):
         data_dir = None
     try:
-        return data.load(config["dataset"], data_dir=data_dir, binarize=config.get("binarize"),
-                         seed=config["seed"], download=False)
+        options = _options(config, name)
+        for key in PATH_OPTIONS:
+            if key in options and not (isinstance(options[key], str)
+                                       and Path(options[key]).exists()):
+                raise data.DataNotFoundError(
+                    f"the run's data, {options[key]!r} (config.json's {key}), is not found here; "
+                    "put the same data at that path to evaluate the run")
+        ds = data.load(name, data_dir=data_dir, binarize=config.get("binarize"),
+                       seed=config["seed"], download=False, **options)
     except (TypeError, ValueError) as e:
-        if isinstance(e, data.IDXError):
+        if isinstance(e, (data.IDXError, data.DataFileError)):
             raise
         raise CheckpointError(f"config.json's data settings cannot be loaded ({e})") from e
+    recorded = config.get("data_sha256")
+    if recorded is not None and recorded != ds.digest:
+        where = next((options[k] for k in PATH_OPTIONS if k in options), name)
+        raise CheckpointError(f"the data at {where} are not those the run was trained on (their "
+                              f"SHA-256 is {ds.digest}, config.json records {recorded}); restore "
+                              "the run's data")
+    return ds
+
+
+def _options(config: dict, name) -> dict:
+    """The dataset's own options that ``config`` sets (``None``: the loader's default)."""
+    if not isinstance(name, str) or name not in data.DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(data.DATASETS)}")
+    return {k: config[k] for k in data.dataset_options(name) if config.get(k) is not None}
 
 
 def available_memory(device) -> int | None:

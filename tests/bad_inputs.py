@@ -14,7 +14,10 @@ The categories after ``cli`` are the families of faults of run folders (issue 28
 ``concurrency`` (two writers, locks), ``filesystem`` (full disk, read-only files, folders lost
 while written, names too long), ``signals`` (SIGTERM, Ctrl-C, SIGKILL), ``hostile-files``
 (run folders and data files received from elsewhere: links out, gzip bombs, absurd headers and
-sizes, deep JSON) and ``api``.
+sizes, deep JSON) and ``api``; then those of watching and steering runs (issue 29): ``flags``
+(model-, estimator- and schedule-specific flags, optimizers, early stopping, loggers),
+``own-data`` (``--data-file`` and ``--image-folder``: truncated files, wrong dtypes and shapes,
+mixed sizes, empty folders), ``config-file`` (``--config``) and ``versions`` (run formats).
 
 ``tests/test_bad_input.py`` runs them. Only public names are used (and ``pvae.files``), so the
 same catalogue can be run against an older pvae to count how many answers were clear,
@@ -367,6 +370,7 @@ def cases(tmp):
          lambda: cli([*train, "--likelihood", "gaussian", "--likelihood-scale", "big", "--out",
                       out]), 2, "likelihood-scale"),
         *run_folder_cases(tmp, train),
+        *watch_and_steer_cases(tmp, train),
     ]
 
 
@@ -533,7 +537,8 @@ def patched(obj, name, value):
 
 def _full_disk_at_second_save(tmp, train):
     """``pvae train`` for 3 epochs whose second checkpoint hits a full disk (as torch.save
-    reports it: a RuntimeError raised from the OSError)."""
+    reports it: a RuntimeError raised from the OSError); without validation data, so that no
+    best.pt is saved in between."""
     import pvae.train.checkpoint as checkpoint
 
     out, calls, real_save = tmp / "enospc", [], torch.save
@@ -548,15 +553,16 @@ def _full_disk_at_second_save(tmp, train):
 
     shutil.rmtree(out, ignore_errors=True)
     with patched(checkpoint.torch, "save", save):
-        return cli([*train, "--num-epochs", "3", "--out", str(out)])
+        return cli([*train, "--num-epochs", "3", "--num-val", "0", "--out", str(out)])
 
 
 def _train_failing_history(tmp, train):
-    """``pvae train`` whose ``history.csv`` cannot be written (no permission)."""
+    """``pvae train`` whose ``history.csv`` (rewritten every epoch) cannot be written from the
+    second epoch on (no permission): the first epoch's checkpoint stays."""
     out = tmp / "eacces-train"
     shutil.rmtree(out, ignore_errors=True)
-    with _fails_to_write("history.csv", errno.EACCES):
-        return cli([*train, "--out", str(out)])
+    with _fails_to_write("history.csv", errno.EACCES, after=1):
+        return cli([*train, "--num-epochs", "3", "--out", str(out)])
 
 
 def nothing_in_cwd(before: set):
@@ -576,15 +582,18 @@ def checkpoint_at(folder: Path, epoch: int):
     return check
 
 
-def _fails_to_write(name, code):
-    """``pvae.files``'s temporary file cannot be created for ``name`` (errno ``code``)."""
+def _fails_to_write(name, code, after=0):
+    """``pvae.files``'s temporary file cannot be created for ``name`` (errno ``code``), once
+    ``after`` writes of it went through."""
     import pvae.files as files
 
-    real = files._open_temp
+    real, written = files._open_temp, []
 
     def open_temp(folder, target):
         if target == name:
-            raise OSError(code, os.strerror(code), str(folder / target))
+            if len(written) >= after:
+                raise OSError(code, os.strerror(code), str(folder / target))
+            written.append(target)
         return real(folder, target)
 
     return patched(files, "_open_temp", open_temp)
@@ -637,7 +646,7 @@ def nothing_written(folder: Path, replaced=False):
 
 def _sigterm_in_save(tmp, train):
     """SIGTERM (as ``timeout`` or Slurm send it) while the second checkpoint is being
-    written."""
+    written (without validation data: no best.pt saved in between)."""
     import pvae.train.checkpoint as checkpoint
 
     out, calls, real_save = tmp / "sigterm", [], torch.save
@@ -650,7 +659,7 @@ def _sigterm_in_save(tmp, train):
 
     shutil.rmtree(out, ignore_errors=True)
     with patched(checkpoint.torch, "save", save):
-        return cli([*train, "--num-epochs", "4", "--out", str(out)])
+        return cli([*train, "--num-epochs", "4", "--num-val", "0", "--out", str(out)])
 
 
 def _ctrl_c_in_evaluate(tmp):
@@ -925,6 +934,437 @@ def run_folder_cases(tmp, train):
          r"latent_dim must be at most 2\*\*63 - 1"),
         ("vae-layer-beyond-int64", "api", lambda: VAE(12, 2**60), ValueError,
          "more than a torch tensor can hold"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# watching and steering runs: flags, your own data, config files, run formats (issue 29)
+
+
+def _without_module(name, call):
+    """``call()`` as if the module ``name`` were not installed."""
+    saved = sys.modules.get(name)
+    sys.modules[name] = None  # (import raises ImportError)
+    try:
+        return call()
+    finally:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+
+
+def _own(tmp, name, write):
+    """A file (or folder) of your own data under ``tmp/own``, written by ``write(path)``."""
+    path = tmp / "own" / name
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path)
+    return str(path)
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _half(raw: bytes):
+    return lambda path: path.write_bytes(raw[: len(raw) // 2])
+
+
+def _npz(**arrays):
+    return lambda path: np.savez(path, **arrays)
+
+
+def _pt(obj):
+    return lambda path: torch.save(obj, path)
+
+
+def _saved(array, **kwargs):
+    return lambda path: np.save(path, array, **kwargs)
+
+
+def _png_bytes(pixels) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pngs(layout: dict):
+    """A folder of PNGs: ``{relative path: pixels, bytes or None (a folder)}``."""
+    def write(folder):
+        folder.mkdir(parents=True)
+        for name, content in layout.items():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if content is None:
+                target.mkdir(exist_ok=True)
+            else:
+                target.write_bytes(content if isinstance(content, bytes) else _png_bytes(content))
+    return write
+
+
+GREY = np.arange(64, dtype=np.uint8).reshape(8, 8)
+RGB = np.stack([GREY] * 3, -1)
+TRUNCATED_PNG = _png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
+
+
+def _own_run(tmp):
+    """A trained 1-epoch run on an .npz of your own (made once per folder)."""
+    run = tmp / "own-run"
+    if not (run / "checkpoint.pt").exists():
+        path = tmp / "own-data.npz"
+        np.savez(path, x=np.random.default_rng(0).random((60, 16), dtype=np.float32))
+        main(["train", "--data-file", str(path), "--latent-dim", "2", "--hidden-dims", "8",
+              "--num-epochs", "1", "--num-val", "10", "--no-progress", "--out", str(run)])
+    return run
+
+
+def _received_own(tmp, name, change):
+    """The run on your own data, copied, with its data file changed by ``change(path)``."""
+    run = _own_run(tmp)
+    config = json.loads((run / "config.json").read_text())
+    copy = tmp / name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy)
+    saved = Path(config["data_file"]).read_bytes()
+    change(Path(config["data_file"]))
+    try:
+        return cli(["evaluate", str(copy), "--num-samples", "0"])
+    finally:
+        Path(config["data_file"]).write_bytes(saved)
+
+
+def _config_file(tmp, name, text):
+    path = tmp / "configs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _record(tmp, name, change):
+    """A run's own config.json (the digits run's), changed by ``change(record)``."""
+    record = json.loads((digits_run(tmp) / "config.json").read_text())
+    change(record)
+    return _config_file(tmp, name, json.dumps(record))
+
+
+def _format(value, pvae="9.9.9"):
+    return lambda c: c.update(format=value, versions={**c.get("versions", {}), "pvae": pvae})
+
+
+def watch_and_steer_cases(tmp, train):
+    """The cases of issue 29: flags, your own data, config files, run formats."""
+    out = str(tmp / "cli-out")
+    t = [*train, "--out", out]
+    # without the data and sizes of ``train``: for your own data, for model-specific sizes
+    o = [a for a in t if a not in ("--dataset", "digits")]
+    d = ["train", "--dataset", "digits", "--no-progress", "--out", out]
+
+    def own(name, write, *flags, pattern, expected=2):
+        return (f"data-file-{name}", "own-data",
+                lambda: cli([*o, "--data-file", _own(tmp, name, write), *flags]), expected,
+                pattern)
+
+    def folder(name, layout, *flags, pattern):
+        return (f"image-folder-{name}", "own-data",
+                lambda: cli([*o, "--image-folder", _own(tmp, name, _pngs(layout)), *flags]), 2,
+                pattern)
+
+    def config(name, text, pattern, *flags):
+        return (f"config-{name}", "config-file",
+                lambda: cli(["train", "--config", _config_file(tmp, name, text), *flags,
+                             "--out", out]), 2, pattern)
+
+    def record(name, change, pattern):
+        return (f"config-record-{name}", "config-file",
+                lambda: cli(["train", "--config", _record(tmp, f"{name}.json", change),
+                             "--out", out]), 2, pattern)
+
+    x = np.random.default_rng(0).random((20, 6), dtype=np.float32)
+    return [
+        # -- flags ---------------------------------------------------------------------------
+        ("unknown-flag-one-prefix", "flags", lambda: cli([*t, "--latent-dimm", "3"]), 2,
+         r"^pvae: unrecognized arguments: --latent-dimm 3$"),
+        ("unknown-command", "flags", lambda: cli(["trian"]), 2,
+         r"^pvae: argument command: invalid choice: 'trian'"),
+        ("out-missing", "flags", lambda: cli(train), 2, "--out is required"),
+        ("vae-flag-for-ae", "flags", lambda: cli([*t, "--model", "ae", "--likelihood",
+                                                  "gaussian"]), 2,
+         r"--likelihood applies to the VAEs \(--model vae, cvae, hvae\), not --model ae"),
+        ("estimator-for-ae", "flags", lambda: cli([*t, "--model", "ae", "--estimator", "iwae"]),
+         2,
+         "--estimator applies to the VAEs"),
+        ("ae-flag-for-vae", "flags", lambda: cli([*t, "--sparsity", "l1"]), 2,
+         r"--sparsity applies to the autoencoders \(--model ae, linear-ae, mae\), not "
+         "--model vae"),
+        ("cvae-flag-for-vae", "flags", lambda: cli([*t, "--prior", "learned"]), 2,
+         "--prior applies to --model cvae, not --model vae"),
+        ("vae-flag-for-hvae", "flags", lambda: cli([*d, "--model", "hvae", "--network",
+                                                    "conv"]), 2,
+         "--network applies to --model vae, cvae, not --model hvae"),
+        ("latent-dim-for-hvae", "flags", lambda: cli([*t, "--model", "hvae", "--latent-dim",
+                                                      "3"]), 2,
+         "--latent-dim applies to .*not --model hvae"),
+        ("hvae-flag-for-vae", "flags", lambda: cli([*t, "--latent-dims", "4", "2"]), 2,
+         "--latent-dims applies to --model hvae"),
+        ("mae-flag-for-ae", "flags", lambda: cli([*t, "--model", "ae", "--patch-size", "4"]),
+         2, "--patch-size applies to --model mae, not --model ae"),
+        ("hidden-dims-for-linear-ae", "flags",
+         lambda: cli([*t, "--model", "linear-ae", "--hidden-dims", "8"]), 2,
+         "--hidden-dims applies to .*not --model linear-ae"),
+        ("analytic-kl-for-iwae", "flags",
+         lambda: cli([*t, "--estimator", "iwae", "--analytic-kl"]), 2,
+         "--analytic-kl applies to --estimator reparam, not iwae"),
+        ("gradient-for-reparam", "flags", lambda: cli([*t, "--gradient", "dreg"]), 2,
+         "--gradient applies to --estimator iwae, not reparam"),
+        ("baseline-for-vimco", "flags",
+         lambda: cli([*t, "--estimator", "vimco", "--baseline", "average"]), 2,
+         "--baseline applies to --estimator score, not vimco"),
+        ("optimizer-unknown", "flags", lambda: cli([*t, "--optimizer", "sgd"]), 2,
+         "--optimizer: invalid choice: 'sgd'"),
+        ("lr-schedule-unknown", "flags", lambda: cli([*t, "--lr-schedule", "linear"]), 2,
+         "--lr-schedule: invalid choice"),
+        ("exponential-without-decay", "flags",
+         lambda: cli([*t, "--lr-schedule", "exponential"]), 2,
+         "--lr-schedule exponential needs --lr-decay"),
+        ("lr-decay-0", "flags", lambda: cli([*t, "--lr-schedule", "exponential", "--lr-decay",
+                                             "0"]), 2, "--lr-decay: must be a finite number > 0"),
+        ("step-decay-above-1", "flags",
+         lambda: cli([*t, "--lr-schedule", "step", "--lr-step-size", "2", "--lr-decay", "2"]),
+         2, r"--lr-schedule step: --lr-decay \(its gamma\) must be .*<= 1, got 2.0"),
+        ("plateau-factor-1", "flags",
+         lambda: cli([*t, "--lr-schedule", "plateau", "--lr-decay", "1"]), 2,
+         r"--lr-decay \(its factor\) must lie in \(0, 1\)"),
+        ("warmup-without-cosine", "flags", lambda: cli([*t, "--warmup-steps", "10"]), 2,
+         "--warmup-steps applies to --lr-schedule cosine .the learning rate is constant"),
+        ("step-size-for-cosine", "flags",
+         lambda: cli([*t, "--lr-schedule", "cosine", "--lr-step-size", "2"]), 2,
+         "--lr-step-size applies to --lr-schedule step, not cosine"),
+        ("plateau-patience-for-step", "flags",
+         lambda: cli([*t, "--lr-schedule", "step", "--lr-step-size", "2",
+                      "--plateau-patience", "1"]), 2,
+         "--plateau-patience applies to --lr-schedule plateau, not step"),
+        ("decay-for-constant", "flags",
+         lambda: cli([*t, "--lr-schedule", "constant", "--lr-decay", "0.5"]), 2,
+         "--lr-decay applies to --lr-schedule exponential, step, plateau, not constant"),
+        ("min-lr-negative", "flags", lambda: cli([*t, "--lr-schedule", "cosine", "--min-lr",
+                                                  "-1"]), 2, "--min-lr: must be a finite number"),
+        ("clip-norm-0", "flags", lambda: cli([*t, "--clip-norm", "0"]), 2,
+         "--clip-norm: must be a finite number > 0"),
+        ("weight-decay-nan", "flags", lambda: cli([*t, "--weight-decay", "nan"]), 2,
+         "--weight-decay: must be a finite number"),
+        ("early-stopping-0", "flags", lambda: cli([*t, "--early-stopping", "0"]), 2,
+         "--early-stopping: must be an integer >= 1"),
+        ("min-delta-alone", "flags", lambda: cli([*t, "--min-delta", "0.1"]), 2,
+         "--min-delta applies to --early-stopping PATIENCE"),
+        ("min-delta-negative", "flags",
+         lambda: cli([*t, "--early-stopping", "2", "--min-delta", "-1"]), 2,
+         "--min-delta: must be a finite number >= 0"),
+        ("logger-unknown", "flags", lambda: cli([*t, "--logger", "wandb"]), 2,
+         "--logger: invalid choice: 'wandb'"),
+        ("logger-not-installed", "flags", lambda: _without_module(
+            "torch.utils.tensorboard", lambda: cli([*t, "--logger", "tensorboard"])), 2,
+         r"this logger needs the tensorboard package: pip install 'pvae-ppl\[tensorboard\]'"),
+        ("evaluate-checkpoint-unknown", "flags",
+         lambda: cli(["evaluate", str(digits_run(tmp)), "--checkpoint", "first"]), 2,
+         "--checkpoint: invalid choice: 'first'"),
+        ("evaluate-no-best", "flags",
+         lambda: cli(["evaluate", str(edited_run(tmp, "nobest", lambda r: (
+             r / "best.pt").unlink())), "--checkpoint", "best"]), 2,
+         r"holds no best.pt: the best epoch is kept when a run has validation data"),
+        ("evaluate-tsne-negative", "flags",
+         lambda: cli(["evaluate", str(digits_run(tmp)), "--tsne-points", "-1"]), 2,
+         "--tsne-points: must be an integer >= 0"),
+        ("load-run-checkpoint", "api",
+         lambda: __import__("pvae").load_run(digits_run(tmp), checkpoint="first"), ValueError,
+         "checkpoint must be one of"),
+        ("embedding-one-point", "api",
+         lambda: __import__("pvae.plots", fromlist=["x"]).latent_embedding(torch.zeros(1, 2)),
+         ValueError, "N >= 2"),
+        # -- your own data -------------------------------------------------------------------
+        own("truncated.npy", _half(_npy_bytes(x)), pattern=r"truncated.npy is truncated"),
+        own("truncated.npz", lambda p: (np.savez_compressed(p, x=x),
+                                        _half(p.read_bytes())(p)),
+            pattern=r"truncated.npz is not a valid .npz file .*it may be truncated"),
+        own("truncated.pt", lambda p: (torch.save(torch.from_numpy(x), p),
+                                       _half(p.read_bytes())(p)),
+            pattern="truncated.pt is not a .pt file written by torch.save, or it is truncated"),
+        own("objects.npy", _saved(np.array([{}, {}], dtype=object), allow_pickle=True),
+            pattern=r"holds Python objects \(dtype object\), which pvae does not unpickle"),
+        own("strings.npy", _saved(np.array([["a", "b"], ["c", "d"]])),
+            pattern=r"x has dtype <U1; pvae reads real numbers"),
+        own("complex.npy", _saved(x.astype(np.complex64)),
+            pattern="x has dtype complex64; pvae reads real numbers"),
+        own("nan.npy", _saved(np.where(np.arange(6) == 2, np.nan, x)),
+            pattern=r"holds 20 NaN or infinite value\(s\), the first in row 0"),
+        own("huge.npy", _saved(np.full((4, 6), 1e300)),
+            pattern="beyond float32's range count as infinite"),
+        own("flat.npy", _saved(x[:, 0]), pattern=r"x has shape \(20,\); pvae reads one datapoint "
+            "per row"),
+        own("5d.npy", _saved(np.zeros((2, 1, 1, 1, 1), np.float32)),
+            pattern=r"shape \(2, 1, 1, 1, 1\)"),
+        own("channels.npy", _saved(np.zeros((2, 5, 4, 4), np.float32)),
+            pattern="neither its last nor its second axis is 1 or 3 colour channels"),
+        own("empty.npy", _saved(np.zeros((0, 4), np.float32)), pattern=r"is empty"),
+        own("one-row.npy", _saved(x[:1]), pattern="holds 1 datapoint.s.; a train/test split "
+            "needs at least 2"),
+        own("keys.npz", lambda p: np.savez(p, x), pattern=r"holds \['arr_0'\]; pvae reads 'x'"),
+        own("labels-length.npz", _npz(x=x, y=np.zeros(19, np.int64)),
+            pattern=r"y has shape \(19,\); expected \(20,\): one class label per datapoint"),
+        own("labels-negative.npz", _npz(x=x, y=np.full(20, -1)),
+            pattern=r"labels in \[-1, -1\]; labels are class indices"),
+        own("labels-fractional.npz", _npz(x=x, y=np.full(20, 0.5)),
+            pattern="not whole numbers; labels are class indices"),
+        own("labels-strings.npz", _npz(x=x, y=np.array(["cat"] * 20)),
+            pattern="y has dtype <U3.*labels are class indices"),
+        own("split-shapes.npz", _npz(x_train=np.zeros((4, 8, 8), np.float32),
+                                     x_test=np.zeros((4, 7, 7), np.float32)),
+            pattern=r"x_train's datapoints have shape \(8, 8\), x_test's \(7, 7\)"),
+        own("split-half.npz", _npz(x_train=x, y_train=np.zeros(20, np.int64), x_test=x),
+            pattern=r"holds \['x_test', 'x_train', 'y_train'\]"),
+        own("pickled.pt", _pt({"x": torch.from_numpy(x), "y": np.zeros(20)}),
+            pattern="holds Python objects other than tensors, which pvae does not unpickle"),
+        own("list.pt", _pt({"x": torch.from_numpy(x), "y": [0] * 20}),
+            pattern="y is a list, not a tensor"),
+        own("string.pt", _pt("x"), pattern="holds a str; pvae reads a tensor x"),
+        own("pixels-255.npy", _saved(x * 255),
+            pattern=r"binarize='dynamic' needs intensities in \[0, 1\], got values in .*; or "
+                    "train with --binarize none"),
+        own("fraction-1.npy", _saved(x), "--test-fraction", "1",
+            pattern=r"test_fraction must lie in \(0, 1\)"),
+        own("fraction-with-split.npz", _npz(x_train=x, x_test=x), "--test-fraction", "0.3",
+            pattern=r"brings its own split \(x_train, x_test\); test_fraction"),
+        own("data.csv", lambda p: p.write_text("1,2\n"), pattern="pvae reads .npy, .npz and "
+            ".pt data files"),
+        own("a-folder.npy", lambda p: p.mkdir(), pattern="a-folder.npy is not a file"),
+        ("data-file-missing", "own-data",
+         lambda: cli([*o, "--data-file", str(tmp / "own" / "nowhere.npy")]), 2,
+         "data file .*nowhere.npy not found"),
+        ("data-file-and-dataset", "own-data",
+         lambda: cli([*t, "--dataset", "mnist", "--data-file", "x.npy"]), 2,
+         "--dataset mnist and --data-file: choose one"),
+        ("data-file-and-image-folder", "own-data",
+         lambda: cli([*o, "--data-file", "x.npy", "--image-folder", "pngs"]), 2,
+         "--data-file and --image-folder: choose one"),
+        ("dataset-data-file-alone", "own-data", lambda: cli([*t, "--dataset", "data-file"]),
+         2, "--dataset data-file needs --data-file"),
+        ("image-size-for-data-file", "own-data",
+         lambda: cli([*o, "--data-file", "x.npy", "--image-size", "8"]), 2,
+         "--image-size applies to --image-folder, not --dataset data-file"),
+        ("test-fraction-for-digits", "own-data", lambda: cli([*t, "--test-fraction", "0.5"]),
+         2, "--test-fraction applies to --data-file and --image-folder, not --dataset digits"),
+        ("load-option-unknown", "api", lambda: data.load("digits", data_file="x.npy"),
+         TypeError, "the dataset 'digits' takes no option data_file"),
+        folder("empty", {}, pattern="holds no PNG or JPEG images"),
+        folder("mixed-sizes", {"a.png": GREY, "b.png": GREY[:7]},
+               pattern=r"differ in size: a.png is 8x8, b.png is 7x8 .*pass --image-size H W"),
+        folder("truncated", {"a.png": TRUNCATED_PNG,
+                             "b.png": TRUNCATED_PNG[: len(TRUNCATED_PNG) // 2]},
+               pattern=r"b.png cannot be read as an image \(image file is truncated"),
+        folder("not-an-image", {"a.png": b"<html>not a picture</html>"},
+               pattern="a.png is not a PNG or JPEG image Pillow can read"),
+        folder("16-bit", {"a.png": np.zeros((4, 4), np.uint16)},
+               pattern="has mode I;16 .16-bit or floating-point pixels."),
+        folder("images-and-classes", {"a.png": GREY, "cats/b.png": GREY},
+               pattern=r"holds both images \(a.png\) and class folders \(cats\)"),
+        folder("empty-class", {"cats/a.png": GREY, "dogs": None},
+               pattern="the class folder .*dogs holds no PNG or JPEG images"),
+        folder("nested", {"cats/a.png": GREY, "cats/small/b.png": GREY},
+               pattern="small is a folder inside the class folder cats"),
+        folder("image-size-three", {"a.png": GREY, "b.png": GREY}, "--image-size", "1", "2",
+               "3", pattern="--image-size takes H W or one side N"),
+        folder("rgb-conv", {"a.png": RGB, "b.png": RGB}, "--network", "conv",
+               pattern=r"--network conv needs one-channel images; .*\(8, 8, 3\)"),
+        ("image-folder-rgb-mae", "own-data",
+         lambda: cli(["train", "--model", "mae", "--no-progress", "--out", out, "--image-folder",
+                      _own(tmp, "rgb-mae", _pngs({"a.png": RGB, "b.png": RGB}))]), 2,
+         "--model mae needs one-channel images"),
+        folder("rgb-condition", {"a.png": RGB, "b.png": RGB}, "--model", "cvae", "--condition",
+               "top-half", pattern=r"condition 'top-half' needs image data with \(H, W\), got "
+               r"image_shape=\(8, 8, 3\)"),
+        ("image-folder-missing", "own-data",
+         lambda: cli([*o, "--image-folder", str(tmp / "own" / "no-pngs")]), 2,
+         "image folder .*no-pngs not found"),
+        ("image-folder-is-a-file", "own-data",
+         lambda: cli([*o, "--image-folder", _own(tmp, "a.png", lambda p: p.write_bytes(
+             _png_bytes(GREY)))]), 2, "a.png is not a folder"),
+        ("image-size-0", "api",
+         lambda: data.load_image_folder(_own(tmp, "ok", _pngs({"a.png": GREY})),
+                                        image_size=[0]), data.DataFileError,
+         "image_size must be"),
+        ("received-own-data-missing", "hostile-files",
+         lambda: _received_own(tmp, "own-moved", lambda p: p.unlink()), 2,
+         r"the run's data, .*own-data.npz' \(config.json's data_file\), is not found here"),
+        ("received-own-data-changed", "hostile-files",
+         lambda: _received_own(tmp, "own-changed", lambda p: np.savez(p, x=np.zeros(
+             (60, 16), np.float32))), 2,
+         r"the data at .*own-data.npz are not those the run was trained on"),
+        # -- config files --------------------------------------------------------------------
+        ("config-missing", "config-file",
+         lambda: cli(["train", "--config", str(tmp / "configs" / "nowhere.json")]), 2,
+         "--config .*nowhere.json: no such file"),
+        config("not-json.json", "{latent_dim: 2", "is not valid JSON"),
+        config("list.json", "[1, 2]", "must hold a mapping of flags to values, got a list"),
+        config("deep.json", "[" * 100_000 + "]" * 100_000, "nests too deeply"),
+        config("huge.json", " " * (1 << 20) + "{}", r"is larger than 1048576 bytes"),
+        ("config-binary.json", "config-file",
+         lambda: cli(["train", "--config", _own(tmp, "binary.json", lambda p: p.write_bytes(
+             b"\xff\xfe{}")), "--out", out]), 2, "is not a UTF-8 text file"),
+        config("flags.toml", "latent_dim = 2", "pvae reads .json, .yaml and .yml files"),
+        config("bad.yaml", "latent_dim: [2\n", "is not valid YAML"),
+        config("unknown.json", '{"lattent_dim": 2}',
+               r"unknown setting\(s\) lattent_dim; the settings are pvae train's flags"),
+        config("nested.json", '{"config": "other.json"}', r"unknown setting\(s\) config"),
+        config("value.json", '{"latent_dim": 0}',
+               r"config .*value.json: latent_dim: must be an integer >= 1, got 0"),
+        config("choice.yaml", "model: gan\n", r"model: 'gan' is not one of vae, cvae"),
+        config("list-for-one.json", '{"lr": [0.1, 0.2]}', "lr must be one value"),
+        config("switch.json", '{"analytic_kl": "yes"}', "analytic_kl must be true or false"),
+        config("empty-list.json", '{"hidden_dims": []}', "hidden_dims is an empty list"),
+        config("flag-for-another-model.json", '{"model": "ae", "prior": "learned"}',
+               "--prior applies to --model cvae, not --model ae"),
+        record("ppca", lambda c: c.update(model="ppca"), "re-run a ppca run with pvae ppca"),
+        record("pyro-loss", lambda c: c["training"]["loss"].update(name="Trace_ELBO"),
+               "training.loss 'Trace_ELBO' is not one of pvae train's estimators"),
+        record("beta", lambda c: c["training"]["loss"].update(beta="MyAnnealing(3)"),
+               r"training.loss.beta = 'MyAnnealing\(3\)' cannot be set"),
+        record("channels", lambda c: c["model_config"].update(channels=[16, 32]),
+               r"model_config.channels = \[16, 32\] cannot be set by a flag of pvae train"),
+        record("data-plate", lambda c: c["training"]["loss"].update(data_plate="batch"),
+               "training.loss.data_plate = 'batch' cannot be set"),
+        record("optimizer", lambda c: c["training"]["optim"].update(name="SGD"),
+               "training.optim 'SGD' is not one of pvae train's optimizers"),
+        record("schedule", lambda c: c["training"]["optim"].update(schedule={"name": "OneCycle"}),
+               "training.optim.schedule .* is not one of pvae train's schedules"),
+        record("unknown-key", lambda c: c.update(colour="blue"),
+               r"unknown setting\(s\) colour in a run's record"),
+        record("format", _format(2), "written by pvae 9.9.9 in run format 2"),
+        # -- run formats ---------------------------------------------------------------------
+        ("config-other-format", "versions",
+         lambda: cli(["evaluate", str(edited_run(tmp, "format-config", lambda r: _edit_config(
+             r, _format(2))))]), 2,
+         r"config.json was written by pvae 9.9.9 in run format 2; this pvae .* reads format 1"),
+        ("checkpoint-other-format", "versions",
+         lambda: cli(["evaluate", str(edited_run(tmp, "format-checkpoint", lambda r: _checkpoint(
+             r, _format(2))))]), 2,
+         r"checkpoint.pt was written by pvae 9.9.9 in run format 2"),
+        ("checkpoint-format-no-version", "versions",
+         lambda: cli(["evaluate", str(edited_run(tmp, "format-anon", lambda r: _checkpoint(
+             r, lambda s: (s.update(format=0), s.pop("versions")))))]), 2,
+         r"was written by another pvae in run format 0"),
+        ("resume-other-format", "versions",
+         lambda: cli([*train, "--resume", "--out", str(edited_run(
+             tmp, "format-resume", lambda r: _checkpoint(r, _format(7, "0.0.1"))))]), 2,
+         "written by pvae 0.0.1 in run format 7"),
+        ("load-checkpoint-other-format", "versions",
+         lambda: __import__("pvae.train", fromlist=["x"]).load_checkpoint(
+             edited_run(tmp, "format-api", lambda r: _checkpoint(r, _format(3))) / "checkpoint.pt"),
+         ValueError, "run format 3"),
     ]
 
 

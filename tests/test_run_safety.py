@@ -105,7 +105,7 @@ def test_a_link_at_the_target_is_replaced_not_written_through(tmp_path):
 
 def test_links_that_stay_inside_the_run_are_allowed(tmp_path):
     shutil.copytree(digits_run(tmp_path), tmp_path / "copy")
-    (tmp_path / "copy" / "best.pt").symlink_to("checkpoint.pt")
+    (tmp_path / "copy" / "latest.pt").symlink_to("checkpoint.pt")
     check_folder(tmp_path / "copy")
     load_run(tmp_path / "copy", device="cpu")
     (tmp_path / "copy" / "figures" / "up").symlink_to("../..")
@@ -234,11 +234,12 @@ def test_fit_into_a_run_needs_resume(tmp_path):
 
 def test_full_disk_names_the_last_good_checkpoint(tmp_path):
     """On a 250 kB tmpfs the first checkpoint (~140 kB) fits, the second (written beside it
-    before the rename) does not: one line, exit 1, and the first checkpoint is whole."""
+    before the rename) does not: one line, exit 1, and the first checkpoint is whole (no
+    validation data, so no best.pt takes the room)."""
     with tmpfs(tmp_path / "small", "250k") as small:
         out = small / "run"
         code, err = cli(["train", "--dataset", "digits", "--latent-dim", "4", "--hidden-dims",
-                         "64", "--num-epochs", "5", "--num-val", "20", "--no-progress",
+                         "64", "--num-epochs", "5", "--num-val", "0", "--no-progress",
                          "--device", "cpu", "--out", str(out)])
         assert code == 1, err
         assert err.count("\n") == 1 and err.startswith(f"pvae: cannot write {out}/checkpoint.pt: "

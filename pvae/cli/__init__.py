@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
 
-from pvae.cli import evaluate, ppca, repair, train
-from pvae.data import DataNotFoundError, IDXError
+from pvae.cli import configs, evaluate, ppca, repair, train
+from pvae.data import DataFileError, DataNotFoundError, IDXError
 from pvae.files import FolderInUseError, UnsafeFolderError, WriteError
 from pvae.runs import RunError, build_model, load_run, lock_run
 from pvae.train import CHECKPOINT_NAME, CheckpointError, TrainingDivergedError
 from pvae.train.checkpoint import last_saved_epoch
+from pvae.versions import FormatError
 
 __all__ = ["Terminated", "build_model", "load_run", "main"]
 
 #: Errors that a user can fix: one line, exit code 2 (bad usage or input).
-USAGE_ERRORS = (RunError, CheckpointError, DataNotFoundError, IDXError, FileNotFoundError,
-                NotADirectoryError, IsADirectoryError, FolderInUseError, UnsafeFolderError)
+USAGE_ERRORS = (RunError, CheckpointError, DataNotFoundError, IDXError, DataFileError,
+                FormatError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                FolderInUseError, UnsafeFolderError)
 #: Failures of a run that was set up right: one line, exit code 1.
 RUN_ERRORS = (TrainingDivergedError, WriteError)
 #: The run folder each command writes: ``(argument, create it)``.
@@ -46,7 +49,8 @@ class _Parser(argparse.ArgumentParser):
     expected error of the command line."""
 
     def error(self, message):
-        self.exit(2, f"pvae: {self.prog.removeprefix('pvae ')}: {message}\n")
+        command = self.prog.removeprefix("pvae").strip()
+        self.exit(2, f"pvae: {command + ': ' if command else ''}{message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +70,7 @@ def _fail(code: int, message: str) -> None:
 
 def _interrupted(args, signal_name: str) -> str:
     """What an interrupted command leaves, in its own words."""
-    if args.command == "train":
+    if args.command == "train" and args.out is not None:
         epoch = last_saved_epoch(os.path.join(args.out, CHECKPOINT_NAME))
         kept = ("the last checkpoint written (if any) is intact" if epoch is None else
                 f"the last checkpoint (epoch {epoch}) is intact")
@@ -106,6 +110,30 @@ def _run_folder(args):
     return lock_run(folder, create=create, option=f"--{argument}")
 
 
+def _command(parser, argv, args) -> None:
+    """The command, with the flags of ``--config FILE`` (``pvae train``) read first, under the
+    lock of the run folder it writes."""
+    if getattr(args, "config", None) is not None:
+        vars(args).update(vars(configs.expand(parser, argv, args)))
+    with _sigterm_as_interrupt(), _run_folder(args):
+        args.func(args)
+
+
+@contextlib.contextmanager
+def _pvae_log_to_stderr():
+    """pvae's own log lines (early stopping, a finished run resumed, an eager step) as they
+    are, on the stderr of the moment, while the command runs."""
+    logger = logging.getLogger("pvae")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """An allocation failure: Python's ``MemoryError``, or torch's on the CPU ("can't allocate
     memory") or a GPU ("out of memory")."""
@@ -125,14 +153,16 @@ def main(argv=None) -> None:
     last checkpoint is intact). Each error is one ``pvae: ...`` line on stderr; ``--debug``
     shows tracebacks instead.
     """
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.debug:
-        with _sigterm_as_interrupt(), _run_folder(args):
-            args.func(args)
+        with _pvae_log_to_stderr():
+            _command(parser, argv, args)
         return
     try:
-        with _sigterm_as_interrupt(), _run_folder(args):
-            args.func(args)
+        with _pvae_log_to_stderr():
+            _command(parser, argv, args)
     except USAGE_ERRORS as e:
         _fail(2, e)
     except RUN_ERRORS as e:

@@ -36,28 +36,33 @@ def is_autoencoder(name: str) -> bool:
     return name in AUTOENCODERS
 
 
-def add_train_arguments(t) -> None:
-    """The autoencoders' options of ``pvae train`` (``--latent-dim`` is the code size)."""
-    g = t.add_argument_group("autoencoders (--model ae, linear-ae, mae)")
-    g.add_argument("--loss", default="mse", choices=list(LOSSES),
-                   help="reconstruction loss summed over pixels")
-    g.add_argument("--code-activation", default="identity", choices=sorted(CODE_ACTIVATIONS),
-                   help="ae: activation of the code layer (relu for L1, sigmoid for KL)")
-    g.add_argument("--sparsity", default="none", choices=["none", *SPARSITY])
-    g.add_argument("--sparsity-weight", type=number(0.0), default=1e-3, help="λ of --sparsity")
-    g.add_argument("--target-activation", type=number(0.0, strict=True), default=0.05,
-                   help="ρ of --sparsity kl, in (0, 1)")
-    g.add_argument("--corruption", default="none", choices=["none", *CORRUPTIONS],
-                   help="denoising: gaussian noise or masking of the inputs")
-    g.add_argument("--noise-scale", type=number(0.0), default=0.3,
-                   help="σ of --corruption gaussian")
-    g.add_argument("--mask-fraction", type=number(0.0), default=0.3,
-                   help="ν of --corruption mask, in [0, 1)")
-    g.add_argument("--contractive", type=number(0.0), default=0.0,
-                   help="λ of the contractive penalty ‖J_f(x)‖²_F (0 = off)")
-    g.add_argument("--patch-size", type=count(1), default=7, help="mae: patch side")
-    g.add_argument("--mask-ratio", type=number(0.0, strict=True), default=0.75,
-                   help="mae: fraction of patches masked")
+def add_train_arguments(model, objective) -> None:
+    """The autoencoders' options of ``pvae train``, in its ``model`` and ``objective`` groups
+    (``--latent-dim`` is the code size). Their defaults are filled in by
+    :func:`pvae.cli.train.check_flags`, which refuses them for the VAEs."""
+    model.add_argument("--loss", default=None, choices=list(LOSSES),
+                       help="ae, linear-ae: the reconstruction loss summed over pixels (mse)")
+    model.add_argument("--code-activation", default=None, choices=sorted(CODE_ACTIVATIONS),
+                       help="ae: activation of the code layer (identity; relu for L1, sigmoid "
+                       "for KL sparsity)")
+    model.add_argument("--patch-size", type=count(1), default=None, help="mae: patch side, 7")
+    model.add_argument("--mask-ratio", type=number(0.0, strict=True), default=None,
+                       help="mae: fraction of patches masked, 0.75")
+    g = objective
+    g.add_argument("--sparsity", default=None, choices=["none", *SPARSITY],
+                   help="autoencoders: a sparsity penalty on the codes")
+    g.add_argument("--sparsity-weight", type=number(0.0), default=None,
+                   help="autoencoders: λ of --sparsity, 1e-3")
+    g.add_argument("--target-activation", type=number(0.0, strict=True), default=None,
+                   help="autoencoders: ρ of --sparsity kl, in (0, 1), 0.05")
+    g.add_argument("--corruption", default=None, choices=["none", *CORRUPTIONS],
+                   help="autoencoders (denoising): gaussian noise or masking of the inputs")
+    g.add_argument("--noise-scale", type=number(0.0), default=None,
+                   help="autoencoders: σ of --corruption gaussian, 0.3")
+    g.add_argument("--mask-fraction", type=number(0.0), default=None,
+                   help="autoencoders: ν of --corruption mask, in [0, 1), 0.3")
+    g.add_argument("--contractive", type=number(0.0), default=None,
+                   help="autoencoders: λ of the contractive penalty ‖J_f(x)‖²_F (0 = off)")
 
 
 def model_and_loss(args, ds):
@@ -70,6 +75,9 @@ def model_and_loss(args, ds):
         if args.model == "mae":
             if not ds.image_shape:
                 raise ValueError(f"--model mae needs images; {args.dataset} has none")
+            if len(ds.image_shape) != 2:
+                raise ValueError(f"--model mae needs one-channel images; {args.dataset}'s are "
+                                 f"{tuple(ds.image_shape)}")
             kwargs = dict(image_shape=ds.image_shape, patch_size=args.patch_size,
                           embed_dim=args.latent_dim, mask_ratio=args.mask_ratio)
         elif args.model == "linear-ae":
@@ -100,15 +108,17 @@ def add_evaluate_arguments(e) -> None:
                    help="a code unit counts as zero below this magnitude")
 
 
-def evaluate(args, run_dir: Path, model, config: dict, state: dict, ds) -> None:
+def evaluate(args, run_dir: Path, model, config: dict, state: dict, ds, metrics_path: Path,
+             figures_dir: Path) -> None:
     """``pvae evaluate`` on an autoencoder run: test reconstruction MSE per pixel (the masked
-    AE's: on the masked patches), code statistics and the linear probe; ``metrics.json`` and a
-    figure of reconstructions."""
+    AE's: on the masked patches), code statistics and the linear probe; the metrics file and
+    the figures of reconstructions and of the codes' embedding."""
     n = args.num_test or len(ds.x_test)
     x_test, y_test = ds.x_test[:n], ds.y_test[:n]
     torch.manual_seed(config["seed"])
-    metrics = {"run": str(run_dir), "dataset": config["dataset"], "num_test": len(x_test),
-               "epochs": state["epoch"], "units": "squared error per pixel"}
+    metrics = {"run": str(run_dir), "checkpoint": args.checkpoint, "dataset": config["dataset"],
+               "num_test": len(x_test), "epochs": state["epoch"],
+               "units": "squared error per pixel"}
     if isinstance(model, MaskedAutoencoder):
         with torch.no_grad():
             losses = torch.cat([model.masked_loss(xb.to(model.device, model.dtype))[0].cpu()
@@ -137,17 +147,20 @@ def evaluate(args, run_dir: Path, model, config: dict, state: dict, ds) -> None:
               f"{probe['accuracy']:.4f} ± {probe['accuracy_stderr']:.4f}")]
     print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs:")
     print(table(rows))
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(metrics_path, metrics)
     image_shape = tuple(config["image_shape"]) if config.get("image_shape") else None
+    plots.latent_embedding(z_test, y_test if ds.num_classes > 1 else None,
+                           tsne_points=args.tsne_points, seed=config["seed"],
+                           path=figures_dir / "latent_embedding.png")
     if image_shape:
         x_show = x_test[:10]
         if isinstance(model, MaskedAutoencoder):
             recon, mask = model.reconstruct(x_show)
             plots.image_grid([x_show, model.masked_input(x_show, mask), recon], image_shape,
                              row_labels=["input", "masked", "reconstruction"],
-                             path=run_dir / "figures" / "reconstructions.png")
+                             path=figures_dir / "reconstructions.png")
         else:
             plots.image_grid([x_show, model.reconstruct(x_show)], image_shape,
                              row_labels=["input", "reconstruction"],
-                             path=run_dir / "figures" / "reconstructions.png")
-    print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'figures'}/")
+                             path=figures_dir / "reconstructions.png")
+    print(f"wrote {metrics_path} and {figures_dir}/")

@@ -11,7 +11,7 @@ from pvae.contract import resolve_device
 from pvae.files import WriteError
 from pvae.inference import elbo_terms, impute, inference_gap, iw_log_likelihood
 from pvae.inference.mcmc import compare_samples, guide_samples, nuts_posterior
-from pvae.runs import load_data, load_run, write_json
+from pvae.runs import CHECKPOINTS, load_data, load_run, write_json
 from pvae.stats import mean_stderr
 from pvae.train import CheckpointError, History
 
@@ -24,6 +24,9 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="evaluate a trained run: metrics.json and figures")
     e.add_argument("run", help="run folder written by pvae train or pvae ppca")
+    e.add_argument("--checkpoint", default="last", choices=sorted(CHECKPOINTS),
+                   help="last (checkpoint.pt: metrics.json, figures/) or best (best.pt, the "
+                   "best validation epoch's: metrics_best.json, figures_best/)")
     e.add_argument("--num-samples", type=count(0), default=5000,
                    help="K for the IW log-likelihood (0 = skip it)")
     e.add_argument("--iw-num-test", type=count(0), default=1000,
@@ -41,6 +44,9 @@ def add_parser(sub) -> None:
                    "(slow: minutes per image on a CPU; 0 = skip)")
     e.add_argument("--nuts-samples", type=count(1), default=500, metavar="S",
                    help="NUTS draws kept per chain, after as many warmup steps")
+    e.add_argument("--tsne-points", type=count(0), default=2000, metavar="N",
+                   help="the latent embedding figure's t-SNE panel embeds the first N test "
+                   "images' codes (0 = PCA alone)")
     e.add_argument("--device", default="auto")
     autoencoders.add_evaluate_arguments(e)
     e.set_defaults(func=run)
@@ -60,20 +66,31 @@ def run(args) -> None:
         _run(args)
 
 
+def outputs(run_dir: Path, checkpoint: str) -> tuple[Path, Path]:
+    """Where ``pvae evaluate --checkpoint`` writes: ``(metrics file, figures folder)``,
+    ``metrics.json`` and ``figures/`` for the last checkpoint, ``metrics_best.json`` and
+    ``figures_best/`` for the best."""
+    suffix = "" if checkpoint == "last" else f"_{checkpoint}"
+    return run_dir / f"metrics{suffix}.json", run_dir / f"figures{suffix}"
+
+
 def _run(args) -> None:
-    """Everything is computed first; then ``metrics.json`` is written, then the figures, so a
+    """Everything is computed first; then the metrics file is written, then the figures, so a
     figure that cannot be written (full disk, ``figures`` a file...) never loses the metrics.
-    The run folder is data, not instructions: nothing is downloaded and ``data_dir`` is used
-    only if it exists (:func:`pvae.runs.load_data` with ``received``)."""
+    The run folder is data, not instructions: nothing is downloaded, ``data_dir`` and your own
+    data's paths are used only if they exist, and data whose digest differs from the recorded
+    one are refused (:func:`pvae.runs.load_data` with ``received``)."""
     run_dir = Path(args.run)
-    model, config, state = load_run(run_dir, args.device)
+    model, config, state = load_run(run_dir, args.device, checkpoint=args.checkpoint)
+    metrics_path, figures_dir = outputs(run_dir, args.checkpoint)
     ds = load_data(config, received=True)
     recorded = config.get("image_shape")
     if recorded is not None and list(recorded) != list(ds.image_shape or []):
         raise CheckpointError(f"{run_dir / 'config.json'} says image_shape {recorded}, but "
                               f"{config['dataset']}'s images are {ds.image_shape}")
     if autoencoders.is_autoencoder(config["model"]):
-        return autoencoders.evaluate(args, run_dir, model, config, state, ds)
+        return autoencoders.evaluate(args, run_dir, model, config, state, ds,
+                                     metrics_path, figures_dir)
     n = args.num_test or len(ds.x_test)
     condition = config.get("condition") or "none"
     try:
@@ -84,8 +101,8 @@ def _run(args) -> None:
                               f"used ({e})") from e
     terms = elbo_terms(model, x_test, c=c_test, num_samples=args.num_elbo_samples)
     summary = terms.summary()
-    metrics = {"run": str(run_dir), "dataset": config["dataset"], "num_test": len(x_test),
-               "epochs": state["epoch"], "units": "nats per image",
+    metrics = {"run": str(run_dir), "checkpoint": args.checkpoint, "dataset": config["dataset"],
+               "num_test": len(x_test), "epochs": state["epoch"], "units": "nats per image",
                "test_elbo": summary["elbo"], "test_elbo_stderr": summary["elbo_stderr"],
                "reconstruction": summary["reconstruction"],
                "reconstruction_stderr": summary["reconstruction_stderr"],
@@ -133,23 +150,24 @@ def _run(args) -> None:
                   f"{g['approximation_gap']:.2f} ± {g['approximation_gap_stderr']:.2f}"),
                  ("  amortization: ELBO(q*) − ELBO(q)",
                   f"{g['amortization_gap']:.2f} ± {g['amortization_gap_stderr']:.2f}")]
-        drawn.append(lambda: plots.inference_gap(gap, path=run_dir / "figures" /
-                                                 "inference_gap.png"))
+        drawn.append(lambda: plots.inference_gap(gap, path=figures_dir / "inference_gap.png"))
     if args.nuts:
-        rows += _nuts_check(model, x_test, c_test, args, metrics, run_dir / "figures", drawn)
-    print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs "
+        rows += _nuts_check(model, x_test, c_test, args, metrics, figures_dir, drawn)
+    which = "" if args.checkpoint == "last" else f", {CHECKPOINTS[args.checkpoint]}"
+    print(f"{config['model']} on {config['dataset']} after {state['epoch']} epochs{which} "
           "(nats per image):")
     print(table(rows))
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(metrics_path, metrics)
+    labels = ds.y_test[:n] if ds.num_classes > 1 else None
     drawn.append(lambda: figures(model, config, state, x_test, c_test, metrics["kl_per_dim"],
-                                 run_dir / "figures"))
+                                 figures_dir, labels=labels, tsne_points=args.tsne_points))
     try:
         for draw in drawn:
             draw()
     except WriteError as e:
-        raise WriteError(f"{e}; {run_dir / 'metrics.json'} is written, the figures are "
-                         "incomplete", e.errno, e.filename) from e
-    print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'figures'}/")
+        raise WriteError(f"{e}; {metrics_path} is written, the figures are incomplete", e.errno,
+                         e.filename) from e
+    print(f"wrote {metrics_path} and {figures_dir}/")
 
 
 def _nuts_check(model, x_test, c_test, args, metrics: dict, folder: Path, drawn: list) -> list:
@@ -185,8 +203,10 @@ def _nuts_check(model, x_test, c_test, args, metrics: dict, folder: Path, drawn:
              f"{s['energy_distance']:.3f} ± {s['energy_distance_stderr']:.3f}")]
 
 
-def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> None:
-    """The figures of ``pvae evaluate``, as fit the model's conditioning."""
+def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path, *, labels=None,
+            tsne_points: int = 2000) -> None:
+    """The figures of ``pvae evaluate``, as fit the model's conditioning; the latent embedding
+    of every model (the test images' posterior means, coloured by ``labels``)."""
     image_shape = tuple(config["image_shape"]) if config.get("image_shape") else None
     condition = config.get("condition") or "none"
     g = torch.Generator(device=model.device).manual_seed(config["seed"])
@@ -204,13 +224,24 @@ def figures(model, config, state, x_test, c_test, kl_per_dim, folder: Path) -> N
         plots.reconstructions(model, x_show, image_shape, path=folder / "reconstructions.png")
         plots.prior_samples(model, image_shape, generator=g, path=folder / "samples.png")
         latent_walks(model, x_show, kl_per_dim, image_shape, folder)
-        if model.latent_dim == 2:
+        if model.latent_dim == 2 and len(image_shape) == 2:
             plots.latent_manifold(model.decode, image_shape, path=folder / "latent_manifold.png",
                                   device=model.device, dtype=model.dtype)
     if kl_per_dim is not None:
         plots.kl_per_dim(kl_per_dim, path=folder / "kl_per_dim.png")
+    plots.latent_embedding(posterior_means(model, x_test, c_test), labels,
+                           tsne_points=tsne_points, seed=config["seed"],
+                           path=folder / "latent_embedding.png")
     if (folder.parent / "history.csv").is_file() and not (folder / "training_curve.png").is_file():
         plots.training_curve(History(state["history"]), folder / "training_curve.png")
+
+
+@torch.no_grad()
+def posterior_means(model, x, c=None, batch_size: int = 1000) -> torch.Tensor:
+    """E_q[z | x, c] of every row of ``x``, on the CPU: ``(N, latent_dim)`` (the first
+    stochastic layer's for a hierarchical VAE)."""
+    return torch.cat([model.encode(xb, None if c is None else c[i:i + batch_size])[0].cpu()
+                      for i, xb in zip(range(0, len(x), batch_size), x.split(batch_size))])
 
 
 def latent_walks(model, x, kl_per_dim, image_shape, folder: Path) -> None:

@@ -13,9 +13,18 @@ from pvae import data, plots
 from pvae.contract import resolve_device
 from pvae.inference import ReparamELBO, iw_log_likelihood
 from pvae.models import PPCA, compare_posteriors, to_inference_data
-from pvae.runs import RunError, WriteConfig, load_data, new_model, prepare_run, write_json
+from pvae.runs import (
+    BEST_NAME,
+    RunError,
+    WriteConfig,
+    load_data,
+    new_model,
+    prepare_run,
+    run_record,
+    write_json,
+)
 from pvae.stats import mean_stderr, principal_angles
-from pvae.train import Adam, ExponentialLR, fit, save_checkpoint
+from pvae.train import Adam, BestCheckpoint, ExponentialLR, HistoryCSV, fit, save_checkpoint
 
 from .common import count, number, table
 
@@ -69,9 +78,10 @@ def run(args) -> None:
                   batch_size=args.batch_size, optim=Adam(args.lr, schedule=decay),
                   loss=ReparamELBO(args.num_particles, analytic_kl=True), device=device,
                   seed=args.seed, checkpoint_dir=out, progress=not args.no_progress,
-                  config=config, callbacks=[WriteConfig(out)])
+                  config=run_record(config),
+                  callbacks=[WriteConfig(out), BestCheckpoint(out / BEST_NAME),
+                             HistoryCSV(out / "history.csv")])
     svi_seconds = time.perf_counter() - t0
-    history.to_csv(out / "history.csv")
     t0 = time.perf_counter()
     reference = PPCA.closed_form(x_train.to(device), args.latent_dim, guide=args.guide)
     closed_form_seconds = time.perf_counter() - t0

@@ -1,5 +1,6 @@
-"""Data: real images (Fashion-MNIST, MNIST, scikit-learn digits), synthetic PPCA data,
-binarization, structured-prediction splits and mini-batches.
+"""Data: real images (Fashion-MNIST, MNIST, scikit-learn digits), synthetic PPCA data, your
+own data (an array file or a folder of images), binarization, structured-prediction splits
+and mini-batches.
 
 Every dataset follows the data contract of ``DESIGN.md``: ``x`` is a float32 tensor of shape
 ``(N, D)`` with images flattened and ``image_shape`` kept for plotting, labels are int64 of
@@ -20,8 +21,9 @@ from pvae.data.conditions import (
     split_condition,
     training_pairs,
 )
-from pvae.data.datasets import DATASETS, load
+from pvae.data.datasets import DATASETS, dataset_options, load
 from pvae.data.idx import DataNotFoundError, IDXError, read_idx, search_paths
+from pvae.data.own import DataFileError, load_data_file, load_image_folder
 from pvae.data.splits import Splits
 
 #: The former name of :class:`Splits` (it is not a ``torch.utils.data.Dataset``).
@@ -31,6 +33,7 @@ __all__ = [
     "CONDITIONS",
     "DATASETS",
     "ConditionSplit",
+    "DataFileError",
     "DataNotFoundError",
     "Dataset",
     "IDXError",
@@ -40,7 +43,10 @@ __all__ = [
     "binarize",
     "check_intensities",
     "condition_mask",
+    "dataset_options",
     "load",
+    "load_data_file",
+    "load_image_folder",
     "read_idx",
     "search_paths",
     "split_condition",

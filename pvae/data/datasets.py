@@ -8,16 +8,19 @@ shape ``(N,)``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from pvae.data.binarize import binarize as _binarize
+from pvae.data.binarize import check_intensities
 from pvae.data.idx import DataNotFoundError, load_idx_dataset, search_paths
+from pvae.data.own import data_file_dataset, image_folder_dataset
 from pvae.data.splits import Splits
 
-__all__ = ["DATASETS", "load"]
+__all__ = ["DATASETS", "dataset_options", "load"]
 
 
 
@@ -99,26 +102,47 @@ DATASETS: dict[str, Callable[..., Splits]] = {
     "digits": _load_digits,
     "frey-faces": _load_frey,
     "synthetic-ppca": _load_synthetic_ppca,
+    # your own data (pvae.data.own): an array file, a folder of images
+    "data-file": data_file_dataset,
+    "image-folder": image_folder_dataset,
 }
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The options of a dataset, its loader's keyword-only arguments (every loader also takes
+    ``data_dir``, ``download`` and ``seed``): ``("data_file", "test_fraction")`` for
+    ``data-file``, none for the built-in datasets.
+
+    :raises ValueError: unknown dataset name.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return tuple(k for k, p in inspect.signature(DATASETS[name]).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY)
 
 
 def load(name: str, *, data_dir=None, binarize: str | None = None, seed: int = 0,
-         download: bool = False) -> Splits:
+         download: bool = False, **options) -> Splits:
     """Load a dataset by name.
 
     :param str name: one of :data:`DATASETS` (``fashion-mnist``, ``mnist``, ``digits``,
-        ``frey-faces`` (from a user-supplied ``frey_rawface.mat``), ``synthetic-ppca``).
+        ``frey-faces`` (from a user-supplied ``frey_rawface.mat``), ``synthetic-ppca``, and your
+        own data: ``data-file`` (``data_file=PATH``, an ``.npy``, ``.npz`` or ``.pt``) and
+        ``image-folder`` (``image_folder=DIR``, ``image_size=``), each with ``test_fraction=``
+        (:mod:`pvae.data.own`)).
     :param data_dir: folder holding the IDX files (searched first, see :func:`pvae.data.search_paths`).
     :param binarize: ``None`` (grayscale), ``"static"`` (train and test binarized once with
         ``seed``) or ``"dynamic"`` (only the test set is binarized once with ``seed``, for
         evaluation as in Burda et al. 2015; pass ``binarize="dynamic"`` to
         :func:`pvae.inference.fit` to resample the training set every epoch).
-    :param int seed: seed for binarization and for the digits train/test split.
+    :param int seed: seed for binarization and for the train/test split of the datasets that
+        draw one (digits, your own data).
     :param bool download: fetch the official files into ``~/.cache/pvae/<name>`` (or
         ``data_dir``) when they are found nowhere. Off by default: nothing is downloaded
         unless asked.
-    :raises ValueError: unknown dataset name or binarization mode, or binarizing data that
-        are not intensities in [0, 1].
+    :param options: the dataset's own options (:func:`dataset_options`), e.g. ``data_file``.
+    :raises ValueError: unknown dataset name, binarization mode or option, or binarizing data
+        that are not intensities in [0, 1].
+    :raises pvae.data.DataFileError: your own data cannot be read (the message says why).
     :raises DataNotFoundError: no files found; the message lists every folder searched.
     :raises IDXError: truncated or corrupt files.
     """
@@ -126,11 +150,18 @@ def load(name: str, *, data_dir=None, binarize: str | None = None, seed: int = 0
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     if binarize not in (None, "static", "dynamic"):
         raise ValueError(f"binarize must be None, 'static' or 'dynamic', got {binarize!r}")
-    ds = DATASETS[name](data_dir=data_dir, download=download, seed=seed)
+    unknown = sorted(set(options) - set(dataset_options(name)))
+    if unknown:
+        takes = dataset_options(name)
+        raise TypeError(f"the dataset {name!r} takes no option {', '.join(unknown)}"
+                        + (f" (its options: {', '.join(takes)})" if takes else ""))
+    ds = DATASETS[name](data_dir=data_dir, download=download, seed=seed, **options)
     if binarize is not None:
         if name == "synthetic-ppca":
             raise ValueError("synthetic-ppca data are real-valued and cannot be binarized; "
                              "use binarize=None with a gaussian likelihood")
+        for x in (ds.x_train, ds.x_test):
+            check_intensities(x, f"binarize={binarize!r}")
         if binarize == "static":
             ds.x_train = _binarize(ds.x_train, seed=seed)
         ds.x_test = _binarize(ds.x_test, seed=seed + 1)

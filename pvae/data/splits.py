@@ -25,6 +25,9 @@ class Splits:
     :ivar str name: registry name of the dataset.
     :ivar dict params: generating parameters for synthetic data (e.g. PPCA's ``W``, ``mu``,
         ``sigma``); empty for real data.
+    :ivar str digest: for your own data (:mod:`pvae.data.own`), the SHA-256 of the arrays as
+        read, before binarization: a run records it, and evaluation checks that it finds the
+        same data again; ``None`` for the built-in datasets.
     """
 
     x_train: torch.Tensor
@@ -36,6 +39,7 @@ class Splits:
     name: str
     binarized: str | None = None
     params: dict = field(default_factory=dict)
+    digest: str | None = None
 
     @property
     def x_dim(self) -> int:

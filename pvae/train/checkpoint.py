@@ -19,6 +19,7 @@ from pvae.files import (
     folder_lock,
     holds_lock,
 )
+from pvae.versions import FORMAT, check_format, versions
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "checkpoint_folder", "get_rng_state",
            "last_saved_epoch", "load_checkpoint", "save_checkpoint", "set_rng_state"]
@@ -37,6 +38,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     ``path``. A kill at any moment leaves either the previous or the new checkpoint; Ctrl-C or
     SIGTERM during the write take effect once the file is complete. Temporary files that killed
     saves left behind are removed when the folder's lock is taken (:func:`checkpoint_folder`).
+    The file records the run format and the pvae, torch and Pyro versions that wrote it
+    (``"format"``, ``"versions"``: :mod:`pvae.versions`).
 
     :raises pvae.files.WriteError: the file cannot be written (full disk, read-only file
         system, ...); the message names the last good checkpoint's epoch.
@@ -47,7 +50,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     with deferred_signals():  # (until the epoch written is recorded)
         try:
             with atomic_writer(path, make_parents=not holds_lock(path.parent)) as f:
-                torch.save(state, f)
+                torch.save({**state, "format": FORMAT, "versions": versions()}, f)
         except FolderLostError:
             raise
         except WriteError as e:
@@ -123,6 +126,8 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
 
     :raises FileNotFoundError: no file at ``path``.
     :raises CheckpointError: the file is truncated, corrupt or not a pvae checkpoint.
+    :raises pvae.versions.FormatError: it was written in another run format (the message names
+        the pvae version that wrote it).
     """
     path = Path(path)
     if not path.is_file():
@@ -133,6 +138,7 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
         raise CheckpointError(f"{path} is corrupt or not a pvae checkpoint ({e})") from e
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a pvae checkpoint (no model state)")
+    check_format(state, path)
     return state
 
 

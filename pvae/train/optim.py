@@ -44,6 +44,9 @@ class LRSchedule(RecordsConfig):
 class ConstantLR(LRSchedule):
     """The learning rate stays as it is."""
 
+    def __init__(self):
+        pass  # (recorded as an empty config)
+
     def build(self, optimizer, steps_per_epoch, num_epochs):
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=1.0)
 

@@ -28,9 +28,11 @@ def settings_diff(before: dict, now: dict,
     """``{key: (before, now)}`` for every setting that differs, nested dicts compared key by key
     under dotted names (``"training.loss.num_particles"``; a key missing on one side reads as
     ``None``), ``ignore`` left out: ``num_epochs`` may grow when a run is continued;
-    ``world_size`` is checked on its own (:meth:`TrainState.restore`)."""
+    ``world_size`` is checked on its own (:meth:`TrainState.restore`). The ``versions`` that
+    wrote a record (:mod:`pvae.versions`) are never settings: only its ``format`` is compared."""
     before, now = _flat(before), _flat(now)
-    keys = (set(before) | set(now)) - set(ignore)
+    keys = {k for k in (set(before) | set(now)) - set(ignore)
+            if k != "versions" and not k.startswith("versions.")}
     return {k: (before.get(k), now.get(k)) for k in sorted(keys) if before.get(k) != now.get(k)}
 
 

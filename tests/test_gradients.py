@@ -146,7 +146,7 @@ def neural_score_loss(toy, particles):
     fixed weights whose output is of the size of the costs, so that the baseline matters."""
     loss = ScoreFunctionELBO(num_particles=particles, baseline="neural")
     loss(toy.model, toy.guide, X)
-    net = seeded(loss.nets["z"], 3, 0.3)
+    net = seeded(loss.nets["z"], 3, 0.7)
     with torch.no_grad():
         net[-1].bias.fill_(-2.0)
     return loss, net

@@ -238,19 +238,26 @@ class score_function(Messenger):
             return
         if msg["fn"].has_rsample:
             msg["fn"] = _Detached(msg["fn"])
+        if self.baseline is not None:  # a dict of this site's own, filled in once sampled
+            msg["infer"] = {**msg["infer"]}
+
+    def _pyro_post_sample(self, msg):
+        # the baselines take the shape of the site's draw, which plates outside this handler
+        # (vectorized particles) set after it has seen the site: hence after sampling, in place
+        # in the site's own infer dict (which the trace, recorded before this, shares)
+        if self.baseline is None or msg["is_observed"] or site_is_subsample(msg):
+            return
+        x, shape = self.baseline_input, msg["fn"].batch_shape
         if self.baseline == "average":
-            x = self.baseline_input
-            value = torch.full(msg["fn"].batch_shape, self.average, dtype=x.dtype, device=x.device)
-            msg["infer"] = {**msg["infer"], "baseline": {"baseline_value": value}}
-        elif self.baseline == "neural":
-            x = self.baseline_input
+            value = torch.full(shape, self.average, dtype=x.dtype, device=x.device)
+            msg["infer"]["baseline"] = {"baseline_value": value}
+        else:
             key = baseline_key(msg["name"])
             if key not in self.nets:
                 self.nets[key] = nn.Sequential(
                     nn.Linear(x.shape[-1], self.hidden_dim), nn.Tanh(),
                     nn.Linear(self.hidden_dim, 1)).to(device=x.device, dtype=x.dtype)
             net = self.nets[key]
-            shape = msg["fn"].batch_shape
-            msg["infer"] = {**msg["infer"], "baseline": {
+            msg["infer"]["baseline"] = {
                 "nn_baseline": lambda inp, net=net: net(inp).squeeze(-1),
-                "nn_baseline_input": x.expand(*shape, x.shape[-1]) if shape else x}}
+                "nn_baseline_input": x.expand(*shape, x.shape[-1]) if shape else x}

@@ -184,7 +184,7 @@ def test_posterior_comparison_kl_both_ways_and_logdet_ratio():
 
 def test_posterior_comparison_of_a_diagonal_guide_at_its_optimum_is_the_floor():
     """The mean-field optimum (exact mean, precisions diag(M) / sigma^2): KL(q||p) is the floor
-    0.5 (sum log M_ii - log|M|), and KL(p||q) = 0.5 (sum log M_ii^-1... ) computed here."""
+    0.5 (sum log M_ii - log|M|), and KL(p||q), another value, is the Gaussian KL computed here."""
     model = _ppca([[1.5, 1.2], [0.4, 1.0], [0.0, 0.8], [0.2, -0.3]], guide="diagonal")
     model.set_guide_to_optimum()
     x = randn(5, 4, seed=3)
@@ -270,8 +270,8 @@ def test_iw_ess_of_a_non_exact_guide_per_datapoint():
     model = _ppca(W0)
     model.set_guide_to_optimum()
     with torch.no_grad():
-        model.A.mul_(0.8)
-        model.scale_tril_raw.add_(0.3)
+        model.A.mul_(0.9)  # a mean off in proportion to x, a covariance too wide: light tails
+        model.scale_tril_raw.add_(0.4)
     x = randn(12, 4, seed=8) + torch.tensor([1.0, -2.0, 0.5, 3.0])
     K = 2000
     res = iw_log_likelihood(model, x, num_samples=K, seed=0)
@@ -284,6 +284,6 @@ def test_iw_ess_of_a_non_exact_guide_per_datapoint():
         expected, sd = ess_fraction_and_sd(K, mp[i], Sp, mq[i], L @ L.T)
         fractions.append(expected)
         zs.append((res.ess[i].item() / K - expected) / sd)
-    assert max(fractions) < 0.9 and min(fractions) > 0.05  # a non-exact guide
+    assert max(fractions) < 0.7 and min(fractions) > 0.4  # a non-exact guide
     assert max(abs(z) for z in zs) < 4.5
     assert abs(np.mean(zs)) < 4 / math.sqrt(len(zs))

@@ -284,6 +284,6 @@ def test_iw_ess_of_a_non_exact_guide_per_datapoint():
         expected, sd = ess_fraction_and_sd(K, mp[i], Sp, mq[i], L @ L.T)
         fractions.append(expected)
         zs.append((res.ess[i].item() / K - expected) / sd)
-    assert max(fractions) < 0.7 and min(fractions) > 0.4  # a non-exact guide
+    assert max(fractions) < 0.7 and min(fractions) > 0.3  # a non-exact guide
     assert max(abs(z) for z in zs) < 4.5
     assert abs(np.mean(zs)) < 4 / math.sqrt(len(zs))

@@ -97,7 +97,7 @@ def test_kl_per_dim_is_the_mean_over_datapoints_of_the_analytic_kl():
     datapoints (not summed); the per-datapoint KL is its sum over dimensions."""
     x = randn(64, 3, seed=0)
     terms = elbo_terms(SimpleNamespace(model=model, guide=guide), x, num_samples=3)
-    m, s2 = 0.5 * x + SHIFT, SCALES**2
+    m, s2 = 0.5 * x + SHIFT.to(x.device), SCALES.to(x.device) ** 2
     kl = 0.5 * (s2 + m**2 - 1 - s2.log())   # (N, 3)
     assert terms.analytic_kl
     assert torch.allclose(terms.kl_per_dim.double().cpu(), kl.mean(0).cpu(), rtol=1e-10)
@@ -127,9 +127,9 @@ def test_kl_per_dim_monte_carlo_path_against_the_closed_form():
     K = 500
     terms = elbo_terms(SimpleNamespace(model=model, guide=student_guide), x, num_samples=K)
     assert not terms.analytic_kl
-    q = torch.distributions.StudentT(DF, 0.5 * x + SHIFT, SCALES.expand_as(x))
-    kl = -q.entropy() + 0.5 * math.log(2 * math.pi) \
-        + 0.5 * (q.loc**2 + SCALES**2 * DF / (DF - 2))
+    q = torch.distributions.StudentT(DF, 0.5 * x + SHIFT.to(x.device),
+                                     SCALES.to(x.device).expand_as(x))
+    kl = -q.entropy() + 0.5 * math.log(2 * math.pi) + 0.5 * (q.loc**2 + q.scale**2 * DF / (DF - 2))
     z = q.sample((K,))
     log_ratio = q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)   # (K, N, 3)
     sd = log_ratio.std(0).pow(2).mean(0).sqrt() / math.sqrt(K * len(x))

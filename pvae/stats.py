@@ -46,4 +46,4 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     qa, _ = torch.linalg.qr(A.double())
     qb, _ = torch.linalg.qr(B.double())
     cos = torch.linalg.svdvals(qa.T @ qb).clamp(-1, 1)
-    return torch.rad2deg(torch.arccos(cos)).flip(0)
+    return torch.rad2deg(torch.arccos(cos))  # singular values descend: the angles ascend

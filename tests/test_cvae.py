@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from iw_checks import check_iw_rises_to_reference
 
 from pvae import data
 from pvae.cli import main
@@ -44,6 +45,9 @@ def test_cvae_label_contract(digits, prior, tmp_path):
     d = iw.per_datapoint - terms.elbo
     assert d.mean() > -3 * d.std() / math.sqrt(len(d))
     assert terms.analytic_kl
+    # and from above: IW(1) = ELBO, IW(K) rises with K up to a K = 10^4 reference reduced from
+    # log_weights here
+    check_iw_rises_to_reference(model, digits.x_test[:4], digits.y_test[:4])
 
 
 def test_cvae_vector_condition_float64(digits):

@@ -10,6 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from iw_checks import check_iw_rises_to_reference
 from torch.distributions import kl_divergence
 
 from pvae import data
@@ -82,7 +83,8 @@ def test_zoo_covers_every_model():
 @pytest.mark.parametrize("cls,kwargs,make_x,make_c", ZOO, ids=IDS)
 def test_contract(cls, kwargs, make_x, make_c, tmp_path):
     """A few fit steps with finite, rising ELBO; save -> load -> identical outputs; float64;
-    IW log-likelihood finite and >= the ELBO on average; sample and impute shapes."""
+    IW log-likelihood finite and >= the ELBO on average, and rising with K to a K = 10^4
+    reference; sample and impute shapes."""
     x = make_x(64)
     c = make_c(64) if make_c else None
     model = cls(X_DIM, **kwargs)
@@ -106,6 +108,10 @@ def test_contract(cls, kwargs, make_x, make_c, tmp_path):
     assert torch.isfinite(iw.per_datapoint).all()
     diff = iw.per_datapoint - terms.elbo
     assert diff.mean() > -3 * diff.std() / len(diff) ** 0.5
+    # and from above: IW(1) = ELBO, IW(K) rises with K up to a K = 10^4 reference reduced from
+    # log_weights here (PPCA: and that reference equals the closed-form log p(x))
+    exact = model.log_marginal(x_ev[:4]).detach() if cls is PPCA else None
+    check_iw_rises_to_reference(model, x_ev[:4], None if c is None else c_ev[:4], exact=exact)
 
     # sample and impute shapes
     s = model.sample(5, None if c is None else 1, generator=rng(4))

@@ -414,18 +414,26 @@ def test_cli_trains_and_evaluates_zoo_models(tmp_path, flags, model_config, figu
             assert (out / "figures" / f"{name}.png").stat().st_size > 1000
 
 
-def test_cli_refuses_mismatched_zoo_flags(tmp_path):
+def test_cli_refuses_mismatched_zoo_flags(tmp_path, capsys):
+    """Each mismatch is a usage error (exit code 2, nothing trained) whose message names it."""
     from pvae.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["train", "--dataset", "synthetic-ppca", "--binarize", "none", "--likelihood",
-              "gaussian", "--network", "conv", "--out", str(tmp_path / "r")])
-    with pytest.raises(SystemExit):
-        main(["train", "--dataset", "digits", "--model", "hvae", "--guide", "full",
-              "--out", str(tmp_path / "r")])
-    with pytest.raises(SystemExit):  # x is the lower half of an image: no convolutions
-        main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "top-half",
-              "--network", "conv", "--out", str(tmp_path / "r")])
+    cases = [
+        (["--dataset", "synthetic-ppca", "--binarize", "none", "--likelihood", "gaussian",
+          "--network", "conv"], "--network conv needs images; synthetic-ppca has no image_shape"),
+        (["--dataset", "digits", "--model", "hvae", "--guide", "full"],
+         "--guide applies to --model vae, cvae, not --model hvae"),
+        # x is the lower half of an image: no convolutions
+        (["--dataset", "digits", "--model", "cvae", "--condition", "top-half", "--network",
+          "conv"], "--network conv needs whole images as x; with --condition top-half x is part "
+                   "of an image: use --network mlp"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["train", *flags, "--out", str(tmp_path / "r")])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"pvae: {message}\n"
+        assert not (tmp_path / "r").exists()
 
 
 class _BottomUp:

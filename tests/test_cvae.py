@@ -214,15 +214,40 @@ def test_cli_cvae(tmp_path, condition, extra):
         assert (out / "figures" / f"{name}.png").is_file()
 
 
-def test_cli_structured_prediction_with_dynamic_binarization(tmp_path):
+def test_cli_structured_prediction_with_dynamic_binarization(tmp_path, monkeypatch):
     """--condition top-half with dynamic binarization: both halves of each training image come
-    from one fresh Bernoulli draw (data.ConditionSplit)."""
+    from one fresh Bernoulli draw (data.ConditionSplit). What the command line hands to fit is
+    recorded, and its items are compared with one uniform draw of the whole images made here:
+    binarizing the halves apart, or the missing half only (fit's own dynamic binarization of
+    a tensor x), fails."""
     import json
 
+    import pvae.cli.train as cli_train
+
+    handed = {}
+    real_fit = cli_train.fit
+
+    def recording_fit(model, x, *args, **kwargs):
+        handed.update(x=x, args=args, binarize=kwargs.get("binarize"))
+        return real_fit(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(cli_train, "fit", recording_fit)
     out = tmp_path / "th"
     main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "top-half",
           "--binarize", "dynamic", "--latent-dim", "3", "--hidden-dims", "32",
           "--num-epochs", "2", "--out", str(out), "--no-progress"])
+    split, mask = handed["x"], data.condition_mask((8, 8), "top-half")
+    assert isinstance(split, data.ConditionSplit) and split.binarize == "dynamic"
+    assert handed["args"] == () and handed["binarize"] is None  # c comes from the same draw
+    assert torch.equal(split.mask, mask) and split.x.shape[1] == 64
+    grey = ((split.x > 0) & (split.x < 1)).any(-1)
+    rows = torch.nonzero(grey).flatten()[:16].tolist()  # images with intensities in (0, 1)
+    torch.manual_seed(7)
+    items = split.__getitems__(rows)  # as the DataLoader asks for a batch
+    torch.manual_seed(7)
+    whole = (torch.rand(len(rows), 64) < split.x[rows]).to(split.x.dtype)  # one draw each
+    for (missing, observed), image in zip(items, whole):
+        assert torch.equal(missing, image[~mask]) and torch.equal(observed, image[mask])
     main(["evaluate", str(out), "--num-samples", "20", "--iw-num-test", "50"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["iw_log_likelihood"])

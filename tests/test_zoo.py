@@ -353,10 +353,15 @@ def test_frey_faces_from_a_user_supplied_mat(tmp_path):
     # each image is one column of ff, scaled to [0, 1]
     columns = {tuple(col): i for i, col in enumerate((ff.T / 255.0).astype(np.float32).round(6))}
     assert tuple(ds.x_test[0].numpy().round(6)) in columns
-    # the Gaussian decoder with learned variance trains on it
+    # the Gaussian decoder with learned variance trains on it: 10 epochs of 2 steps, the ELBO
+    # rising every epoch (measured, seed 0: from -679 to -249 nats per image)
+    torch.manual_seed(0)
     model = VAE(560, 2, (32,), likelihood="gaussian", likelihood_scale="decoder",
                 network="conv", image_shape=ds.image_shape, channels=(4,))
-    fit(model, ds.x_train, num_epochs=1, batch_size=16, progress=False)
+    elbos = fit(model, ds.x_train, num_epochs=10, batch_size=16, optim=Adam(1e-2),
+                progress=False).column("train_elbo")
+    assert all(b > a for a, b in zip(elbos, elbos[1:])), elbos
+    assert elbos[-1] > elbos[0] + 200, elbos
 
 
 def test_frey_faces_missing_or_malformed(tmp_path):

@@ -283,8 +283,18 @@ def test_hierarchical_vae_has_burda_sites_and_architecture():
 
 def test_hierarchical_vae_trains_as_iwae():
     model, x = HierarchicalVAE(X_DIM, (3, 2), (16, 8)), binary(64)
+    before = iw_log_likelihood(model, x, num_samples=100, seed=0)
+    # the Monte Carlo SE of such a mean, from two seeds on the untrained model
+    twice = before.per_datapoint - iw_log_likelihood(model, x, num_samples=100, seed=1).per_datapoint
+    mc_se = twice.std().item() / math.sqrt(2 * len(x))
     history = fit(model, x, num_epochs=6, batch_size=32, loss=IWAE(5), optim=Adam(1e-2), progress=False)
     assert all(math.isfinite(e) for e in history.column("train_elbo"))
+    # the IWAE bound that it trains on rises, and so does log p(x) (IW, K = 100; measured
+    # +0.21 nats against a Monte Carlo SE of 0.03 per mean)
+    values = history.column("train_elbo")
+    assert values[-1] > values[0], values
+    after = iw_log_likelihood(model, x, num_samples=100, seed=0)
+    assert after.mean - before.mean > 4 * math.sqrt(2) * mc_se, (before, after, mc_se)
 
 
 # -- latent-space walks --------------------------------------------------------------------------
@@ -380,7 +390,11 @@ def test_vae_takes_network_objects():
     decoder = ConvDecoder(2, IMAGE, (4,))
     model, x = VAE(X_DIM, 2, network=(encoder, decoder)), binary(32)
     assert model.encoder is encoder and model.decoder is decoder
+    start = [p.detach().clone() for p in [*encoder.parameters(), *decoder.parameters()]]
     fit(model, x, num_epochs=2, batch_size=16, progress=False)
+    # the objects passed in are the ones trained
+    after = [*encoder.parameters(), *decoder.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(start, after))
     assert iw_log_likelihood(model, x, num_samples=10).per_datapoint.isfinite().all()
     with pytest.raises(TypeError, match="pair"):
         VAE(X_DIM, 2, network=(encoder, "decoder"))

@@ -287,10 +287,10 @@ def test_hierarchical_vae_trains_as_iwae():
     # the Monte Carlo SE of such a mean, from two seeds on the untrained model
     twice = before.per_datapoint - iw_log_likelihood(model, x, num_samples=100, seed=1).per_datapoint
     mc_se = twice.std().item() / math.sqrt(2 * len(x))
-    history = fit(model, x, num_epochs=6, batch_size=32, loss=IWAE(5), optim=Adam(1e-2), progress=False)
+    history = fit(model, x, num_epochs=12, batch_size=32, loss=IWAE(5), optim=Adam(1e-2), progress=False)
     assert all(math.isfinite(e) for e in history.column("train_elbo"))
     # the IWAE bound that it trains on rises, and so does log p(x) (IW, K = 100; measured
-    # +0.21 nats against a Monte Carlo SE of 0.03 per mean)
+    # +0.88 nats in 12 epochs against a Monte Carlo SE of 0.03 per mean)
     values = history.column("train_elbo")
     assert values[-1] > values[0], values
     after = iw_log_likelihood(model, x, num_samples=100, seed=0)

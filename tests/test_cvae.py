@@ -7,7 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from iw_checks import check_iw_rises_to_reference
+from iw_checks import check_iw_rises_to_reference, reference
 
 from pvae import data
 from pvae.cli import main
@@ -208,6 +208,20 @@ def test_cli_cvae(tmp_path, condition, extra):
     main(["evaluate", str(out), "--num-samples", "20", "--iw-num-test", "50"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iw_log_likelihood"] > metrics["test_elbo"] - 1
+    # and from above: at most a K = 10^4 reference on the same 50 test images, reduced here
+    # from log_weights (E[IW(K)] rises with K), within 4 delta-method standard errors of the
+    # two estimates (the metric's: sqrt(Var(w) / (K E[w]^2)) per image, K = 20, from the
+    # reference's weights)
+    from pvae.runs import load_data, load_run
+
+    model, config, _ = load_run(out, device="cpu")
+    ds = load_data(config, received=True)
+    x_iw, c_iw = data.split_condition(config["condition"], ds.x_test[:50], ds.y_test[:50],
+                                      ds.image_shape)
+    r = reference(model, x_iw, c_iw)
+    se = (r["ref_se"].pow(2) + r["rel_var"] / 20).sum().sqrt().item() / 50
+    assert metrics["iw_num_test"] == 50 and metrics["iw_num_samples"] == 20
+    assert metrics["iw_log_likelihood"] < r["ref"].mean().item() + 4 * se
     names = {"label": ["style_fixed_class_varied", "class_fixed_style_varied"],
              "quadrant": ["structured_prediction"]}[condition]
     for name in names:

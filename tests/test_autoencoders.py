@@ -247,7 +247,24 @@ def test_cli_train_and_evaluate_autoencoders(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["reconstruction_mse"] < 1
     assert metrics["code"]["code_dim"] == 6
-    assert 0 <= metrics["linear_probe"]["accuracy"] <= 1
+    # the probe's accuracy is sklearn's, recomputed here on the run's codes (400 training
+    # images, the 359 test images), and well above chance (10 classes: 0.1, binomial SE 0.016)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pvae.runs import load_run
+
+    model, _, _ = load_run(out, device="cpu")
+    ds = data.load("digits")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(
+        encode_all(model, ds.x_train[:400]).numpy(), ds.y_train[:400].numpy())
+    accuracy = (clf.predict(encode_all(model, ds.x_test).numpy()) == ds.y_test.numpy()).mean()
+    probe = metrics["linear_probe"]
+    assert probe["num_test"] == len(ds.x_test) == 359 and probe["num_train"] == 400
+    assert probe["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert probe["accuracy_stderr"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 359))
+    assert probe["accuracy"] > 0.3
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["loss"]["sparsity"] == "kl" and config["binarize"] is None
     assert (out / "figures" / "reconstructions.png").is_file()

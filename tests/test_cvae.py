@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from iw_checks import check_iw_rises_to_reference, reference
 
 from pvae import data
 from pvae.cli import main
@@ -44,6 +45,9 @@ def test_cvae_label_contract(digits, prior, tmp_path):
     d = iw.per_datapoint - terms.elbo
     assert d.mean() > -3 * d.std() / math.sqrt(len(d))
     assert terms.analytic_kl
+    # and from above: IW(1) = ELBO, IW(K) rises with K up to a K = 10^4 reference reduced from
+    # log_weights here
+    check_iw_rises_to_reference(model, digits.x_test[:4], digits.y_test[:4])
 
 
 def test_cvae_vector_condition_float64(digits):
@@ -204,21 +208,60 @@ def test_cli_cvae(tmp_path, condition, extra):
     main(["evaluate", str(out), "--num-samples", "20", "--iw-num-test", "50"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iw_log_likelihood"] > metrics["test_elbo"] - 1
+    # and from above: at most a K = 10^4 reference on the same 50 test images, reduced here
+    # from log_weights (E[IW(K)] rises with K), within 4 delta-method standard errors of the
+    # two estimates (the metric's: sqrt(Var(w) / (K E[w]^2)) per image, K = 20, from the
+    # reference's weights)
+    from pvae.runs import load_data, load_run
+
+    model, config, _ = load_run(out, device="cpu")
+    ds = load_data(config, received=True)
+    x_iw, c_iw = data.split_condition(config["condition"], ds.x_test[:50], ds.y_test[:50],
+                                      ds.image_shape)
+    r = reference(model, x_iw, c_iw)
+    se = (r["ref_se"].pow(2) + r["rel_var"] / 20).sum().sqrt().item() / 50
+    assert metrics["iw_num_test"] == 50 and metrics["iw_num_samples"] == 20
+    assert metrics["iw_log_likelihood"] < r["ref"].mean().item() + 4 * se
     names = {"label": ["style_fixed_class_varied", "class_fixed_style_varied"],
              "quadrant": ["structured_prediction"]}[condition]
     for name in names:
         assert (out / "figures" / f"{name}.png").is_file()
 
 
-def test_cli_structured_prediction_with_dynamic_binarization(tmp_path):
+def test_cli_structured_prediction_with_dynamic_binarization(tmp_path, monkeypatch):
     """--condition top-half with dynamic binarization: both halves of each training image come
-    from one fresh Bernoulli draw (data.ConditionSplit)."""
+    from one fresh Bernoulli draw (data.ConditionSplit). What the command line hands to fit is
+    recorded, and its items are compared with one uniform draw of the whole images made here:
+    binarizing the halves apart, or the missing half only (fit's own dynamic binarization of
+    a tensor x), fails."""
     import json
 
+    import pvae.cli.train as cli_train
+
+    handed = {}
+    real_fit = cli_train.fit
+
+    def recording_fit(model, x, *args, **kwargs):
+        handed.update(x=x, args=args, binarize=kwargs.get("binarize"))
+        return real_fit(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(cli_train, "fit", recording_fit)
     out = tmp_path / "th"
     main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "top-half",
           "--binarize", "dynamic", "--latent-dim", "3", "--hidden-dims", "32",
           "--num-epochs", "2", "--out", str(out), "--no-progress"])
+    split, mask = handed["x"], data.condition_mask((8, 8), "top-half")
+    assert isinstance(split, data.ConditionSplit) and split.binarize == "dynamic"
+    assert handed["args"] == () and handed["binarize"] is None  # c comes from the same draw
+    assert torch.equal(split.mask, mask) and split.x.shape[1] == 64
+    grey = ((split.x > 0) & (split.x < 1)).any(-1)
+    rows = torch.nonzero(grey).flatten()[:16].tolist()  # images with intensities in (0, 1)
+    torch.manual_seed(7)
+    items = split.__getitems__(rows)  # as the DataLoader asks for a batch
+    torch.manual_seed(7)
+    whole = (torch.rand(len(rows), 64) < split.x[rows]).to(split.x.dtype)  # one draw each
+    for (missing, observed), image in zip(items, whole):
+        assert torch.equal(missing, image[~mask]) and torch.equal(observed, image[mask])
     main(["evaluate", str(out), "--num-samples", "20", "--iw-num-test", "50"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["iw_log_likelihood"])

@@ -5,6 +5,7 @@ import json
 import pyro
 import pytest
 import torch
+from iw_checks import check_iw_rises_to_reference
 
 from pvae.inference import elbo_terms, iw_log_likelihood
 from pvae.models import PPCA, VAE
@@ -97,6 +98,10 @@ def test_iw_evaluation(cls, kwargs, make_x):
     # IW with K=200 >= ELBO per datapoint up to Monte Carlo error
     diff = iw.per_datapoint - terms.elbo
     assert diff.mean() > -3 * diff.std() / len(diff) ** 0.5
+    # and from above: IW(1) = ELBO, IW(K) rises with K up to a K = 10^4 reference reduced from
+    # log_weights in the test (PPCA: and that reference equals the closed-form log p(x))
+    exact = model.log_marginal(x[:4]).detach() if isinstance(model, PPCA) else None
+    check_iw_rises_to_reference(model, x[:4], exact=exact)
 
 
 def test_bad_inputs_are_clear():

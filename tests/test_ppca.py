@@ -55,10 +55,13 @@ def test_log_marginal_matches_dense_mvn():
 
 
 def test_exact_posterior_by_gaussian_conditioning():
-    """p(z | x) from conditioning the joint Gaussian of (z, x) directly."""
+    """p(z | x) from conditioning the joint Gaussian of (z, x) directly, with mu != 0 (a
+    posterior mean that forgets to subtract mu would pass with mu = 0)."""
     torch.manual_seed(1)
     model = PPCA(5, 2).double()
-    x = torch.randn(4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        model.mu.copy_(torch.tensor([2.0, -1.5, 0.5, 3.0, -2.5], dtype=torch.float64))
+    x = torch.randn(4, 5, dtype=torch.float64) + model.mu.detach()
     W, mu, s2 = model.W.detach(), model.mu.detach(), model.sigma2.detach()
     Sxx = W @ W.T + s2 * torch.eye(5, dtype=torch.float64)
     gain = W.T @ torch.linalg.inv(Sxx)  # Cov(z, x) Cov(x)^-1

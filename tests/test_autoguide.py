@@ -150,6 +150,17 @@ def test_site_shapes_supports_and_global_latents():
     # the heads: u has 4 coordinates per datapoint, w 2 (the simplex's unconstrained shape)
     assert guide.heads["u"].out_features == 8 and guide.heads["w"].out_features == 4
     # trains with pyro's SVI and with fit (the global tau through AutoNormal)
+    pyro.clear_param_store()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    svi = pyro.infer.SVI(Shapes().model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    losses = [svi.step(x) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    after = dict(pyro.get_param_store().items())
+    assert after and set(after) > set(before)  # the heads and tau's AutoNormal registered params
+    head = next(p for n, p in guide.named_parameters() if "heads" in n)
+    head_before = head.detach().clone()
+    svi.step(x)
+    assert not torch.equal(head.detach(), head_before)  # the encoder head moved under SVI
     program = type("P", (), {"model": staticmethod(Shapes().model), "guide": guide})()
     history = fit(program, torch.randn(40, 4), num_epochs=2, batch_size=20, seed=0,
                   progress=False)

@@ -28,6 +28,7 @@ discrete sites are refused.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import pyro
@@ -41,6 +42,7 @@ from torch import nn
 from torch.distributions import Independent, biject_to, constraints
 from torch.distributions.transforms import ReshapeTransform
 
+from pvae.contract import inputs_trusted
 from pvae.inference.traces import find_data_plate, site_mask, sites, subsample_indices
 from pvae.nn import MLP, activation_layer
 from pvae.validation import check_choice, check_sizes
@@ -107,6 +109,9 @@ def _event_mask_varies(fn) -> bool:
     return False
 
 
+_instances = itertools.count()
+
+
 class AutoAmortizedNormal(nn.Module):
     """An amortized Gaussian guide for any model meeting the model contract, built on its
     first call.
@@ -130,8 +135,9 @@ class AutoAmortizedNormal(nn.Module):
     a plate that draws its own subsample (``subsample_size``) is drawn by the guide and replayed
     by the model, the encoder reading the subsampled rows; a plate given its subsample
     (``pyro.plate("data", N, subsample=idx)`` with ``idx`` an argument) gets the same one. The
-    guide works with vectorized particles, ``fit``'s objectives, ``iw_log_likelihood`` and
-    ``inference_gap``.
+    guide registers its networks in Pyro's param store on each call (``pyro.module``), so it
+    trains with ``pyro.infer.SVI`` as well as with ``fit``; it works with vectorized particles,
+    ``iw_log_likelihood`` and ``inference_gap``.
 
     Masks cost a trace of the model per call (without gradients): the model's masks (of the
     latent sites) must follow from its arguments, as a sequence's length does, not from its
@@ -190,6 +196,7 @@ class AutoAmortizedNormal(nn.Module):
         self.global_guide = None
         self._sites: list[_LocalSite] | None = None
         self._plate: _DataPlate | None = None
+        self._pyro_name = f"AutoAmortizedNormal_{next(_instances)}"  # its param-store prefix
 
     # -- building ---------------------------------------------------------------------------
 
@@ -322,6 +329,8 @@ class AutoAmortizedNormal(nn.Module):
         """The guide program: returns ``{site: value}`` of every latent site it samples."""
         if self._sites is None:
             self.setup(*args, **kwargs)
+        if not inputs_trusted():  # its networks in Pyro's param store, for pyro.infer.SVI
+            pyro.module(self._pyro_name, self)
         values = {}
         if self.global_guide is not None:
             values.update(self.global_guide(*args, **kwargs))

@@ -3,6 +3,7 @@ examples), checkpoints that carry code, and training killed at random moments.""
 
 import gzip
 import json
+import math
 import os
 import pickle
 import random
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pvae import data
@@ -65,17 +66,52 @@ ANYTHING = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.fl
                      st.tuples(st.floats(), st.integers()))
 
 
+def _a_count(v) -> bool:
+    """The contract of ``check_count`` (minimum 1), written out independently."""
+    return (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            and 1 <= v <= 2**63 - 1)
+
+
 @FUZZ
 @given(ANYTHING)
+@example(float("nan"))
+@example(float("inf"))
+@example(float("-inf"))
+@example(np.float64("nan"))
+@example(np.float32("inf"))
+@example([1, float("nan")])
+@example((float("inf"), 3))
+@example(np.int64(3))
+@example(0.0)
+@example(2**63)
 def test_validators_accept_or_name_the_parameter(value):
-    for check in (lambda v: check_count("num_things", v), lambda v: check_sizes("num_things", v),
-                  lambda v: check_float("num_things", v, minimum=0.0)):
+    """Each validator accepts exactly the values of its contract (written out here on its own)
+    and returns them as the plain type; any other value, NaN and inf included, is refused with
+    an error that names the parameter."""
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    as_float = lambda v: check_float("num_things", v, minimum=0.0)  # noqa: E731
+    contracts = [
+        (lambda v: check_count("num_things", v), _a_count(value),
+         lambda out: type(out) is int and out == value),
+        (lambda v: check_sizes("num_things", v),
+         isinstance(value, (list, tuple)) and all(map(_a_count, value)),
+         lambda out: type(out) is tuple and list(out) == list(value)
+         and all(type(o) is int for o in out)),
+        (as_float, real and math.isfinite(value) and value >= 0,
+         lambda out: type(out) is float and math.isfinite(out) and out >= 0
+         and out == float(value)),
+    ]
+    for check, valid, returned in contracts:
         try:
             out = check(value)
         except (TypeError, ValueError) as e:
+            assert not valid, f"{value!r} refused: {e}"
             assert "num_things" in str(e)
+            if check is as_float and real and not math.isfinite(value):
+                assert isinstance(e, ValueError)  # NaN, inf: a bad value, not a bad type
         else:
-            assert out is not None and not isinstance(out, bool)
+            assert valid, f"{value!r} accepted as {out!r}"
+            assert returned(out), (value, out)
 
 
 def test_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):

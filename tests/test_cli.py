@@ -56,16 +56,63 @@ def test_corrupt_checkpoint_is_refused(digits_run, tmp_path):
         load_run(run)
 
 
+DIGITS = ["train", "--dataset", "digits", "--latent-dim", "2", "--hidden-dims", "32",
+          "--no-progress", "--num-val", "100"]
+
+
+def _history(run):
+    """history.csv without its wall-clock columns."""
+    header, *rows = [line.split(",") for line in (run / "history.csv").read_text().splitlines()]
+    keep = [i for i, name in enumerate(header) if name not in ("seconds", "images_per_s")]
+    return [[row[i] for i in keep] for row in [header, *rows]]
+
+
+def _same(a, b):
+    """Exact equality of nested state dicts (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _assert_resumed_equals_whole(resumed, whole, num_epochs):
+    assert _history(resumed) == _history(whole)
+    assert len(_history(whole)) == 1 + num_epochs
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == num_epochs
+    for part in ("model", "objective", "optimizer", "scheduler"):
+        assert _same(a[part], b[part]), part
+
+
 def test_resume_continues(digits_run, tmp_path):
+    """The 3-epoch run resumed to 5 epochs equals a 5-epoch run of the same seed: every
+    history value but the wall-clock ones, and the model's, objective's, optimizer's and
+    scheduler's state bit for bit."""
     import shutil
 
     run = tmp_path / "copy"
     shutil.copytree(digits_run, run)
-    main(["train", "--dataset", "digits", "--latent-dim", "2", "--hidden-dims", "32",
-          "--num-epochs", "4", "--out", str(run), "--no-progress", "--num-val", "100",
-          "--resume"])
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 4
+    main([*DIGITS, "--num-epochs", "5", "--out", str(run), "--resume"])
+    main([*DIGITS, "--num-epochs", "5", "--out", str(tmp_path / "whole")])
+    _assert_resumed_equals_whole(run, tmp_path / "whole", 5)
+
+
+def test_resume_under_a_step_schedule_equals_uninterrupted(tmp_path):
+    """With the learning rate halved every 2 epochs, 3 epochs resumed to 5 equal 5 epochs: the
+    halving after epoch 4 comes from the scheduler's restored count (a fresh scheduler would
+    not halve there), and shows in the history's lr column."""
+    flags = [*DIGITS, "--lr-schedule", "step", "--lr-step-size", "2", "--lr-decay", "0.5"]
+    main([*flags, "--num-epochs", "3", "--out", str(tmp_path / "run")])
+    main([*flags, "--num-epochs", "5", "--out", str(tmp_path / "run"), "--resume"])
+    main([*flags, "--num-epochs", "5", "--out", str(tmp_path / "whole")])
+    _assert_resumed_equals_whole(tmp_path / "run", tmp_path / "whole", 5)
+    header, *rows = _history(tmp_path / "whole")
+    lr = [float(row[header.index("lr")]) for row in rows]
+    assert lr == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
 
 
 def test_existing_run_not_overwritten(digits_run, capsys):

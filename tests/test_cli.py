@@ -1,5 +1,7 @@
 import json
 import math
+import re
+import warnings
 
 import pyro
 import pytest
@@ -176,18 +178,26 @@ def test_evaluate_inference_gap(digits_run, tmp_path):
     assert (run / "figures" / "inference_gap.png").stat().st_size > 1000
 
 
-@pytest.mark.filterwarnings("ignore:NUTS had")  # short chains may diverge; reported in metrics
 def test_evaluate_nuts(digits_run, tmp_path):
     import shutil
 
     run = tmp_path / "copy"
     shutil.copytree(digits_run, run)
-    main(["evaluate", str(run), "--num-samples", "0", "--num-test", "50", "--nuts", "2",
-          "--nuts-samples", "40"])
+    with warnings.catch_warnings(record=True) as caught:  # short chains may diverge
+        warnings.simplefilter("always")
+        main(["evaluate", str(run), "--num-samples", "0", "--num-test", "50", "--nuts", "2",
+              "--nuts-samples", "40"])
     nuts = json.loads((run / "metrics.json").read_text())["nuts"]
+    # the divergences reported are the ones NUTS warned about (none: no warning)
+    warned = [int(re.match(r"NUTS had (\d+) divergent", str(w.message)).group(1))
+              for w in caught if str(w.message).startswith("NUTS had")]
+    assert nuts["divergences"] == sum(warned) and len(warned) <= 1
+    # R-hat across the 4 chains (NaN with one chain): 40 draws each of a 2-d posterior have
+    # not fully mixed (1.24 at this seed) but are far from stuck chains; the bulk ESS is a
+    # share of the 160 draws (ArviZ allows up to about twice the draws for antithetic chains)
+    assert 0.95 < nuts["max_r_hat"] < 1.5 and 20 < nuts["min_ess_bulk"] < 2 * 4 * 40
     assert nuts["num_datapoints"] == 2 and nuts["num_chains"] == 4 and nuts["num_draws"] == 40
     assert len(nuts["per_datapoint"]) == 2 and len(nuts["variance_ratio_per_dim"][0]) == 2
-    assert nuts["max_r_hat"] >= 1.0 and nuts["min_ess_bulk"] > 0 and nuts["divergences"] >= 0
     assert nuts["variance_ratio"] == pytest.approx(
         sum(r["variance_ratio"] for r in nuts["per_datapoint"]) / 2)
     assert (run / "figures" / "posterior_pairs.png").stat().st_size > 1000

@@ -174,3 +174,41 @@ def test_train_test_splits_are_refused_with_what_to_pass():
 
     with pytest.raises(TypeError, match=r"splits\.x_train"):
         fit(VAE(64, 2, (8,)), data.load("digits", binarize="static"), num_epochs=1)
+
+
+class RecordingGaussian:
+    """x ~ Normal(loc, 1) with a learned ``loc`` and no latent variable (so the ELBO is
+    log p(x), exactly): the model records each call's per-datapoint log p(x) at the ``loc``
+    of that step, computed here with torch on its own."""
+
+    def __init__(self):
+        self.calls = []
+
+    def model(self, x):
+        loc = pyro.param("loc", torch.zeros(x.shape[1]))
+        self.calls.append(torch.distributions.Normal(loc.detach().double(), 1.0)
+                          .log_prob(x.double()).sum(-1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pass
+
+
+def test_epoch_value_weights_a_partial_last_batch_by_its_datapoints():
+    """10 datapoints in batches of 4: 4, 4 and a last batch of 2 per epoch. The epoch's
+    train_elbo is the datapoint-weighted mean of the steps' per-datapoint values (the mean
+    over the epoch's 10 datapoints, each at its step's parameters), not the mean of the three
+    batch means, which differs here by far more than float32 rounding."""
+    x = (torch.arange(10.0) ** 1.5 / 3).unsqueeze(-1)
+    model = RecordingGaussian()
+    history = fit(model, x, num_epochs=3, batch_size=4, optim=Adam(0.2), progress=False)
+    steps = model.calls[1:]  # the first call is fit's probe of the programs
+    assert [len(s) for s in steps] == [4, 4, 2] * 3
+    for epoch, row in enumerate(history):
+        batches = steps[3 * epoch:3 * epoch + 3]
+        weighted = torch.cat(batches).mean().item()
+        unweighted = torch.stack([b.mean() for b in batches]).mean().item()
+        assert row["train_elbo"] == pytest.approx(weighted, abs=1e-5)
+        assert abs(unweighted - weighted) > 1e-2
+    assert len({round(r["train_elbo"], 6) for r in history}) == 3  # loc moved between epochs

@@ -9,7 +9,15 @@ from torch.utils.data import TensorDataset
 
 from pvae.inference import ScoreFunctionELBO, elbo_terms, iw_log_likelihood
 from pvae.models import VAE
-from pvae.train import Adam, CheckpointError, TrainingDivergedError, fit
+from pvae.train import (
+    Adam,
+    Callback,
+    CheckpointError,
+    CosineLR,
+    StepLR,
+    TrainingDivergedError,
+    fit,
+)
 
 from conftest import rng
 
@@ -174,3 +182,92 @@ def test_train_test_splits_are_refused_with_what_to_pass():
 
     with pytest.raises(TypeError, match=r"splits\.x_train"):
         fit(VAE(64, 2, (8,)), data.load("digits", binarize="static"), num_epochs=1)
+
+
+class RecordingGaussian:
+    """x ~ Normal(loc, 1) with a learned ``loc`` and no latent variable (so the ELBO is
+    log p(x), exactly): the model records each call's per-datapoint log p(x) at the ``loc``
+    of that step, computed here with torch on its own."""
+
+    def __init__(self):
+        self.calls = []
+
+    def model(self, x):
+        loc = pyro.param("loc", torch.zeros(x.shape[1]))
+        self.calls.append(torch.distributions.Normal(loc.detach().double(), 1.0)
+                          .log_prob(x.double()).sum(-1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pass
+
+
+def test_epoch_value_weights_a_partial_last_batch_by_its_datapoints():
+    """10 datapoints in batches of 4: 4, 4 and a last batch of 2 per epoch. The epoch's
+    train_elbo is the datapoint-weighted mean of the steps' per-datapoint values (the mean
+    over the epoch's 10 datapoints, each at its step's parameters), not the mean of the three
+    batch means, which differs here by far more than float32 rounding."""
+    x = (torch.arange(10.0) ** 1.5 / 3).unsqueeze(-1)
+    model = RecordingGaussian()
+    history = fit(model, x, num_epochs=3, batch_size=4, optim=Adam(0.2), progress=False)
+    steps = model.calls[1:]  # the first call is fit's probe of the programs
+    assert [len(s) for s in steps] == [4, 4, 2] * 3
+    for epoch, row in enumerate(history):
+        batches = steps[3 * epoch:3 * epoch + 3]
+        weighted = torch.cat(batches).mean().item()
+        unweighted = torch.stack([b.mean() for b in batches]).mean().item()
+        assert row["train_elbo"] == pytest.approx(weighted, abs=1e-5)
+        assert abs(unweighted - weighted) > 1e-2
+    assert len({round(r["train_elbo"], 6) for r in history}) == 3  # loc moved between epochs
+
+
+class Crash(Callback):
+    """Fails at the end of epoch ``epoch``, before the loop's checkpoint of it: the run is cut
+    off as a kill would, with the checkpoint of the epoch before on disk."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, state, row):
+        if row["epoch"] == self.epoch:
+            raise KeyboardInterrupt(f"cut off in epoch {self.epoch}")
+
+
+def _rows(history):
+    """The history's values but the wall-clock ones, as exact reprs (NaN equal to NaN)."""
+    return [{k: repr(v) for k, v in row.items() if k not in ("seconds", "images_per_s")}
+            for row in history]
+
+
+@pytest.mark.parametrize("schedule", [
+    CosineLR(warmup_steps=5, min_lr=1e-4),  # stepped after every optimizer step
+    StepLR(step_size=2, gamma=0.5),  # stepped after every epoch
+])
+def test_resume_under_a_learning_rate_schedule_equals_uninterrupted(tmp_path, schedule):
+    """5 epochs under a schedule (3 steps per epoch) against 2 epochs, cut off during the
+    third, then resumed to 5: the histories (learning rate included) and the final parameters
+    and optimizer states are identical. A scheduler restarted from step 0 on resume would warm
+    up again (cosine) or halve after epochs 3 and 5 instead of 2 and 4 (step)."""
+    x = torch.bernoulli(torch.rand(96, 12, generator=rng(0)))
+
+    def run(folder, callbacks=(), resume=False):
+        torch.manual_seed(3)
+        model = VAE(12, 2, (8,))
+        history = fit(model, x, num_epochs=5, batch_size=32, optim=Adam(1e-2, schedule=schedule),
+                      seed=1, checkpoint_dir=folder, resume=resume, callbacks=callbacks,
+                      progress=False)
+        return model, history
+
+    full_model, full = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt, match="epoch 3"):
+        run(tmp_path / "cut", [Crash(3)])
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    resumed_model, resumed = run(tmp_path / "cut", resume=True)
+    assert _rows(resumed) == _rows(full)
+    assert len(set(full.column("lr"))) >= 3  # the schedule moved the learning rate
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved = [torch.load(tmp_path / f / "checkpoint.pt", weights_only=True) for f in ("whole", "cut")]
+    for part in ("optimizer", "scheduler"):
+        assert str(saved[0][part]) == str(saved[1][part]), part

@@ -1,0 +1,202 @@
+"""TrainState, the one value a checkpoint holds, taken apart in one process: what it saves,
+what a resume restores (every RNG, the optimizer, the scheduler, the history, the callbacks'
+state), what it refuses, and the settings comparison behind the refusals."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pvae.train import Callback, Scheduler, TrainState, seed_all, settings_diff
+from pvae.train.checkpoint import CheckpointError
+
+
+def test_settings_diff_compares_nested_settings_key_by_key():
+    before = {"model": {"kind": "vae", "latent_dim": 2},
+              "training": {"num_epochs": 3, "world_size": 1, "lr": 1e-3,
+                           "loss": {"name": "iwae", "num_particles": 5}},
+              "versions": {"format": 1, "pvae": "0.1"}}
+    now = {"model": {"kind": "vae", "latent_dim": 2},
+           "training": {"num_epochs": 9, "world_size": 2, "lr": 1e-3,
+                        "loss": {"name": "iwae", "num_particles": 10}, "seed": 4},
+           "versions": {"format": 1, "pvae": "0.2"}}
+    # num_epochs may grow, world_size is checked on its own, versions are no setting; a key
+    # missing on one side reads as None
+    assert settings_diff(before, now) == {"training.loss.num_particles": (5, 10),
+                                          "training.seed": (None, 4)}
+    assert list(settings_diff({"b": 1, "a": 1}, {"b": 2, "a": 2})) == ["a", "b"]  # sorted
+    assert settings_diff(before, before) == {}
+    # what is ignored can be chosen; an empty dict is a value, not a level
+    assert settings_diff(before, now, ignore=()) == {
+        "training.loss.num_particles": (5, 10), "training.num_epochs": (3, 9),
+        "training.seed": (None, 4), "training.world_size": (1, 2)}
+    assert settings_diff({"a": {}}, {"a": {"b": 1}}) == {"a": ({}, None), "a.b": (None, 1)}
+    assert settings_diff({"versionsx": 1}, {"versionsx": 2}) == {"versionsx": (1, 2)}
+
+
+def test_seed_all_seeds_torch_python_and_numpy():
+    def draws():
+        return torch.rand(3).tolist(), random.random(), np.random.rand()
+
+    seed_all(11)
+    first = draws()
+    seed_all(11)
+    assert draws() == first
+    seed_all(12)
+    assert all(a != b for a, b in zip(draws(), first))
+
+
+class Objective(nn.Module):
+    """The smallest objective: a buffer that counts steps, saved in its state_dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
+class Counter(Callback):
+    def __init__(self, start=0):
+        self.count = start
+
+    def state_dict(self):
+        return {"count": self.count} if self.count else {}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def make_state(settings=None, callbacks=(), seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = Scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5), "epoch")
+    generator = torch.Generator().manual_seed(seed)
+    return TrainState(model, Objective(), optimizer, scheduler, generator,
+                      {"training": {"lr": 0.1}} if settings is None else settings,
+                      callbacks=callbacks)
+
+
+def train(state, epochs):
+    """A few steps that use every part of the state: the shuffling generator, torch's, Python's
+    and numpy's RNG, the optimizer's moments and the scheduler's learning rate."""
+    for _ in range(epochs):
+        state.epoch += 1
+        order = torch.randperm(8, generator=state.generator)
+        x = torch.randn(8, 3)[order] * (1 + random.random() + np.random.rand())
+        loss = state.model(x).pow(2).mean()
+        state.optimizer.zero_grad()
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step_epoch(0.0)
+        state.objective.steps += 1
+        state.history.rows.append({"epoch": state.epoch, "train_elbo": -loss.item(),
+                                   "lr": state.optimizer.param_groups[0]["lr"]})
+        for cb in state.callbacks:
+            cb.count += 1
+
+
+def test_resume_restores_everything_a_continued_run_draws_from(tmp_path):
+    """3 + 2 epochs through a checkpoint equal 5 epochs straight, bit for bit; leaving out any
+    part of the state (optimizer moments, scheduler, any RNG) would change the numbers."""
+    straight = make_state(callbacks=[Counter()])
+    straight.num_epochs = 5
+    seed_all(0)
+    train(straight, 5)
+
+    first = make_state(callbacks=[Counter()])
+    first.num_epochs = 5
+    seed_all(0)
+    train(first, 3)
+    first.save(tmp_path / "checkpoint.pt")
+    seed_all(99)  # the resumed process starts from other RNG states
+    resumed = make_state(callbacks=[Counter()], seed=1)
+    resumed.num_epochs = 5
+    assert resumed.resume(tmp_path / "checkpoint.pt")
+    assert resumed.epoch == 3 and len(resumed.history) == 3 and resumed.callbacks[0].count == 3
+    assert int(resumed.objective.steps) == 3
+    train(resumed, 2)
+    assert resumed.history.rows == straight.history.rows
+    assert resumed.history.column("lr") == [0.1, 0.05, 0.05, 0.025, 0.025]
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.callbacks[0].count == 5
+    assert torch.equal(resumed.generator.get_state(), straight.generator.get_state())
+
+
+def test_state_dict_holds_what_a_checkpoint_records():
+    state = make_state(callbacks=[Counter(), Counter(2), Counter(5)])
+    state.num_epochs, state.epoch = 7, 2
+    saved = state.state_dict()
+    assert saved["epoch"] == 2 and saved["history"] == [] and saved["stop_reason"] is None
+    assert saved["config"] == {"training": {"lr": 0.1, "num_epochs": 7}}
+    assert state.settings == {"training": {"lr": 0.1}}  # config is a copy with num_epochs
+    # callbacks of one class are told apart by their order; empty states are left out
+    assert saved["callbacks"] == {"Counter.1": {"count": 2}, "Counter.2": {"count": 5}}
+    assert set(saved) == {"model", "objective", "optimizer", "scheduler", "epoch", "rng",
+                          "history", "stop_reason", "callbacks", "config"}
+    assert saved["rng"]["generator"].equal(state.generator.get_state())
+    assert saved["model"]["weight"].equal(state.model.weight)
+    other = make_state(callbacks=[Counter(), Counter(), Counter()])
+    other.load_state_dict(saved)
+    assert [cb.count for cb in other.callbacks] == [0, 2, 5]
+
+
+def test_stop_records_its_reason_in_the_history_and_the_checkpoint(tmp_path):
+    state = make_state()
+    assert not state.stopped
+    state.stop("no reason yet")  # before any epoch: nothing to mark, the reason is kept
+    assert state.stopped and state.history.stop_reason == "no reason yet"
+    state = make_state()
+    state.num_epochs = 4
+    train(state, 2)
+    state.stop(3)
+    assert state.stopped and state.history.stop_reason == "3"
+    assert state.history.rows[-1]["stopped"] == "3" and "stopped" not in state.history.rows[0]
+    state.save(tmp_path / "c.pt")
+    resumed = make_state()
+    resumed.num_epochs = 4
+    resumed.resume(tmp_path / "c.pt")
+    assert resumed.stopped and resumed.history.stop_reason == "3"
+
+
+def test_set_training_switches_model_and_objective():
+    state = make_state()
+    state.set_training(False)
+    assert not state.model.training and not state.objective.training
+    state.set_training(True)
+    assert state.model.training and state.objective.training
+
+
+def test_resume_without_a_checkpoint_is_a_fresh_start(tmp_path):
+    state = make_state()
+    assert state.resume(tmp_path / "missing.pt") is False
+    assert state.epoch == 0 and len(state.history) == 0
+
+
+def test_resume_refuses_another_run(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    written = make_state({"training": {"lr": 0.1, "world_size": 2}})
+    written.num_epochs = 3
+    written.save(path)
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1.*"
+                                              r"--nproc_per_node 2\)"):
+        make_state({"training": {"lr": 0.1}}).resume(path)
+    with pytest.raises(CheckpointError, match=r"another configuration.*'training.lr': "
+                                              r"\(0.1, 0.2\)"):
+        make_state({"training": {"lr": 0.2, "world_size": 2}}).resume(path)
+    single = make_state()
+    single.num_epochs = 3
+    single.save(path)
+    with pytest.raises(CheckpointError, match=r"by 1 process\(es\), this run has 2.*--nproc_per_"
+                                              r"node 1, or without torchrun\)"):
+        make_state({"training": {"lr": 0.1, "world_size": 2}}).resume(path)
+    # more epochs may be asked of a resumed run
+    longer = make_state()
+    longer.num_epochs = 10
+    assert longer.resume(path)
+    old = single.state_dict()
+    del old["objective"]
+    with pytest.raises(CheckpointError, match="older pvae without the objective's state"):
+        make_state().restore(old, path)

@@ -3,6 +3,7 @@ what a resume restores (every RNG, the optimizer, the scheduler, the history, th
 state), what it refuses, and the settings comparison behind the refusals."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -180,8 +181,8 @@ def test_resume_refuses_another_run(tmp_path):
     written = make_state({"training": {"lr": 0.1, "world_size": 2}})
     written.num_epochs = 3
     written.save(path)
-    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1.*"
-                                              r"--nproc_per_node 2\)"):
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" was written by 2 "
+                       r"process\(es\), this run has 1.*--nproc_per_node 2\)"):
         make_state({"training": {"lr": 0.1}}).resume(path)
     with pytest.raises(CheckpointError, match=r"another configuration.*'training.lr': "
                                               r"\(0.1, 0.2\)"):
@@ -200,3 +201,58 @@ def test_resume_refuses_another_run(tmp_path):
     del old["objective"]
     with pytest.raises(CheckpointError, match="older pvae without the objective's state"):
         make_state().restore(old, path)
+
+
+def test_a_distributed_state_saves_every_ranks_rng_and_resumes_on_its_own(tmp_path):
+    """``distributed=True`` in a process group of one (gloo): the checkpoint holds every rank's
+    RNG states (``rng_ranks``), rank 0 reads it, and each rank takes its own entry, not the
+    shared ``rng``."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                             world_size=1)
+    try:
+        path = tmp_path / "checkpoint.pt"
+        written = make_state()
+        written.distributed = True
+        written.num_epochs = 3
+        seed_all(0)
+        train(written, 2)
+        saved = written.state_dict()
+        assert len(saved["rng_ranks"]) == 1
+        assert saved["rng_ranks"][0]["generator"].equal(saved["rng"]["generator"])
+        written.save(path)
+        assert not make_state().resume(tmp_path / "missing.pt")
+        resumed = make_state(seed=5)
+        resumed.distributed = True
+        resumed.num_epochs = 3
+        assert resumed.resume(path) is True
+        assert resumed.epoch == 2 and resumed.history.rows == written.history.rows
+        assert resumed.generator.get_state().equal(written.generator.get_state())
+        missing = make_state()
+        missing.distributed = True
+        assert missing.resume(tmp_path / "missing.pt") is False
+        # this rank's own states are used: a checkpoint whose shared entry differs
+        other = make_state(seed=7)
+        theirs = dict(saved, rng=other.state_dict()["rng"])
+        again = make_state(seed=9)
+        again.distributed = True
+        again.num_epochs = 3
+        again.restore(theirs, path)
+        assert again.generator.get_state().equal(written.generator.get_state())
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_resume_maps_the_checkpoint_to_the_given_device(tmp_path, monkeypatch):
+    from pvae.train import state as state_module
+
+    seen = []
+    real = state_module.load_checkpoint
+    monkeypatch.setattr(state_module, "load_checkpoint",
+                        lambda path, map_location=None: seen.append((path, map_location))
+                        or real(path, map_location=map_location))
+    written = make_state()
+    written.save(tmp_path / "c.pt")
+    make_state().resume(tmp_path / "c.pt", map_location="cpu")
+    assert seen == [(tmp_path / "c.pt", "cpu")]

@@ -35,6 +35,7 @@ def test_settings_diff_compares_nested_settings_key_by_key():
         "training.seed": (None, 4), "training.world_size": (1, 2)}
     assert settings_diff({"a": {}}, {"a": {"b": 1}}) == {"a": ({}, None), "a.b": (None, 1)}
     assert settings_diff({"versionsx": 1}, {"versionsx": 2}) == {"versionsx": (1, 2)}
+    assert settings_diff({"versions": "0.1"}, {"versions": "0.2"}) == {}
 
 
 def test_seed_all_seeds_torch_python_and_numpy():
@@ -151,10 +152,10 @@ def test_stop_records_its_reason_in_the_history_and_the_checkpoint(tmp_path):
     assert state.stopped and state.history.stop_reason == "no reason yet"
     state = make_state()
     state.num_epochs = 4
-    train(state, 2)
+    train(state, 3)
     state.stop(3)
     assert state.stopped and state.history.stop_reason == "3"
-    assert state.history.rows[-1]["stopped"] == "3" and "stopped" not in state.history.rows[0]
+    assert state.history.column("stopped") == [None, None, "3"]
     state.save(tmp_path / "c.pt")
     resumed = make_state()
     resumed.num_epochs = 4
@@ -226,7 +227,17 @@ def test_a_distributed_state_saves_every_ranks_rng_and_resumes_on_its_own(tmp_pa
         resumed = make_state(seed=5)
         resumed.distributed = True
         resumed.num_epochs = 3
-        assert resumed.resume(path) is True
+        from pvae.train import state as state_module
+
+        seen = []
+        real = state_module.load_checkpoint
+        state_module.load_checkpoint = (lambda p, map_location=None: seen.append(map_location)
+                                        or real(p, map_location=map_location))
+        try:
+            assert resumed.resume(path, map_location={"cuda:0": "cpu"}) is True
+        finally:
+            state_module.load_checkpoint = real
+        assert seen == ["cpu"]  # rank 0 reads to the CPU and sends it to the others
         assert resumed.epoch == 2 and resumed.history.rows == written.history.rows
         assert resumed.generator.get_state().equal(written.generator.get_state())
         missing = make_state()
@@ -254,5 +265,18 @@ def test_resume_maps_the_checkpoint_to_the_given_device(tmp_path, monkeypatch):
                         or real(path, map_location=map_location))
     written = make_state()
     written.save(tmp_path / "c.pt")
-    make_state().resume(tmp_path / "c.pt", map_location="cpu")
-    assert seen == [(tmp_path / "c.pt", "cpu")]
+    make_state().resume(tmp_path / "c.pt", map_location={"cuda:0": "cpu"})
+    assert seen == [(tmp_path / "c.pt", {"cuda:0": "cpu"})]
+
+
+def test_a_checkpoint_without_callbacks_or_settings_loads():
+    """Entries an older checkpoint may lack: without ``callbacks`` every callback keeps its
+    own state; without ``config`` it reads as written with no settings."""
+    written = make_state(settings={})
+    written.num_epochs = 2
+    train(written, 1)
+    state = written.state_dict()
+    del state["callbacks"], state["config"]
+    resumed = make_state(settings={}, callbacks=[Counter(4)])
+    resumed.restore(state, "c.pt")
+    assert resumed.epoch == 1 and resumed.callbacks[0].count == 4

@@ -218,7 +218,7 @@ def test_fit_stays_small():
     assert body[-1].end_lineno - body[0].lineno + 1 <= 60
 
 
-def test_pvae_train_keeps_one_settings_record(tmp_path):
+def test_pvae_train_keeps_one_settings_record(tmp_path, capsys):
     """config.json is the checkpoint's own record (the data and model settings beside fit's
     under "training"), for VAEs and autoencoders through the one `pvae train` body; a flag the
     chosen loss does not take is refused."""
@@ -237,7 +237,10 @@ def test_pvae_train_keeps_one_settings_record(tmp_path):
     with pytest.raises(SystemExit) as refused:
         main(["train", "--dataset", "digits", "--estimator", "reparam", "--gradient", "dreg",
               "--num-epochs", "1", "--out", str(tmp_path / "refused")])
-    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1, err
+    assert "pvae: --gradient applies to --estimator iwae, not reparam" in err, err
+    assert not (tmp_path / "refused").exists()
 
 
 class LinearGaussian:

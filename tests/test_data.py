@@ -20,12 +20,18 @@ def write_idx(path, array, dtype_code=0x08, compress=True, truncate=0, magic=Non
 
 
 def write_split(folder, n_train=6, n_test=4, shape=(3, 2)):
+    """Random 8-bit images and labels as the four IDX files; returns the arrays written."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
-    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n_train, *shape)))
-    write_idx(folder / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n_train))
-    write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, *shape)))
-    write_idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, n_test))
+    arrays = {"x_train": rng.integers(0, 256, (n_train, *shape)),
+              "y_train": rng.integers(0, 10, n_train),
+              "x_test": rng.integers(0, 256, (n_test, *shape)),
+              "y_test": rng.integers(0, 10, n_test)}
+    write_idx(folder / "train-images-idx3-ubyte.gz", arrays["x_train"])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", arrays["y_train"])
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", arrays["x_test"])
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", arrays["y_test"])
+    return arrays
 
 
 def test_read_idx_roundtrip(tmp_path):
@@ -55,12 +61,17 @@ def test_read_idx_corrupt_gzip(tmp_path):
 
 
 def test_load_idx_folder(tmp_path):
-    write_split(tmp_path / "mnist")
+    written = write_split(tmp_path / "mnist")
     ds = data.load("mnist", data_dir=tmp_path)
     assert ds.x_train.shape == (6, 6) and ds.x_train.dtype == torch.float32
     assert ds.y_test.shape == (4,) and ds.y_test.dtype == torch.int64
     assert ds.image_shape == (3, 2)
-    assert 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+    # the pixels divided by 255 (0 -> 0, 255 -> 1), rows and labels in the files' order
+    for split in ("train", "test"):
+        pixels = written[f"x_{split}"].reshape(len(written[f"x_{split}"]), -1)
+        np.testing.assert_array_equal(getattr(ds, f"x_{split}").numpy(),
+                                      pixels.astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal(getattr(ds, f"y_{split}").numpy(), written[f"y_{split}"])
     static = data.load("mnist", data_dir=tmp_path, binarize="static", seed=3)
     assert set(static.x_train.unique().tolist()) <= {0.0, 1.0}
     again = data.load("mnist", data_dir=tmp_path, binarize="static", seed=3)
@@ -99,7 +110,12 @@ def test_digits_split_is_fixed():
     a, b = data.load("digits"), data.load("digits")
     assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64)
     assert torch.equal(a.x_test, b.x_test)
-    assert a.x_train.max() <= 1
+    # the 1797 digits of 4-bit pixels divided by 16, each once: the split is a permutation
+    from sklearn.datasets import load_digits
+
+    expected = torch.from_numpy(load_digits().data.astype(np.float32) / np.float32(16))
+    both = torch.cat([a.x_train, a.x_test])
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, expected.tolist()))
 
 
 def test_synthetic_ppca_params():

@@ -240,6 +240,60 @@ def test_gradient_variance_table():
     assert score_avg["encoder"]["variance"] < score["encoder"]["variance"]
 
 
+class ToyModule(nn.Module):
+    """:class:`Toy` with its guide's c, d and log_s as module parameters (one group each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d, self.log_s = (nn.Parameter(torch.tensor(v, dtype=torch.float64))
+                                      for v in (0.2, -0.1, -0.3))
+
+    def model(self, x):
+        Toy().model(x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.c * x + self.d, self.log_s.exp()).to_event(1))
+
+
+def test_gradient_variance_values_against_closed_forms():
+    """gradient_variance's mean and variance per parameter group against the closed forms of
+    the one-particle reparameterized gradient of the ELBO per datapoint on the toy model. With
+    z_n = m_n + s e_n and log p(x_n, z_n) = -alpha z_n^2 + beta_n z_n + const, the gradient
+    w.r.t. m_n is g_n = beta_n - 2 alpha z_n and w.r.t. log s it is g_n s e_n + 1 (log q's
+    path cancels), each averaged over the 3 datapoints: d has variance 4 alpha^2 s^2 / 3, c
+    sum x_n^2 4 alpha^2 s^2 / 9, log_s sum (a_n^2 + 2 b^2) / 9 with a_n = (beta_n - 2 alpha
+    m_n) s, b = -2 alpha s^2. Tolerance: 5 standard deviations of a sample variance of 1000
+    draws, from the closed-form fourth moments (3 a^4 + 60 a^2 b^2 + 60 b^4 per datapoint for
+    a e + b (e^2 - 1)). The means are exact_elbo_grad() / 3 (the closed-form ELBO's gradient)
+    and the SNR is their ratio to the sds."""
+    toy, n = ToyModule(), 1000
+    got = gradient_variance(toy, X, num_estimates=n)
+    x = X[:, 0]
+    alpha, beta = A**2 / (2 * S**2) + 0.5, A * (x - B) / S**2
+    m, s = 0.2 * x - 0.1, math.exp(-0.3)
+    a, b = (beta - 2 * alpha * m) * s, -2 * alpha * s**2
+    # (variance, fourth cumulant) of each coordinate's estimate
+    gauss = lambda coef: ((coef**2).sum() / 9, torch.zeros(()))  # noqa: E731
+    moments = {"c": gauss(2 * alpha * s * x), "d": gauss(2 * alpha * s * torch.ones(3)),
+               "log_s": ((a**2 + 2 * b**2).sum() / 9,
+                         (3 * a**4 + 60 * a**2 * b**2 + 60 * b**4 - 3 * (a**2 + 2 * b**2) ** 2)
+                         .sum() / 81)}
+    means = dict(zip(("c", "d", "log_s"), exact_elbo_grad() / 3))
+    assert set(got) == {"c", "d", "log_s", "total"}
+    for name, (var, k4) in moments.items():
+        sd_of_var = math.sqrt((k4 + 2 * var**2) / n)  # var of a sample variance: (mu4 - var^2)/n
+        assert abs(got[name]["variance"] - var) < 5 * sd_of_var, (name, got[name], var.item())
+        se = math.sqrt(var / n)  # the mean of n estimates
+        assert abs(math.sqrt(got[name]["mean_sq"]) - means[name].abs()) < 5 * se, (name, got[name])
+        snr = (means[name].abs() / var.sqrt()).item()  # |mean| / sd: errors of both, to first order
+        assert abs(got[name]["snr"] - snr) < 5 * (1 / math.sqrt(n) + snr * sd_of_var / (2 * var))
+        assert got[name]["num_params"] == 1
+    # the trace of the covariance and the mean's squared norm, over all three
+    for key in ("variance", "mean_sq"):
+        assert got["total"][key] == pytest.approx(sum(got[k][key] for k in moments), rel=1e-12)
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="unknown baseline"):
         ScoreFunctionELBO(baseline="median")

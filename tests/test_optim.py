@@ -114,18 +114,35 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, optim)
                          ids=["exponential", "step", "cosine"])
 def test_a_device_learning_rate_is_updated_in_place_without_host_syncs(schedule):
     """A captured step reads the learning rate from one device tensor: the schedulers update it
-    in place and never read it on the host (the meta device refuses .item())."""
-    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
-    optimizer = torch.optim.Adam([p], lr=torch.tensor(1e-2), capturable=True)
-    optimizer.param_groups[0]["lr"] = lr = torch.tensor(1e-2, device="meta")
+    in place and never read it on the host (the meta device refuses .item()). The same tensor
+    learning rate on the CPU, where it can be read, takes the values of a float one under the
+    same schedule after every epoch, and stays the same tensor."""
     from pvae.train import Scheduler
 
-    scheduler = Scheduler(schedule.build(optimizer, 3, 4), schedule.interval)
-    for _ in range(4):
-        for _ in range(3):
-            scheduler.step_batch()
-        scheduler.step_epoch(0.0)
-    assert optimizer.param_groups[0]["lr"] is lr and lr.device.type == "meta"
+    def run(lr, device):
+        p = torch.nn.Parameter(torch.zeros(3, device=device))
+        optimizer = torch.optim.Adam([p], lr=torch.tensor(1e-2), capturable=True)
+        optimizer.param_groups[0]["lr"] = lr
+        scheduler = Scheduler(schedule.build(optimizer, 3, 4), schedule.interval)
+        seen = []
+        for _ in range(4):
+            for _ in range(3):
+                scheduler.step_batch()
+            scheduler.step_epoch(0.0)
+            assert optimizer.param_groups[0]["lr"] is lr
+            seen.append(float(lr) if device == "cpu" else None)
+        return seen
+
+    lr = torch.tensor(1e-2, device="meta")
+    run(lr, "meta")
+    assert lr.device.type == "meta"
+    on_cpu = run(torch.tensor(1e-2, dtype=torch.float64), "cpu")
+    # the closed forms after epoch k = 1..4 (3k steps): 0.9^k, 0.1^k; cosine over 12 steps
+    # after a 2-step linear warm-up
+    expected = {ExponentialLR: lambda k: 0.9**k, StepLR: lambda k: 0.1**k,
+                CosineLR: lambda k: (1 + math.cos(math.pi * (3 * k - 2) / 10)) / 2}
+    assert on_cpu == pytest.approx([1e-2 * expected[type(schedule)](k) for k in range(1, 5)],
+                                   rel=1e-6, abs=1e-15)
 
 
 def test_bad_optimizer_settings_are_refused():

@@ -1,0 +1,367 @@
+"""Exact values of the estimates and summaries that pvae reports, on models where they are known:
+a PPCA or a conjugate Gaussian whose guide is the exact posterior (every importance weight is
+then log p(x) exactly), summaries of hand-made results (their keys, means, standard errors and
+rounding), the documented defaults and the refusals of the evaluation entry points, and the
+refined guide of the inference gap started where the amortized guide is. Written to kill the
+surviving mutants of issue 31's mutation run (see ``make mutation``)."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pvae.inference import (
+    ElboTerms,
+    InferenceGap,
+    RefinedGuide,
+    inference_gap,
+    log_weights,
+)
+from pvae.models import PPCA
+from pvae.stats import logmeanexp, principal_angles
+
+from conftest import rng
+
+D, Q, SIGMA2 = 4, 2, 0.5
+# sheared loadings: W^T W is not diagonal, so the exact posterior is correlated (its Cholesky
+# factor has an off-diagonal entry); mu != 0
+W = [[1.0, 0.0], [0.5, 1.0], [0.0, 0.7], [0.3, -0.4]]
+MU = [1.0, -1.0, 0.5, 2.0]
+
+
+def ppca(guide: str = "full") -> PPCA:
+    """A float64 PPCA with known parameters, its guide at the optimum of its family (for
+    ``"full"``: the exact posterior)."""
+    model = PPCA(D, Q, guide=guide).double()
+    with torch.no_grad():
+        model.W.copy_(torch.tensor(W, dtype=torch.float64))
+        model.mu.copy_(torch.tensor(MU, dtype=torch.float64))
+        model.log_sigma.fill_(0.5 * math.log(SIGMA2))
+    model.set_guide_to_optimum()
+    return model
+
+
+def draw(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, D, generator=rng(seed), dtype=torch.float64) * 1.5 + \
+        torch.tensor(MU, dtype=torch.float64)
+
+
+class Conditional:
+    """z ~ N(0, 1), x | z, c ~ N(z + c, S2) per datapoint, with the exact posterior as guide:
+    p(z | x, c) = N((x - c) / (1 + S2), S2 / (1 + S2)) and p(x | c) = N(c, 1 + S2)."""
+
+    S2 = 0.25
+
+    def model(self, x, c):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z + c, math.sqrt(self.S2)), obs=x)
+
+    def guide(self, x, c):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal((x - c) / (1 + self.S2),
+                                         math.sqrt(self.S2 / (1 + self.S2))))
+
+    def log_marginal(self, x, c):
+        return dist.Normal(c, math.sqrt(1 + self.S2)).log_prob(x)
+
+
+def conditional_data(n=5):
+    g = rng(3)
+    return (torch.randn(n, generator=g, dtype=torch.float64),
+            3 * torch.randn(n, generator=g, dtype=torch.float64))
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+def test_logmeanexp_reduces_the_first_dim_by_default():
+    t = torch.randn(3, 5, generator=rng(0), dtype=torch.float64)
+    assert logmeanexp(t).shape == (5,)
+    torch.testing.assert_close(logmeanexp(t), t.exp().mean(0).log())
+    torch.testing.assert_close(logmeanexp(t, 1), t.exp().mean(1).log())
+
+
+def test_principal_angles_of_a_span_with_itself_are_zero_not_nan():
+    """The singular values of Q^T Q are 1 up to rounding, often just above it: the angles must
+    still be 0 (arccos of a value above 1 is NaN)."""
+    g = rng(1)
+    for _ in range(10):
+        A = torch.randn(5, 2, generator=g, dtype=torch.float64)
+        B = A @ torch.tensor([[2.0, 1.0], [0.0, -1.0]], dtype=torch.float64)  # same span
+        for other in (A, B):
+            angles = principal_angles(A, other)
+            assert torch.isfinite(angles).all(), angles
+            assert (angles.abs() < 1e-5).all(), angles
+
+
+# -- log_weights ------------------------------------------------------------------------------
+
+
+def test_log_weights_of_the_exact_posterior_are_the_exact_log_marginal():
+    """With q(z | x) = p(z | x), log p(x, z) - log q(z | x) = log p(x) for every z: one particle
+    by default, shape (num_samples, N)."""
+    model, x = ppca(), draw(6, 0)
+    exact = model.log_marginal(x).detach()
+    # tolerance: the guide's Cholesky diagonal carries a floor of 1e-6 (PPCA.guide_scale_tril),
+    # a few 1e-6 nats away from the exact posterior
+    close = dict(rtol=0, atol=1e-4)
+    one = log_weights(model, x)
+    assert one.shape == (1, 6)
+    torch.testing.assert_close(one[0].detach(), exact, **close)
+    many = log_weights(model, x, num_samples=7)
+    assert many.shape == (7, 6)
+    torch.testing.assert_close(many.detach(), exact.expand(7, -1), **close)
+    assert many.detach().std(0).max() < 1e-5  # not a spread that the tolerance could hide
+
+
+def test_log_weights_of_a_conditional_model_are_log_p_x_given_c():
+    x, c = conditional_data()
+    lw = log_weights(Conditional(), x, c=c, num_samples=3)
+    torch.testing.assert_close(lw, Conditional().log_marginal(x, c).expand(3, -1))
+
+
+class TwoViews:
+    """z ~ N(0, 1); x | z ~ N(z, 1), and a second observed site y ~ N(0, 1) that ignores z: its
+    log-density enters every weight as a known constant."""
+
+    def model(self, x, y):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+            pyro.sample("y", dist.Normal(torch.zeros_like(y), 1.0), obs=y)
+
+    def guide(self, x, y):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 3, torch.ones_like(x)))
+
+
+def test_log_weights_of_selected_observed_sites_leave_the_others_out():
+    x, y = conditional_data()
+    pyro.set_rng_seed(5)
+    both = log_weights(TwoViews(), x, c=y, num_samples=4)
+    pyro.set_rng_seed(5)
+    only_x = log_weights(TwoViews(), x, c=y, num_samples=4, observed=("x",))
+    log_py = dist.Normal(0.0, 1.0).log_prob(y)
+    assert (log_py.abs() > 0.9).all()  # not a difference that could vanish
+    torch.testing.assert_close(both - only_x, log_py.expand(4, -1))
+
+
+class Grid:
+    """x: (rows, cols), z and x inside plates "rows" (dim -2) and "data" (dim -1): the data
+    plate is "data" unless ``data_plate`` names "rows"."""
+
+    def model(self, x):
+        with pyro.plate("rows", x.shape[0], dim=-2), pyro.plate("data", x.shape[1], dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("rows", x.shape[0], dim=-2), pyro.plate("data", x.shape[1], dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, torch.full_like(x, 0.5)))
+
+
+def test_log_weights_per_datapoint_of_the_named_data_plate():
+    """Per datapoint of the plate found ("data": one per column) or of the one named ("rows"):
+    the same draws, summed the other way."""
+    x = torch.randn(3, 4, generator=rng(2), dtype=torch.float64)
+    pyro.set_rng_seed(7)
+    cols = log_weights(Grid(), x, num_samples=5)
+    pyro.set_rng_seed(7)
+    rows = log_weights(Grid(), x, num_samples=5, data_plate="rows")
+    assert cols.shape == (5, 4) and rows.shape == (5, 3)
+    torch.testing.assert_close(rows.sum(-1), cols.sum(-1))
+
+
+def test_log_weights_refusal_names_the_function():
+    with pytest.raises(TypeError, match=r"\blog_weights\b"):
+        log_weights(object(), torch.zeros(2, 3))
+
+
+# -- summaries ----------------------------------------------------------------------------------
+
+
+def sd_over_root_n(values):
+    v = np.asarray(values, dtype=np.float64)
+    return v.std(ddof=1) / math.sqrt(len(v))
+
+
+def test_elbo_terms_summary_exact():
+    elbo = torch.tensor([-3.0, -1.0, -2.5, -0.5])
+    recon = torch.tensor([-2.0, -0.5, -1.0, 0.5])
+    terms = ElboTerms(elbo, recon, recon - elbo, torch.tensor([0.12345678, 1e-8, 2.0]),
+                      torch.tensor([0.5, 0.0, 0.02]), 2, False)
+    kl = (recon - elbo).tolist()
+    expected = {
+        "elbo": -1.75, "elbo_stderr": sd_over_root_n(elbo.tolist()),
+        "reconstruction": -0.75, "reconstruction_stderr": sd_over_root_n(recon.tolist()),
+        "kl": float(np.mean(kl)), "kl_stderr": sd_over_root_n(kl),
+        "active_units": 2, "latent_dim": 3, "analytic_kl": False,
+        "kl_per_dim": [0.123457, 0.0, 2.0],
+    }
+    out = terms.summary()
+    assert out.keys() == expected.keys()
+    assert out["kl_per_dim"] == expected.pop("kl_per_dim")  # rounded to 6 decimals
+    assert out["analytic_kl"] is False and out["active_units"] == 2 and out["latent_dim"] == 3
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, rel=1e-6), key
+    terms.analytic_kl, terms.kl_per_dim = True, None
+    out = terms.summary()
+    assert out["analytic_kl"] is True and "kl_per_dim" not in out
+
+
+def test_inference_gap_summary_exact():
+    ll = torch.tensor([-1.0, -2.0, -4.0], dtype=torch.float64)
+    amortized = torch.tensor([-3.0, -2.5, -7.0], dtype=torch.float64)
+    refined = torch.tensor([-1.5, -2.25, -5.0], dtype=torch.float64)
+    mcse = [torch.tensor(v, dtype=torch.float64) for v in
+            ([0.1, 0.2, 0.2], [0.3, 0.4, 0.0], [1.0, 1.0, 1.0])]
+    gap = InferenceGap(ll, mcse[0], amortized, mcse[1], refined, mcse[2], 5000, 1000, 300)
+    parts = {"log_likelihood": ll, "elbo_amortized": amortized, "elbo_refined": refined,
+             "total_gap": ll - amortized, "approximation_gap": ll - refined,
+             "amortization_gap": refined - amortized}
+    expected = {"num_datapoints": 3, "iw_num_samples": 5000, "elbo_num_samples": 1000,
+                "refinement_steps": 300}
+    for name, v in parts.items():
+        expected[name] = float(v.mean())
+        expected[f"{name}_stderr"] = sd_over_root_n(v.tolist())
+    for name, m in zip(("log_likelihood", "elbo_amortized", "elbo_refined"), mcse):
+        expected[f"{name}_mcse"] = math.sqrt(float((m**2).mean()))  # root mean square
+    out = gap.summary()
+    assert out.keys() == expected.keys()
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, rel=1e-12), key
+
+
+# -- the inference gap's refined guide ----------------------------------------------------------
+
+
+def test_refined_guide_starts_at_the_guide_full_covariance():
+    """A MultivariateNormal guide site: the refined guide's start is the guide's distribution,
+    correlated Cholesky factor included (its strictly lower part and the log of its diagonal)."""
+    model, x = ppca(), draw(3, 1)
+    q = model.guide_distribution(x)
+    assert q.scale_tril[..., 1, 0].abs().min() > 0.05  # an off-diagonal entry to keep
+    refined = RefinedGuide(model, (x,))  # family="guide" by default
+    (name, key, kind, event_dims, _), = refined.sites
+    start = refined.distribution(key, kind, event_dims)
+    torch.testing.assert_close(start.loc, q.loc)
+    torch.testing.assert_close(start.scale_tril, q.scale_tril.expand(3, Q, Q))
+
+
+def test_refined_guide_default_family_is_the_guides_own():
+    """A diagonal guide refined with the default family stays diagonal (``"full"`` would make it
+    a full-covariance Gaussian)."""
+    model, x = ppca("diagonal"), draw(3, 1)
+    q = model.guide_distribution(x)
+    refined = RefinedGuide(model, (x,))
+    (_, key, kind, event_dims, _), = refined.sites
+    start = refined.distribution(key, kind, event_dims)
+    assert isinstance(start, dist.Independent) and isinstance(start.base_dist, dist.Normal)
+    torch.testing.assert_close(start.base_dist.scale, q.base_dist.scale.expand(3, Q))
+    full = RefinedGuide(model, (x,), "full")
+    assert isinstance(full.distribution(*full.sites[0][1:4]), dist.MultivariateNormal)
+    with pytest.raises(ValueError, match=r"unknown family 'diag'"):
+        RefinedGuide(model, (x,), "diag")
+
+
+class Column:
+    """A data plate at dim -2 (as nested plates put it): z ~ N(0, 1) of shape (N, 1),
+    x | z ~ N(z, 1), the guide N(x / 2, 0.7)."""
+
+    def model(self, x, c=None):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(self, x, c=None):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(x / 2, torch.full_like(x, 0.7)))
+
+
+def test_refined_guide_program_uses_the_guides_plates():
+    """The refined guide draws z inside the guide's plate, same name, size and dim, and at the
+    start scores a draw as the guide does."""
+    x = torch.randn(4, 1, generator=rng(4), dtype=torch.float64)
+    refined = RefinedGuide(Column(), (x,))
+    tr = pyro.poutine.trace(refined).get_trace(x)
+    site = tr.nodes["z"]
+    assert [(f.name, f.size, f.dim) for f in site["cond_indep_stack"]] == [("data", 4, -2)]
+    assert site["value"].shape == (4, 1) and site["fn"].batch_shape == (4, 1)
+    q = dist.Normal(x / 2, 0.7)
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), q.log_prob(site["value"]))
+
+
+# -- inference_gap --------------------------------------------------------------------------------
+
+
+def test_inference_gap_of_a_conditional_model_with_the_exact_guide():
+    """The guide is p(z | x, c): log p(x | c), both ELBOs and every gap are exact, whatever the
+    draws (every log weight equals log p(x | c)), and the MCSEs are 0."""
+    x, c = conditional_data()
+    gap = inference_gap(Conditional(), x, c=c, num_steps=0, num_elbo_samples=3, num_samples=3)
+    exact = Conditional().log_marginal(x, c)
+    for value in (gap.log_likelihood, gap.elbo_amortized, gap.elbo_refined):
+        torch.testing.assert_close(value, exact)
+    for mcse in (gap.log_likelihood_mcse, gap.elbo_amortized_mcse, gap.elbo_refined_mcse):
+        assert (mcse.abs() < 1e-6).all()
+
+
+def test_inference_gap_defaults_are_the_documented_ones():
+    model, x = ppca(), draw(2, 2)
+    with torch.no_grad():
+        model.b.add_(0.2)  # something to refine
+    default = inference_gap(model, x)
+    explicit = inference_gap(model, x, num_steps=500, lr=0.05, num_particles=32,
+                             num_elbo_samples=1000, num_samples=5000, family="guide", seed=0)
+    assert default.summary() == explicit.summary()
+    for name in ("log_likelihood", "elbo_amortized", "elbo_refined"):
+        assert torch.equal(getattr(default, name), getattr(explicit, name))
+    assert (default.num_samples, default.num_elbo_samples, default.num_steps) == (5000, 1000, 500)
+
+
+@pytest.mark.parametrize("name", ["num_particles", "num_elbo_samples", "num_samples"])
+def test_inference_gap_counts_at_least_one(name):
+    model, x = ppca(), draw(2, 2)
+    kwargs = dict(num_steps=1, num_particles=1, num_elbo_samples=1, num_samples=1)
+    gap = inference_gap(model, x, **kwargs)  # one of each is enough
+    assert gap.log_likelihood.shape == (2,)
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1, got 0"):
+        inference_gap(model, x, **{**kwargs, name: 0})
+
+
+def test_inference_gap_refusals_name_what_is_wrong():
+    model, x = ppca(), draw(2, 2)
+    with pytest.raises(ValueError, match=r"^num_steps must be an integer >= 0, got -1"):
+        inference_gap(model, x, num_steps=-1)
+    inference_gap(model, x, num_steps=0, num_elbo_samples=1, num_samples=1)  # 0 steps: q* = q
+    for lr in (0.0, -0.1):
+        with pytest.raises(ValueError, match=r"^lr must be .*> 0"):
+            inference_gap(model, x, lr=lr, num_steps=0)
+    with pytest.raises(TypeError, match=r"^inference_gap needs"):
+        inference_gap(object(), x)
+
+
+# -- PPCA's guide -----------------------------------------------------------------------------
+
+
+def test_ppca_guide_scale_tril_of_a_diagonal_guide():
+    model = ppca("diagonal")
+    expected = torch.diag(model.log_scale.exp())
+    torch.testing.assert_close(model.guide_scale_tril(), expected)
+    torch.testing.assert_close(model.guide_scale_tril().diagonal() ** 2,
+                               SIGMA2 / model._M().diagonal())  # the mean-field optimum
+
+
+def test_ppca_guide_scale_tril_diagonal_stays_positive():
+    """However negative the raw diagonal, the Cholesky factor keeps a positive diagonal (the
+    floor 1e-6), so that the guide stays a valid Gaussian."""
+    model = PPCA(D, Q, guide="full").double()
+    with torch.no_grad():
+        model.scale_tril_raw.fill_(-100.0)
+    L = model.guide_scale_tril()
+    assert (L.diagonal() > 0).all(), L
+    torch.testing.assert_close(L.diagonal(), torch.full((Q,), 1e-6, dtype=torch.float64))

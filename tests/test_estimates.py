@@ -365,3 +365,43 @@ def test_ppca_guide_scale_tril_diagonal_stays_positive():
     L = model.guide_scale_tril()
     assert (L.diagonal() > 0).all(), L
     torch.testing.assert_close(L.diagonal(), torch.full((Q,), 1e-6, dtype=torch.float64))
+
+
+def test_inference_gap_leaves_the_model_untouched():
+    """The model's parameters stay fixed: same values, no gradient left in them, requires_grad
+    restored."""
+    model, x = ppca(), draw(3, 2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    inference_gap(model, x, num_steps=3, num_particles=2, num_elbo_samples=2, num_samples=2)
+    for name, p in model.named_parameters():
+        assert p.grad is None, name
+        assert p.requires_grad, name
+        assert torch.equal(p.detach(), before[name]), name
+
+
+# -- PPCA's model -------------------------------------------------------------------------------
+
+
+def test_ppca_model_observes_site_x_and_checks_its_data():
+    """The observed site is "x" (as documented) holding the data; NaN data are refused unless
+    inside ``trusted_inputs`` (a training loop that checked the whole dataset once)."""
+    from pvae.contract import trusted_inputs
+
+    model, x = ppca(), draw(3, 2)
+    tr = pyro.poutine.trace(model.model).get_trace(x)
+    assert tr.nodes["x"]["is_observed"] and torch.equal(tr.nodes["x"]["value"], x)
+    assert tr.nodes["z"]["value"].shape == (3, Q)
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.model(bad)
+    with trusted_inputs(), pyro.validation_enabled(False):
+        model.model(bad)  # the per-call check is skipped
+
+
+def test_ppca_refusals_name_what_is_wrong():
+    PPCA(2, 1)  # the smallest PPCA
+    with pytest.raises(ValueError, match=r"^x_dim must be an integer >= 2, got 1$"):
+        PPCA(1, 1)
+    with pytest.raises(ValueError, match=r"^x contains NaN or inf values"):
+        ppca().log_marginal(torch.full((2, D), float("nan"), dtype=torch.float64))

@@ -403,5 +403,11 @@ def test_ppca_refusals_name_what_is_wrong():
     PPCA(2, 1)  # the smallest PPCA
     with pytest.raises(ValueError, match=r"^x_dim must be an integer >= 2, got 1$"):
         PPCA(1, 1)
+    with pytest.raises(TypeError, match=r"^latent_dim must be an integer"):
+        PPCA(3, 1.5)
+    with pytest.raises(ValueError, match=r"^PPCA needs 1 <= latent_dim < x_dim"):
+        PPCA(3, 0)
+    with pytest.raises(ValueError, match=r"^unknown guide 'diag'"):
+        PPCA(3, 1, guide="diag")
     with pytest.raises(ValueError, match=r"^x contains NaN or inf values"):
         ppca().log_marginal(torch.full((2, D), float("nan"), dtype=torch.float64))

@@ -411,3 +411,57 @@ def test_ppca_refusals_name_what_is_wrong():
         PPCA(3, 1, guide="diag")
     with pytest.raises(ValueError, match=r"^x contains NaN or inf values"):
         ppca().log_marginal(torch.full((2, D), float("nan"), dtype=torch.float64))
+
+
+# -- evaluation's refusals ------------------------------------------------------------------------
+
+
+def test_evaluation_refusals_name_what_is_wrong():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pvae.inference import elbo_terms, iw_log_likelihood
+
+    model, x = ppca(), draw(4, 2)
+    loader = DataLoader(TensorDataset(x), batch_size=2)
+    for fn, who in ((iw_log_likelihood, "iw_log_likelihood"), (elbo_terms, "elbo_terms")):
+        with pytest.raises(ValueError, match=rf"^{who} got a DataLoader, .*pass c=None"):
+            fn(model, loader, c=x[:, 0], num_samples=2)
+        with pytest.raises(ValueError, match=r"^a DataLoader's batches are its own: pass "
+                                             r"batch_size=None$"):
+            fn(model, loader, batch_size=2, num_samples=2)
+        for observed in ((), ("z",), "y"):
+            with pytest.raises(ValueError, match=r"^observed must name some of the model's "
+                                                 r"observed sites \['x'\], got"):
+                fn(model, x, num_samples=2, observed=observed)
+        with pytest.raises(TypeError, match=rf"^{who} needs an object"):
+            fn(object(), loader)
+    for distributed in ("yes", None, 2):
+        with pytest.raises(ValueError, match=r"^distributed must be 'auto', True or False"):
+            iw_log_likelihood(model, x, num_samples=2, distributed=distributed)
+    with pytest.raises(ValueError, match=r"^distributed=True needs a torch.distributed"):
+        iw_log_likelihood(model, x, num_samples=2, distributed=True)
+    for distributed in ("auto", False):  # one process: everything computed here
+        iw_log_likelihood(model, x, num_samples=2, distributed=distributed)
+
+
+def test_evaluation_of_a_data_loader_is_that_of_its_tensor():
+    """A DataLoader's items are the passes: with a seed, the same per-datapoint IW values as the
+    tensor cut into passes of the loader's batch size (observed="x" is every site here), and
+    the same closed-form KL and posterior means in elbo_terms."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pvae.inference import elbo_terms, iw_log_likelihood
+
+    model, x = ppca(), draw(5, 2)
+    with torch.no_grad():
+        model.b.add_(0.5)  # a guide that is not exact: the weights vary
+    loader = DataLoader(TensorDataset(x), batch_size=2)
+    a = iw_log_likelihood(model, loader, num_samples=6, seed=3)
+    b = iw_log_likelihood(model, x, num_samples=6, seed=3, batch_size=2, observed="x")
+    torch.testing.assert_close(a.per_datapoint, b.per_datapoint)
+    torch.testing.assert_close(a.ess, b.ess)
+    a = elbo_terms(model, loader, num_samples=3)
+    b = elbo_terms(model, x, num_samples=3, batch_size=2)
+    for name in ("kl", "posterior_mean_variance"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name))
+    assert a.analytic_kl and b.analytic_kl

@@ -465,3 +465,24 @@ def test_evaluation_of_a_data_loader_is_that_of_its_tensor():
     for name in ("kl", "posterior_mean_variance"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name))
     assert a.analytic_kl and b.analytic_kl
+
+
+def test_evaluation_of_a_data_loader_places_its_items_as_the_model():
+    """float32 items for a float64 model are cast to float64 (as a tensor x is), and a device
+    that is asked for is honoured (or refused where there is none)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pvae.inference import iw_log_likelihood
+
+    model, x = ppca(), draw(4, 2)
+    loader = DataLoader(TensorDataset(x.float()), batch_size=2)
+    a = iw_log_likelihood(model, loader, num_samples=3, seed=1)
+    b = iw_log_likelihood(model, x.float(), num_samples=3, seed=1, batch_size=2)
+    assert a.per_datapoint.dtype == torch.float64
+    torch.testing.assert_close(a.per_datapoint, b.per_datapoint)
+    if torch.cuda.is_available():
+        r = iw_log_likelihood(model.cuda(), loader, num_samples=3, device="cuda")
+        assert r.per_datapoint.is_cuda
+    else:
+        with pytest.raises(ValueError, match=r"^device='cuda' was asked for but CUDA is not"):
+            iw_log_likelihood(model, loader, num_samples=3, device="cuda")

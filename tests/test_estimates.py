@@ -486,3 +486,15 @@ def test_evaluation_of_a_data_loader_places_its_items_as_the_model():
     else:
         with pytest.raises(ValueError, match=r"^device='cuda' was asked for but CUDA is not"):
             iw_log_likelihood(model, loader, num_samples=3, device="cuda")
+
+
+def test_mean_stderr_of_one_value_is_nan_without_a_warning():
+    """One value: no error estimate, NaN, and no warning from torch's std of one value."""
+    import warnings
+
+    from pvae.stats import mean_stderr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, stderr = mean_stderr(torch.tensor([2.5]))
+    assert mean == 2.5 and math.isnan(stderr)

@@ -498,3 +498,46 @@ def test_mean_stderr_of_one_value_is_nan_without_a_warning():
         warnings.simplefilter("error")
         mean, stderr = mean_stderr(torch.tensor([2.5]))
     assert mean == 2.5 and math.isnan(stderr)
+
+
+class Recorder:
+    """z ~ N(0, 1), x | z ~ N(z, 1) with the exact posterior N(x / 2, 1 / 2) as guide, in a data
+    plate that may subsample itself; the guide records the particles of every trace."""
+
+    def __init__(self, subsample_size=None):
+        self.subsample_size, self.particles = subsample_size, []
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x[idx]), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size) as idx:
+            z = pyro.sample("z", dist.Normal(x[idx] / 2, math.sqrt(0.5)))
+        self.particles.append(z.shape[0] if z.dim() > 1 else 1)
+
+
+@pytest.mark.parametrize("subsample_size", [None, 3])
+@pytest.mark.parametrize("loader", [False, True])
+def test_evaluation_honours_chunk_size(subsample_size, loader):
+    """chunk_size bounds the particles per trace (and so memory), for a tensor or a DataLoader,
+    and in a data plate that subsamples itself; with the exact posterior every estimate is
+    log p(x) = log N(x; 0, 2) whatever the chunks."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pvae.inference import iw_log_likelihood
+
+    x = torch.randn(6, generator=rng(8), dtype=torch.float64)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
+    for chunk_size in (2, None):
+        program = Recorder(subsample_size)
+        data = DataLoader(TensorDataset(x), batch_size=6) if loader else x
+        r = iw_log_likelihood(program, data, num_samples=5, chunk_size=chunk_size,
+                              batch_size=None if loader else 6)
+        # a program without parameters runs a DataLoader's items in torch's default dtype
+        torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-5)
+        if chunk_size is not None:
+            assert max(program.particles) <= chunk_size, program.particles
+        else:
+            assert max(program.particles) == 5, program.particles  # all in one trace: they fit

@@ -541,3 +541,23 @@ def test_evaluation_honours_chunk_size(subsample_size, loader):
             assert max(program.particles) <= chunk_size, program.particles
         else:
             assert max(program.particles) == 5, program.particles  # all in one trace: they fit
+
+
+def test_data_plate_named_for_a_data_loader():
+    """A DataLoader batches the rows: with data_plate="rows" there is one estimate per row,
+    and each is the sum over its cells of log N(x; 0, 2) (the guide is the exact posterior);
+    the plate found by default ("data") would give one per column and pass."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pvae.inference import iw_log_likelihood
+
+    class ExactGrid(Grid):
+        def guide(self, x):
+            with pyro.plate("rows", x.shape[0], dim=-2), pyro.plate("data", x.shape[1], dim=-1):
+                pyro.sample("z", dist.Normal(x / 2, torch.full_like(x, math.sqrt(0.5))))
+
+    x = torch.randn(5, 4, generator=rng(9), dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x), batch_size=2)
+    r = iw_log_likelihood(ExactGrid(), loader, num_samples=3, data_plate="rows")
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(-1)
+    torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-4)

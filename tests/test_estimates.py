@@ -561,3 +561,14 @@ def test_data_plate_named_for_a_data_loader():
     r = iw_log_likelihood(ExactGrid(), loader, num_samples=3, data_plate="rows")
     exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(-1)
     torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-4)
+
+
+def test_a_plate_that_subsamples_more_than_a_pass_gets_all_of_x():
+    """subsample_size=3 does not fit passes of 2 datapoints: the program gets the whole of x in
+    one pass (it holds 3 datapoints at a time itself), and every datapoint is estimated."""
+    from pvae.inference import iw_log_likelihood
+
+    x = torch.randn(6, generator=rng(8), dtype=torch.float64)
+    r = iw_log_likelihood(Recorder(3), x, num_samples=4, batch_size=2)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
+    torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-5)

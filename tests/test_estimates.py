@@ -572,3 +572,8 @@ def test_a_plate_that_subsamples_more_than_a_pass_gets_all_of_x():
     r = iw_log_likelihood(Recorder(3), x, num_samples=4, batch_size=2)
     exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
     torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-5)
+    # a DataLoader's items are its own: Pyro's refusal of the plate is raised as it is
+    from torch.utils.data import DataLoader, TensorDataset
+
+    with pytest.raises(ValueError, match="subsample_size does not match len"):
+        iw_log_likelihood(Recorder(3), DataLoader(TensorDataset(x), batch_size=2), num_samples=4)

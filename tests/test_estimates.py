@@ -577,3 +577,21 @@ def test_a_plate_that_subsamples_more_than_a_pass_gets_all_of_x():
 
     with pytest.raises(ValueError, match="subsample_size does not match len"):
         iw_log_likelihood(Recorder(3), DataLoader(TensorDataset(x), batch_size=2), num_samples=4)
+
+
+def test_observed_given_as_one_name():
+    """observed="pixels" is the one site "pixels" (not its letters)."""
+
+    class Named:
+        def model(self, x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+                pyro.sample("pixels", dist.Normal(z, 1.0), obs=x)
+
+        def guide(self, x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+
+    x = torch.randn(4, generator=rng(6), dtype=torch.float64)
+    lw = log_weights(Named(), x, num_samples=2, observed="pixels")
+    torch.testing.assert_close(lw, dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).expand(2, -1))

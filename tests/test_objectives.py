@@ -521,3 +521,20 @@ def test_data_parallel_score_function_average_follows_the_global_batch(monkeypat
     pyro.set_rng_seed(2)
     elbo, _ = loss(_model(), _guide(draws), X)
     assert loss.average == pytest.approx((elbo.item() - 50.0) / (N + 6))
+
+
+def test_without_latent_sites_the_iw_bounds_are_the_exact_log_likelihood():
+    """Every weight is p(x): log mean_k p(x) = log p(x), for any K."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.5, 2.0).expand([D]).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    exact = dist.Normal(0.5, 2.0).log_prob(X).sum()
+    for loss in (IWAE(3), IWAE(3, gradient="dreg"), VIMCO(3)):
+        value, surrogate = loss(model, guide, X)
+        assert torch.allclose(value, exact) and torch.allclose(surrogate, -exact), loss
+        assert loss.last_kl == 0

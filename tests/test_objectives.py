@@ -539,3 +539,50 @@ def test_without_latent_sites_the_iw_bounds_are_the_exact_log_likelihood():
         value, surrogate = loss(model, guide, X)
         assert torch.allclose(value, exact) and torch.allclose(surrogate, -exact), loss
         assert loss.last_kl == 0
+
+
+# --- ScoreFunctionELBO's average baseline -------------------------------------------------
+
+
+def test_the_average_baseline_starts_at_zero_then_follows_the_elbo_per_datapoint():
+    """With no history the "average" baseline is 0 (the first step's gradient is the
+    baseline-free one); then the per-datapoint ELBO, averaged with decay 0.9 (the second
+    step's gradient differs)."""
+    steps = []
+    for baseline in (None, "average"):
+        pyro.clear_param_store()
+        loss, draws = ScoreFunctionELBO(baseline=baseline), []
+        model, guide = _model(), _guide(draws)
+        grads, elbos = [], []
+        for seed in (1, 2):
+            pyro.set_rng_seed(seed)
+            elbo, surrogate = loss(model, guide, X)
+            grads.append(_grads(surrogate))
+            elbos.append(elbo.item() / N)
+        steps.append(grads)
+        if baseline == "average":  # a decaying average with baseline_beta = 0.9
+            assert loss.average == pytest.approx(0.9 * elbos[0] + 0.1 * elbos[1], rel=1e-6)
+    (none_1, none_2), (avg_1, avg_2) = steps
+    for a, b in zip(none_1, avg_1):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(none_2[2], avg_2[2], rtol=1e-3)
+
+
+def test_the_average_baseline_counts_the_datapoints_of_the_plate_with_the_batchs_size():
+    """Two plates around the observed site, neither named "data": the batch's leading size
+    picks the data plate (4 rows, not 3 columns)."""
+    x = torch.randn(N, 3, generator=rng(16))
+
+    def model(x):
+        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(N, 3))
+        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    loss = ScoreFunctionELBO(baseline="average")
+    elbo, _ = loss(model, guide, x)
+    assert loss.average == pytest.approx(elbo.item() / N)

@@ -6,6 +6,7 @@ beta, ``poutine.scale`` and autoguides' auxiliary sites; the captured ELBO again
 ``Trace_ELBO`` / ``TraceMeanField_ELBO`` on the same noise; the losses' settings, state and
 bookkeeping (config, repr, param-store state, data-parallel statistics, capturable beta)."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pyro
@@ -106,17 +107,10 @@ def _run(loss, model, guide, draws, beta=1.0, scale=None):
 
 
 def _first_call(vectorizable):
+    """The model that does not broadcast over particles is looped over them, with a warning."""
     if vectorizable:
-        return _nullcontext()
+        return contextlib.nullcontext()
     return pytest.warns(RuntimeWarning, match="vectorized particles")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _logmeanexp(t):
@@ -349,7 +343,8 @@ def test_captured_elbo_equals_pyros_with_an_autoguide(analytic_kl):
 
 
 @pytest.mark.parametrize("make_loss", [lambda: ReparamELBO(), lambda: ReparamELBO(2),
-                                       lambda: IWAE(2), lambda: VIMCO(2)])
+                                       lambda: IWAE(2), lambda: VIMCO(2)],
+                         ids=["reparam", "reparam-2", "iwae-2", "vimco-2"])
 @pytest.mark.parametrize("capturable", [False, True])
 def test_a_param_only_trace_around_a_loss_sees_the_programs_parameters(make_loss, capturable):
     """As around Pyro's ELBOs (what SVI and trainable_parameters rely on)."""
@@ -433,7 +428,8 @@ def test_pyro_loss_names_and_registers_what_it_wraps():
     assert "module.log_c" in loss.state_dict()
 
 
-@pytest.mark.parametrize("make", [lambda: Trace_ELBO(), lambda: _neg_elbo])
+@pytest.mark.parametrize("make", [lambda: Trace_ELBO(), lambda: _neg_elbo],
+                         ids=["Trace_ELBO", "callable"])
 def test_pyro_loss_reports_minus_the_loss_with_and_without_gradients(make):
     draws = []
     model, guide = _model(), _guide(draws)

@@ -119,8 +119,8 @@ def _logmeanexp(t):
 
 @pytest.mark.parametrize("vectorizable", [True, False])
 @pytest.mark.parametrize("K", [2, 3])
-def test_iwae_value_kl_and_gradient_equal_an_independent_computation(vectorizable, K):
-    """IWAE's value, its reported KL and its standard gradient, from the recorded draws, with
+def test_iwae_value_and_gradient_equal_an_independent_computation(vectorizable, K):
+    """IWAE's value and its standard gradient, from the recorded draws, with
     a KL weight of 0.4 and a poutine.scale of 2.5 (Burda et al. eq. 8 with pvae's scaling:
     s * log mean_k exp(log p(x|z_k) + beta (log p(z_k) - log q(z_k|x))))."""
     beta, scale = 0.4, 2.5

@@ -582,3 +582,17 @@ def test_the_average_baseline_counts_the_datapoints_of_the_plate_with_the_batchs
     loss = ScoreFunctionELBO(baseline="average")
     elbo, _ = loss(model, guide, x)
     assert loss.average == pytest.approx(elbo.item() / N)
+
+
+def test_losses_refuse_a_negative_beta_and_bind_only_a_model():
+    for loss in (ReparamELBO, ScoreFunctionELBO, IWAE, VIMCO):
+        with pytest.raises(ValueError, match=r"^beta must be a finite number >= 0, got -0.5$"):
+            loss(beta=-0.5)
+        assert loss(beta=0.0).beta == 0.0  # beta = 0: the reconstruction term alone
+    program = _program([])
+    objective = IWAE(3).bind(program)
+    assert isinstance(objective, SVIObjective)
+    assert objective.program is program and objective.estimator.num_particles == 3
+    with pytest.raises(TypeError, match=r"^fit needs an object with model\(x, c=None\) and "
+                                        r"guide\(x, c=None\) methods .*got str$"):
+        IWAE(3).bind("not a model")

@@ -372,6 +372,11 @@ def test_losses_record_their_settings_with_the_documented_defaults():
     assert IWAE().config == {"name": "iwae", "num_particles": 5, "gradient": "standard",
                              "beta": 1.0, "data_plate": None}
     assert IWAE().num_particles == 5
+    assert ReparamELBO().config == {"name": "reparam", "num_particles": 1,
+                                    "analytic_kl": False, "beta": 1.0, "data_plate": None}
+    assert ReparamELBO().num_particles == 1 and ReparamELBO().analytic_kl is False
+    assert ScoreFunctionELBO().config == {"name": "score", "num_particles": 1,
+                                          "baseline": None, "baseline_beta": 0.9, "beta": 1.0}
     assert VIMCO().config == {"name": "vimco", "num_particles": 5, "beta": 1.0,
                               "data_plate": None}
     assert VIMCO().num_particles == 5 and VIMCO().beta == 1.0

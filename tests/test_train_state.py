@@ -69,7 +69,7 @@ class Counter(Callback):
         self.count = state["count"]
 
 
-def make_state(settings=None, callbacks=(), seed=0):
+def make_state(settings=None, callbacks=(), seed=0, distributed=False):
     torch.manual_seed(seed)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -77,7 +77,7 @@ def make_state(settings=None, callbacks=(), seed=0):
     generator = torch.Generator().manual_seed(seed)
     return TrainState(model, Objective(), optimizer, scheduler, generator,
                       {"training": {"lr": 0.1}} if settings is None else settings,
-                      callbacks=callbacks)
+                      distributed=distributed, callbacks=callbacks)
 
 
 def train(state, epochs):
@@ -280,3 +280,56 @@ def test_a_checkpoint_without_callbacks_or_settings_loads():
     resumed = make_state(settings={}, callbacks=[Counter(4)])
     resumed.restore(state, "c.pt")
     assert resumed.epoch == 1 and resumed.callbacks[0].count == 4
+
+
+def test_a_fresh_state_has_run_nothing_and_written_nothing():
+    state = make_state()
+    # checkpoint None: a diverged run's message then says that none was written
+    assert (state.epoch, state.num_epochs, state.checkpoint) == (0, 0, None)
+    assert not state.distributed and not state.stopped and len(state.history) == 0
+    assert state.config == {"training": {"lr": 0.1, "num_epochs": 0}}
+    assert "rng_ranks" not in state.state_dict()
+    # distributed=True is kept: without a process group all_gather is [this rank's states]
+    shared = make_state(distributed=True)
+    assert shared.distributed is True
+    saved = shared.state_dict()
+    assert len(saved["rng_ranks"]) == 1
+    assert saved["rng_ranks"][0]["generator"].equal(saved["rng"]["generator"])
+
+
+def test_a_model_that_is_no_module_has_no_state_of_its_own(tmp_path):
+    """A Pyro program as a plain function (its parameters live in the objective's state):
+    nothing is saved for it, loading and train()/eval() leave it alone."""
+    weight = nn.Parameter(torch.zeros(2))
+
+    def model(x):
+        return x * weight
+
+    def make():
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        scheduler = Scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5), "epoch")
+        return TrainState(model, Objective(), optimizer, scheduler, torch.Generator(), {})
+
+    written = make()
+    written.epoch = 1
+    assert written.state_dict()["model"] == {}
+    written.save(tmp_path / "c.pt")
+    resumed = make()
+    assert resumed.resume(tmp_path / "c.pt") and resumed.epoch == 1
+    resumed.set_training(False)
+    assert not resumed.objective.training
+
+
+def test_only_rank_0_of_a_distributed_run_writes_the_checkpoint(tmp_path, monkeypatch):
+    """``distributed``: rank 0 writes, the others do not; without it every process writes its
+    own, whatever its rank in a process group."""
+    from pvae import parallel
+
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    make_state(distributed=True).save(tmp_path / "rank1.pt")
+    assert not (tmp_path / "rank1.pt").exists()
+    make_state().save(tmp_path / "single.pt")
+    assert (tmp_path / "single.pt").is_file()
+    monkeypatch.setattr(parallel, "rank", lambda: 0)
+    make_state(distributed=True).save(tmp_path / "rank0.pt")
+    assert (tmp_path / "rank0.pt").is_file()

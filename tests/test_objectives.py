@@ -332,6 +332,22 @@ def test_captured_elbo_equals_pyros_on_masked_scaled_nested_sites(K, analytic_kl
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_captured_one_particle_elbo_needs_no_data_plate_as_pyros():
+    """One particle needs no particle plate, hence no plate layout: like Pyro's Trace_ELBO,
+    the captured path takes programs where two plates have the batch's size without being
+    told which is the data plate (with two particles it must be told: the plate goes left of
+    the deepest nesting, which the layout finds)."""
+    (v0, g0), (v1, g1) = _captured_and_eager(lambda: ReparamELBO(), _nested_model,
+                                             _nested_guide(False), XN, 1.0)
+    assert torch.allclose(v0, v1, rtol=1e-5, atol=1e-5), (v0, v1)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    loss = ReparamELBO(2)
+    loss.capturable_()
+    with pytest.raises(ValueError, match="data_plate="):
+        loss(_nested_model, _nested_guide(False), XN)
+
+
 @pytest.mark.parametrize("analytic_kl", [False, True])
 def test_captured_elbo_equals_pyros_with_an_autoguide(analytic_kl):
     guide = AutoNormal(_model(), init_scale=0.6)

@@ -17,6 +17,7 @@ from pvae.inference import (
     ElboTerms,
     InferenceGap,
     RefinedGuide,
+    elbo_terms,
     inference_gap,
     log_weights,
 )
@@ -211,6 +212,28 @@ def test_elbo_terms_summary_exact():
     terms.analytic_kl, terms.kl_per_dim = True, None
     out = terms.summary()
     assert out["analytic_kl"] is True and "kl_per_dim" not in out
+
+
+class NoLatents:
+    """x ~ N(0, 1) per entry, no latent site: every ELBO term is exact."""
+
+    def model(self, x, c=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1), obs=x)
+
+    def guide(self, x, c=None):
+        pass
+
+
+def test_elbo_terms_of_a_model_without_latents_are_log_p_x_without_warnings(recwarn):
+    x = torch.randn(6, 3, generator=rng(4), dtype=torch.float64)
+    terms = elbo_terms(NoLatents(), x, num_samples=2)
+    exact = dist.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(terms.elbo, exact)
+    torch.testing.assert_close(terms.reconstruction, exact)
+    assert terms.kl.abs().max() == 0
+    assert terms.posterior_mean_variance.shape == (0,) and terms.active_units == 0
+    assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
 
 
 def test_inference_gap_summary_exact():

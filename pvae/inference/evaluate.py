@@ -546,7 +546,8 @@ def elbo_terms(model, x, *, c=None, num_samples: int = 1, batch_size: int | None
     recon = torch.cat([s["reconstruction"] for s in sums])
     kl = torch.cat([s["kl"] for s in sums])
     means = torch.cat([s["means"] for s in sums])
-    variance = means.var(0) if len(means) > 1 else torch.zeros_like(means[0])
+    # no variance over one datapoint, nor over no latent dims (torch warns on either)
+    variance = means.var(0) if len(means) > 1 and means.numel() else torch.zeros_like(means[0])
     kl_per_dim = (torch.cat([s["kl_per_dim"] for s in sums]).sum(0) / len(recon)
                   if terms.per_dim else None)
     return ElboTerms(recon - kl, recon, kl, kl_per_dim, variance,

@@ -78,13 +78,18 @@ def init_from_env(device: torch.device) -> None:
 def process_group(device: torch.device):
     """A context under ``torchrun``: the process group initialized from the environment (see
     :func:`init_from_env`) and destroyed on exit, unless it existed before (then it is left as
-    it was)."""
+    it was). On a normal exit the ranks meet at a barrier first, so that no rank closes its
+    connections while another still reads from them (gloo aborts such a reader)."""
     owned = not is_distributed()
     init_from_env(device)
+    finished = False
     try:
         yield
+        finished = True
     finally:
         if owned:
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

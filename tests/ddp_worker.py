@@ -136,4 +136,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     mode = sys.argv[2] if len(sys.argv) > 2 else "main"
     {"main": main, "kill": killed, "resume": resume_killed}[mode](Path(sys.argv[1]))
+    # No rank tears its connections down while another may still read from them (gloo aborts a
+    # process whose peer closes a connection under it): all arrive here first.
+    dist.barrier()
     dist.destroy_process_group()

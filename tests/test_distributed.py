@@ -55,21 +55,35 @@ ATOL = 1e-12
 
 
 def launch(out: Path, mode: str = "main") -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT MODE``."""
+    """``torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT MODE``, each rank's
+    stdout and stderr written to ``OUT/logs`` (read by :func:`rank_logs` when a run fails)."""
     root = Path(__file__).parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={worker.WORLD}", str(Path(__file__).parent / "ddp_worker.py"),
-         str(out), mode], env=env, capture_output=True, text=True, timeout=300)
+         f"--nproc_per_node={worker.WORLD}", "--log-dir", str(out / "logs" / mode),
+         "--redirects", "3", str(Path(__file__).parent / "ddp_worker.py"), str(out), mode],
+        env=env, capture_output=True, text=True, timeout=300)
+
+
+def rank_logs(out: Path, mode: str) -> str:
+    """The end of each rank's own stdout and stderr (torchrun's summary names only signals)."""
+    parts = [f"--- {p.relative_to(out)}\n{p.read_text(errors='replace')[-3000:]}"
+             for p in sorted((out / "logs" / mode).rglob("*.log")) if p.stat().st_size]
+    return "\n".join(parts)
+
+
+def launch_ok(out: Path, mode: str = "main") -> None:
+    """:func:`launch` and assert that every rank exited 0, showing the ranks' logs if not."""
+    proc = launch(out, mode)
+    assert proc.returncode == 0, f"{proc.stderr[-2000:]}\n{rank_logs(out, mode)}"
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp")
-    proc = launch(out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_ok(out)
     return {**torch.load(out / "results.pt", weights_only=False), "out": out}
 
 
@@ -80,8 +94,7 @@ def killed_and_resumed(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp_killed")
     killed = launch(out, "kill")
     on_disk = load_checkpoint(out / "killed" / CHECKPOINT_NAME)
-    resumed = launch(out, "resume")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    launch_ok(out, "resume")
     return {"killed": killed, "on_disk": on_disk,
             **torch.load(out / "resumed.pt", weights_only=False)}
 

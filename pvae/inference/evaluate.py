@@ -116,9 +116,10 @@ def _layout(model, data: _Data, data_plate: str | None = None) -> Layout:
     One datapoint does not settle it for a guide with per-datapoint parameters (non-amortized:
     Pyro's ``AutoNormal`` on a plate of the batch's size, ``pyro.param`` of shape ``(N, ...)``),
     for plates that all hold one datapoint then, and for a program that draws a subsample of
-    its data plate (Pyro refuses ``pyro.plate("data", n, subsample_size=m)`` for ``m > n``). Such
-    a program whose ``subsample_size`` exceeds a pass gets the whole of ``x`` in one pass: it
-    holds m datapoints at a time itself.
+    its data plate (Pyro refuses ``pyro.plate("data", n, subsample_size=m)`` for ``m > n``). A
+    program that draws its own subsample gets the whole of ``x`` (a tensor) in one pass, as
+    Pyro's examples give it: it holds m datapoints at a time itself, and no pass (the last one
+    of a batching) can be smaller than m.
 
     :raises PlateSizeError: the programs disagree on the number of datapoints: a message saying
         how a guide with per-datapoint parameters is evaluated (any other error of the
@@ -153,6 +154,10 @@ def _layout(model, data: _Data, data_plate: str | None = None) -> Layout:
             data.batch_size = len(data.x)
             args = data.first()
             found = layout(model.model, model.guide, args, data_plate)
+    if found.subsample_size is not None and data.loader is None and \
+            data.batch_size < len(data.x):
+        data.batch_size = len(data.x)
+        args = data.first()
     with forked_rng(data.device):
         vectorize = vectorizes(model.model, model.guide, args, found.nesting, found.plate,
                                subsample_size=found.subsample_size, enumerated=found.enumerated)

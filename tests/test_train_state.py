@@ -69,7 +69,9 @@ class Counter(Callback):
         self.count = state["count"]
 
 
-def make_state(settings=None, callbacks=(), seed=0, distributed=False):
+def make_state(settings=None, callbacks=(), seed=0, **distributed):
+    """A state of a small linear model; ``distributed=`` is passed only where given (so that
+    TrainState's own default is what the other tests get)."""
     torch.manual_seed(seed)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -77,7 +79,7 @@ def make_state(settings=None, callbacks=(), seed=0, distributed=False):
     generator = torch.Generator().manual_seed(seed)
     return TrainState(model, Objective(), optimizer, scheduler, generator,
                       {"training": {"lr": 0.1}} if settings is None else settings,
-                      distributed=distributed, callbacks=callbacks)
+                      callbacks=callbacks, **distributed)
 
 
 def train(state, epochs):

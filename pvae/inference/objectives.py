@@ -41,6 +41,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBOModule
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import kl_divergence
 
@@ -105,6 +106,9 @@ class SVILoss(RecordsConfig, nn.Module):
     #: the last step's KL summed over the batch (scaled as the value), where the loss computes
     #: it itself; ``None``: the objective derives it from the value and beta
     last_kl = None
+    #: whether the loss sums out the model's enumerated discrete sites (pvae's losses do not:
+    #: :class:`SVIObjective` refuses such models; a Pyro ELBO decides for itself)
+    sums_out_enumerated = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -552,6 +556,7 @@ class PyroLoss(SVILoss):
     """
 
     reports_terms = False  # its value need not be an ELBO (enumerated sites, other bounds)
+    sums_out_enumerated = True  # TraceEnum_ELBO does; Pyro's other ELBOs warn for themselves
 
     def __init__(self, loss, beta=1.0):
         super().__init__(beta)
@@ -609,6 +614,20 @@ class PyroLoss(SVILoss):
         return -loss.detach(), loss
 
 
+class _Seen(Messenger):
+    """Notes the names of the latent sample sites a program runs into ``names`` (with
+    ``enumerated``, only those marked for enumeration)."""
+
+    def __init__(self, names: list, enumerated: bool = False):
+        super().__init__()
+        self.names, self.enumerated = names, enumerated
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and (not self.enumerated
+                                       or msg["infer"].get("enumerate") is not None):
+            self.names.append(msg["name"])
+
+
 def as_loss(loss) -> SVILoss:
     """``loss`` as a pvae loss: itself, or a Pyro ELBO / callable wrapped in :class:`PyroLoss`.
 
@@ -661,6 +680,7 @@ class SVIObjective(nn.Module):
             self._model, self._guide = self.kl_scale(model.model), self.kl_scale(model.guide)
         self._store_names: list[str] = []
         self.trusted, self._warned, self._step = False, False, 0
+        self._enumeration_checked = False  # on the first call
         self._terms = None  # this epoch's sums: reconstruction, datapoints, KL, datapoints
         self._global = False  # data-parallel: the sums are all-reduced
         self.num_data = None  #: datapoints in the last call's data plate
@@ -679,7 +699,10 @@ class SVIObjective(nn.Module):
                 stack.enter_context(pyro.validation_enabled(False))
             # the data plate, where fit named it for the estimators that trace the programs
             scale = stack.enter_context(data_units(self.estimator.data_plate, hint))
-            value, surrogate = self.estimator(self._model, self._guide, *batch)
+            if self._enumeration_checked:
+                value, surrogate = self.estimator(self._model, self._guide, *batch)
+            else:
+                value, surrogate = self._first_call(batch)
         n = self.num_data = scale.num_data
         units = n
         if not scale.agree:
@@ -694,6 +717,33 @@ class SVIObjective(nn.Module):
         if self.trusted and self.estimator.reports_terms:
             self._record_terms(scale.observed.values(), value, units, n)
         return value, surrogate
+
+    def _first_call(self, batch):
+        """The loss on ``batch``, noting the sites the programs run: a loss that does not sum
+        out the model's enumerated discrete sites would draw them from the prior instead, a
+        biased ELBO or IWAE bound with no error.
+
+        :raises ValueError: the model enumerates a site that the guide does not sample and the
+            loss does not sum out (naming the site and the loss, and what to use instead).
+        """
+        enumerated, proposed = [], []
+        model, guide = self._model, self._guide
+        if not self.estimator.sums_out_enumerated:
+            model, guide = _Seen(enumerated, True)(model), _Seen(proposed)(guide)
+        try:
+            return self.estimator(model, guide, *batch)
+        finally:  # also when the loss failed on such a site (a KeyError of Pyro's, say)
+            names = [name for name in enumerated if name not in proposed]
+            if names:
+                raise ValueError(
+                    f"the model enumerates the discrete site {names[0]!r} (@config_enumerate or "
+                    "infer={'enumerate': ...}) and the guide does not sample it: "
+                    f"{type(self.estimator).__name__} does not sum enumerated sites out (it "
+                    "would draw them from the prior and report a biased value); train with "
+                    "loss=pyro.infer.TraceEnum_ELBO(max_plate_nesting=...), which sums them "
+                    "out, or sample the site in the guide (iw_log_likelihood and elbo_terms sum "
+                    "it out either way)")
+            self._enumeration_checked = True
 
     def _record_terms(self, observed, value, units, n: int) -> None:
         """Add this step's reconstruction term E_q[log p(x | z)] (from the observed sites the

@@ -334,8 +334,9 @@ def layout(model, guide, args: tuple, data_plate: str | None = None) -> Layout:
                                        if site["fn"].support.is_discrete else ""))
     check_proposals(guide_tr, model_tr)
     check_masks(guide_tr, model_tr)
-    dims = [-f.dim for tr in (guide_tr, model_tr) for _, s in sites(tr, None, True)
-            for f in s["cond_indep_stack"] if f.vectorized]
+    # every sample statement's plates, deterministic sites' too: a particle plate must clear them
+    dims = [-f.dim for tr in (guide_tr, model_tr) for s in tr.nodes.values()
+            if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
     return Layout(max(dims, default=0), plate, _drawn_subsample(guide_tr, model_tr, plate),
                   bool(enumerated))
 

@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from pvae.inference import (
     ElboTerms,
@@ -316,6 +317,36 @@ def test_refined_guide_program_uses_the_guides_plates():
     assert site["value"].shape == (4, 1) and site["fn"].batch_shape == (4, 1)
     q = dist.Normal(x / 2, 0.7)
     torch.testing.assert_close(site["fn"].log_prob(site["value"]), q.log_prob(site["value"]))
+
+
+class ObservingGuide(Conditional):
+    """:class:`Conditional` whose guide also observes something (Pyro lets a guide hold observed
+    sites, e.g. a semi-supervised guide scoring a label it is given): ``c`` at a site of its
+    own. An observed site is no latent variable: it is not part of q."""
+
+    def guide(self, x, c):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("c_seen", dist.Normal(torch.zeros_like(c), 3.0), obs=c)
+            pyro.sample("z", dist.Normal((x - c) / (1 + self.S2),
+                                         math.sqrt(self.S2 / (1 + self.S2))))
+
+
+def test_refined_guide_refines_the_latent_sites_only():
+    """q* has free parameters for the guide's latent sites alone and its program draws them
+    alone: a guide's observed site is data, not a member of the family. Started at the exact
+    posterior (no steps), every log weight is log p(x | c), so log p(x | c) and both ELBOs are
+    exact (a refined guide that drew ``c_seen`` too would subtract its log-density)."""
+    x, c = conditional_data()
+    refined = RefinedGuide(ObservingGuide(), (x, c))
+    assert [name for name, *_ in refined.sites] == ["z"]
+    tr = pyro.poutine.trace(refined).get_trace(x, c)
+    assert [n for n, site in tr.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)] == ["z"]
+    gap = inference_gap(ObservingGuide(), x, c=c, num_steps=0, num_elbo_samples=3,
+                        num_samples=3)
+    exact = Conditional().log_marginal(x, c)
+    for value in (gap.log_likelihood, gap.elbo_amortized, gap.elbo_refined):
+        torch.testing.assert_close(value, exact)
 
 
 # -- inference_gap --------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """The same code path on CUDA (skipped where there is no GPU, as on CI)."""
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
-from pvae.inference import IWAE, ReparamELBO, elbo_terms, iw_log_likelihood
+from pvae.inference import IWAE, PyroLoss, ReparamELBO, elbo_terms, iw_log_likelihood
 from pvae.models import CVAE, PPCA, VAE
 from pvae.train import Adam, fit
 
@@ -77,3 +80,26 @@ def test_captured_training_stops_on_nan():
     with pytest.raises(TrainingDivergedError, match="epoch"):
         fit(model, x, num_epochs=3, batch_size=128, optim=Adam(1e6), device="cuda",
             step="cuda_graph", progress=False)
+
+
+def test_pyro_loss_validation_value_is_on_the_datas_device():
+    """Without gradients (validation) PyroLoss takes the value from Pyro's ``loss``, a Python
+    float: it is put back on the data's device, as the training value is, so that the epoch's
+    sums stay on CUDA."""
+    x = torch.randn(8, 3, device="cuda")
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.7).to_event(1))
+
+    loss = PyroLoss(Trace_ELBO())
+    value, surrogate = loss(model, guide, x)
+    with torch.no_grad():
+        value_ng, surrogate_ng = loss(model, guide, x)
+    for t in (value, surrogate, value_ng, surrogate_ng):
+        assert t.device == x.device

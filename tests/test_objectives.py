@@ -15,7 +15,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch.distributions import constraints
 
 from pvae import parallel
@@ -107,10 +107,12 @@ def _run(loss, model, guide, draws, beta=1.0, scale=None):
 
 
 def _first_call(vectorizable):
-    """The model that does not broadcast over particles is looped over them, with a warning."""
+    """The model that does not broadcast over particles is looped over them, with a warning
+    that names what goes one particle at a time: training (evaluation says "evaluating")."""
     if vectorizable:
         return contextlib.nullcontext()
-    return pytest.warns(RuntimeWarning, match="vectorized particles")
+    return pytest.warns(RuntimeWarning, match=r"does not run with vectorized particles .*\); "
+                                              r"training one particle at a time")
 
 
 def _logmeanexp(t):
@@ -462,6 +464,7 @@ def test_pyro_loss_reports_minus_the_loss_with_and_without_gradients(make):
         pyro.set_rng_seed(5)
         value_ng, surrogate_ng = loss(model, guide, X)
     assert torch.allclose(value_ng, value, rtol=1e-6) and torch.equal(value_ng, -surrogate_ng)
+    assert value_ng.device == X.device  # on the data's device (test_gpu: on CUDA)
 
 
 # --- SVIObjective: param-store state, capturable beta, data-parallel statistics -----------
@@ -556,6 +559,69 @@ def test_without_latent_sites_the_iw_bounds_are_the_exact_log_likelihood():
         value, surrogate = loss(model, guide, X)
         assert torch.allclose(value, exact) and torch.allclose(surrogate, -exact), loss
         assert loss.last_kl == 0
+
+
+def _semi_supervised(vectorizable):
+    """y ~ Bernoulli(0.3), x | y ~ N(2y, 1) per datapoint (the M2 pattern VIMCO trains): y is
+    observed in a labelled batch, else proposed by the guide, which then has no latent site."""
+
+    def model(x, y=None):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Bernoulli(0.3), obs=y)
+            loc = 2.0 * y
+            if not vectorizable:  # explicit sizes: does not broadcast over a particle dim
+                loc = loc.reshape(x.shape[0])
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x, y=None):
+        if y is None:
+            probs = pyro.param("q", torch.full((x.shape[0],), 0.4),
+                               constraint=constraints.unit_interval)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("y", dist.Bernoulli(probs))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("vectorizable", [True, False])
+def test_iw_bounds_of_a_labelled_batch_after_an_unlabelled_one_are_exact(vectorizable):
+    """The layout (vectorized particles or one at a time) is found on the first batch and kept
+    until ``bind``: on a labelled batch after an unlabelled one the guide has no latent site,
+    every weight is p(x, y), and both bounds are exactly log p(x, y) whether the particles are
+    vectorized or looped over (VIMCO's log q is then 0 for each of the K particles)."""
+    x, y = X[:, 0], torch.tensor([0.0, 1.0, 1.0, 0.0])
+    exact = (dist.Bernoulli(0.3).log_prob(y) + dist.Normal(2.0 * y, 1.0).log_prob(x)).sum()
+    for loss in (IWAE(3), VIMCO(3)):
+        pyro.clear_param_store()
+        model, guide = _semi_supervised(vectorizable)
+        with _first_call(vectorizable):
+            loss(model, guide, x)  # unlabelled: the guide proposes y
+        value, surrogate = loss(model, guide, x, y)
+        assert torch.allclose(value, exact) and torch.allclose(surrogate, -exact), loss
+
+
+def test_later_calls_are_refused_site_by_site_with_the_layout_kept():
+    """The layout is traced on the first call only (``bind`` forgets it), yet each call's sites
+    are checked as they are reduced: a later call on which the model observes nothing, or with
+    a guide whose auxiliary draw lies outside the data plate (AutoDiagonalNormal's one joint
+    latent), is refused with the error that says so and names the site, not a TypeError from
+    the arithmetic of the weights."""
+
+    def model(x, observe=True):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+            pyro.sample("x", dist.Normal(z, SIGMA_X).to_event(1), obs=x if observe else None)
+
+    for loss in (IWAE(2), VIMCO(2)):
+        pyro.clear_param_store()
+        guide = AutoNormal(model)
+        loss(model, guide, X)
+        with pytest.raises(ValueError, match=r"^the model has no observed site"):
+            loss(model, guide, X, False)
+        with pytest.raises(ValueError, match=r"^the guide's auxiliary site "
+                                             r"'_AutoDiagonalNormal_latent' is outside the data "
+                                             r"plate pyro.plate\('data', ...\)"):
+            loss(model, AutoDiagonalNormal(model), X)
 
 
 # --- ScoreFunctionELBO's average baseline -------------------------------------------------

@@ -97,6 +97,17 @@ def test_early_stopping_waits_for_the_kl_warmup():
     assert len(history) == 4 and history.stop_reason is None
 
 
+def test_early_stopping_starts_counting_at_the_first_settled_epoch():
+    """beta warms up over the first 6 steps, 3 steps an epoch: after epochs 1 and 2 (steps 2
+    and 5) it is still rising and nothing counts; epoch 3 (step 8) sets the best, and with
+    nothing counting as an improvement (min_delta huge) patience 1 stops after epoch 4."""
+    history = train(8, [EarlyStopping(patience=1, min_delta=1e6)],
+                    loss=ReparamELBO(beta=LinearWarmup(6)))
+    assert history.column("beta") == [2 / 6, 5 / 6, 1.0, 1.0]
+    assert history.stop_reason.startswith("early stopping after epoch 4: val_elbo")
+    assert "at epoch 3)" in history.stop_reason
+
+
 def test_the_best_checkpoint_holds_the_best_epoch(tmp_path):
     history = train(5, [BestCheckpoint(tmp_path / "best.pt")], checkpoint_dir=tmp_path,
                     optim=Adam(0.05))

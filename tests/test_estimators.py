@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import TraceGraph_ELBO
 from torch import nn
 
 from pvae import data
@@ -88,6 +89,42 @@ def test_score_has_higher_variance_than_reparam():
     assert v_score > 2 * v_reparam
 
 
+def _tracegraph_value(K, program, arg, ours):
+    """The ELBO estimate of one step at seed 0, from pvae's ScoreFunctionELBO or from Pyro's
+    own TraceGraph_ELBO."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    if ours:
+        return ScoreFunctionELBO(num_particles=K)(program.model, program.guide, arg)[0].item()
+    elbo = TraceGraph_ELBO(num_particles=K, vectorize_particles=K > 1)
+    return -elbo.loss(program.model, program.guide, arg)
+
+
+class ToyOnADict:
+    """:class:`Toy` whose programs take their data as ``{"x": tensor}``: a first argument that
+    is not a tensor gives no hint of the batch's size, and the data plate is found alone."""
+
+    def model(self, batch):
+        Toy().model(batch["x"])
+
+    def guide(self, batch):
+        Toy().guide(batch["x"])
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_score_function_elbo_is_pyros_tracegraph_elbo_draw_for_draw(K):
+    """ScoreFunctionELBO's value is Pyro's TraceGraph_ELBO estimate: from the same seed it
+    draws the same z and reports the same ELBO, with one particle (not vectorized: a
+    vectorized run first traces the programs to guess the plate nesting, drawing other z) and
+    with three (vectorized, as Pyro's is), on programs called with a tensor and with a dict.
+    (Its gradient is the score-function one even for this reparameterizable guide, where
+    Pyro's is pathwise: their unbiasedness is test_elbo_gradient_unbiased's.)"""
+    for program, arg in ((Toy(), X), (ToyOnADict(), {"x": X})):
+        value = _tracegraph_value(K, program, arg, ours=True)
+        reference = _tracegraph_value(K, program, arg, ours=False)
+        assert value == pytest.approx(reference, rel=1e-12, abs=1e-12), (program, K)
+
+
 def test_dreg_mean_matches_standard_iwae():
     K = 5
     std = estimates({"name": "iwae", "kwargs": {"num_particles": K}}, 3000)
@@ -148,6 +185,19 @@ def test_schedules():
     assert make_schedule(2.0, kl_warmup_steps=4)(2) == 1.0
     with pytest.raises(ValueError, match="either"):
         make_schedule(1.0, kl_warmup_steps=3, kl_cycle_steps=3)
+
+
+def test_the_objective_is_settled_once_its_schedule_is():
+    """What early stopping and the best checkpoint wait for: ``settled()`` at the step last
+    given to ``set_step`` is the schedule's own answer there, not the constant's (always)."""
+    cases = ((LinearWarmup(4), lambda step: step >= 4),
+             (Cyclical(4, ratio=0.5), lambda step: step % 4 >= 2),
+             (0.5, lambda step: True))
+    for beta, expected in cases:
+        objective = ReparamELBO(beta=beta).bind(Toy())
+        for step in range(10):
+            objective.set_step(step)
+            assert objective.settled() is expected(step), (beta, step)
 
 
 def binary_digits(n=400):

@@ -349,3 +349,31 @@ def test_default_evaluation_sizes_by_device():
     assert default_sizes(10_000, 7, cpu, 784) == (250, 7)
     assert default_sizes(10_000, 5000, cpu, 784, batch_size=10, chunk_size=3) == (10, 3)
     assert pass_rows(cpu, 64) == 5000 * 784 // 64  # narrower data: more rows per pass
+
+
+def test_distributed_false_in_a_process_group_is_the_one_process_evaluation(lg, tmp_path):
+    """In a process group (gloo, one rank), ``distributed=False`` computes everything here as
+    without a group: the same draws from torch's global RNG as it stands, so the same numbers
+    from the same seed. ``True`` and ``"auto"`` shard: rank 0 draws a seed from that RNG and
+    sends it to the others, so they agree with each other; a given seed is used as given by
+    all three. (A wrong guide: with the exact one every draw gives log p(x).)"""
+    import torch.distributed as tdist
+
+    wrong, x = lg.wrong(), lg.sample(20)
+
+    def run(distributed, seed=None):
+        torch.manual_seed(0)
+        return iw_log_likelihood(wrong, x, num_samples=8, seed=seed,
+                                 distributed=distributed).per_datapoint
+
+    alone, alone_seeded = run("auto"), run("auto", seed=3)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                             world_size=1)
+    try:
+        assert torch.equal(run(False), alone)
+        assert torch.equal(run(True), run("auto"))
+        assert not torch.equal(run(True), alone)  # the drawn seed's stream, not the caller's
+        for distributed in (False, True, "auto"):
+            assert torch.equal(run(distributed, seed=3), alone_seeded), distributed
+    finally:
+        tdist.destroy_process_group()

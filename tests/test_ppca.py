@@ -3,7 +3,9 @@
 import math
 
 import arviz as az
+import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from sklearn.decomposition import PCA
@@ -69,6 +71,54 @@ def test_exact_posterior_by_gaussian_conditioning():
     assert torch.allclose(post.mean, (x - mu) @ gain.T, atol=1e-10)
     assert torch.allclose(post.covariance_matrix[0], torch.eye(2, dtype=torch.float64) - gain @ W,
                           atol=1e-10)
+
+
+def test_closed_forms_are_computed_on_the_models_device_not_torchs_default():
+    """A user who makes another device torch's default (``torch.set_default_device("cuda")``)
+    and keeps a PPCA on the CPU gets the same closed forms: their matrices are built on the
+    model's device. The meta device stands in for the other device on a machine without one
+    (a tensor made there cannot meet the CPU's)."""
+    torch.manual_seed(2)
+    model = PPCA(5, 2).double()
+    with torch.no_grad():
+        model.mu.normal_()
+        model.log_sigma.fill_(-0.4)
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def closed_forms():
+        post = model.exact_posterior(x)
+        model.set_guide_to_optimum()
+        return (model.log_marginal(x), post.mean, post.covariance_matrix,
+                model.mean_field_kl_floor(), model.A.clone(), model.b.clone())
+
+    expected = closed_forms()
+    with torch.device("meta"):
+        got = closed_forms()
+    for a, b in zip(got, expected):
+        assert a.device == b.device and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_model_and_guide_hold_the_data_plate_at_dim_minus_1():
+    """Both programs put their data plate at dim -1 (the class docstring), so that a plate of
+    the caller's around them (vectorized particles, say) goes to its left: at dim -2 both run
+    and draw z of shape (3, N, q). A plate that takes dim -1 collides in both, with Pyro's
+    message naming the two plates and the fix; a guide whose data plate took the first free
+    dim would move its data to dim -2 instead, where the model cannot follow: a shape mismatch
+    for 3 particles, and for N of them a guide that runs with its data in the wrong place."""
+    model, x = PPCA(5, 2), torch.randn(4, 5)
+    for program in (model.model, model.guide):
+        site = poutine.trace(program).get_trace(x).nodes["z"]
+        assert [(f.name, f.dim) for f in site["cond_indep_stack"]] == [("data", -1)]
+        with pyro.plate("particles", 3, dim=-2):
+            site = poutine.trace(program).get_trace(x).nodes["z"]
+        assert [(f.name, f.dim) for f in site["cond_indep_stack"]] == [("particles", -2),
+                                                                       ("data", -1)]
+        assert site["value"].shape == (3, 4, 2)
+        # dim None: Pyro gives the outer plate the first free dim, -1
+        for size, dim in ((3, -1), (4, -1), (3, None)):
+            with pytest.raises(ValueError, match="collide at dim=-1"), \
+                    pyro.plate("particles", size, dim=dim):
+                poutine.trace(program).get_trace(x)
 
 
 def test_closed_form_guides_reach_their_optimum():

@@ -300,3 +300,32 @@ def test_data_that_require_grad_are_constants_of_the_objective():
     fit(VAE(12, 2, (8,)), torch.utils.data.TensorDataset(x), num_epochs=1, batch_size=16,
         progress=False)
     assert x.grad is None
+
+
+def test_an_eager_fit_in_a_process_group_keeps_its_statistics_to_itself(tmp_path, monkeypatch):
+    """``step="eager"`` in a process group trains this process's model on its own data, as
+    without a group: the score-function loss's average baseline follows this process's batches
+    only. Another process's sums are offered (``parallel.all_reduce_sum`` as if a second rank,
+    with a worse ELBO, had contributed) and must not be taken: the run, the baseline's average
+    and the history are those of the same fit without a group. Only a data-parallel fit
+    (``data_parallel_``) averages over the global batch."""
+    import torch.distributed as tdist
+
+    from pvae import parallel
+
+    def run():
+        loss = ScoreFunctionELBO(baseline="average")
+        torch.manual_seed(0)
+        history = fit(VAE(12, 2, (8,)), binary(), loss=loss, num_epochs=2, batch_size=32,
+                      step="eager", progress=False, seed=0)
+        return loss.average, history.column("train_elbo")
+
+    alone = run()
+    monkeypatch.setattr(parallel, "all_reduce_sum",
+                        lambda total, count, *rest: (total - 1000.0, count + 32, *rest))
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                             world_size=1)
+    try:
+        assert run() == alone
+    finally:
+        tdist.destroy_process_group()

@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch.distributions import constraints
 
@@ -25,6 +25,7 @@ from pvae.inference import (
     PyroLoss,
     ReparamELBO,
     ScoreFunctionELBO,
+    SVILoss,
     SVIObjective,
     scale_latents,
 )
@@ -399,7 +400,7 @@ def test_losses_record_their_settings_with_the_documented_defaults():
                               "data_plate": None}
     assert VIMCO().num_particles == 5 and VIMCO().beta == 1.0
     assert VIMCO(2).num_particles == 2  # the fewest its leave-one-out baselines take
-    for loss in (IWAE, VIMCO):
+    for loss in (ReparamELBO, ScoreFunctionELBO, IWAE, VIMCO):  # the refusal names the argument
         with pytest.raises(ValueError, match=r"^num_particles must be an integer >= 1, got 0$"):
             loss(0)
     assert repr(IWAE(3, gradient="dreg", beta=LinearWarmup(10))) == (
@@ -683,3 +684,141 @@ def test_losses_refuse_a_negative_beta_and_bind_only_a_model():
     with pytest.raises(TypeError, match=r"^fit needs an object with model\(x, c=None\) and "
                                         r"guide\(x, c=None\) methods .*got str$"):
         IWAE(3).bind("not a model")
+
+
+# --- a user's own loss; programs without tensor arguments ---------------------------------
+
+
+class _UsersELBO(SVILoss):
+    """A new estimator written as the module docstring says (one subclass of SVILoss, its
+    constructor's beta left at SVILoss's default): Pyro's Trace_ELBO. No ``name``, so that it
+    does not join LOSSES for the rest of the suite."""
+
+    def forward(self, model, guide, *args):
+        loss = Trace_ELBO().differentiable_loss(model, guide, *args)
+        return -loss.detach(), loss
+
+
+def test_a_users_loss_that_keeps_the_default_beta_trains_the_plain_elbo():
+    """SVILoss's documented default beta is 1: a subclass that calls ``super().__init__()``
+    records beta 1, and its objective reports Pyro's own ELBO per datapoint on the same draws
+    (no KL weight applied to the latent sites)."""
+    loss = _UsersELBO()
+    assert loss.beta == 1.0 and loss.config == {"name": "_UsersELBO", "beta": 1.0}
+    objective = loss.bind(_program([]))
+    pyro.set_rng_seed(6)
+    value, surrogate = objective(X)
+    pyro.set_rng_seed(6)
+    expected = -Trace_ELBO().loss(_model(), _guide([]), X) / N
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(surrogate, -value)
+    assert objective.metrics()["beta"] == 1.0
+
+
+def test_losses_run_programs_that_take_no_tensor_argument():
+    """Programs may close over their data and take no argument: what the losses fork the RNG
+    on or put their value on is then the CPU. The analytic-KL ELBO (which traces the programs
+    once, on a forked RNG, to decide between TraceMeanField_ELBO and Trace_ELBO) equals Pyro's
+    TraceMeanField_ELBO on the same seed; a wrapped Pyro ELBO under ``torch.no_grad``
+    (validation) reports minus Pyro's loss; an objective asked whether such programs need whole
+    batches answers no."""
+    model, guide = _model(), _guide([])
+
+    def closed_model():
+        model(X)
+
+    def closed_guide():
+        guide(X)
+
+    pyro.set_rng_seed(8)
+    value, _ = ReparamELBO(analytic_kl=True)(closed_model, closed_guide)
+    pyro.set_rng_seed(8)
+    expected = -TraceMeanField_ELBO().loss(closed_model, closed_guide)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        pyro.set_rng_seed(8)
+        value, loss = PyroLoss(Trace_ELBO())(closed_model, closed_guide)
+    pyro.set_rng_seed(8)
+    expected = -Trace_ELBO().loss(closed_model, closed_guide)
+    assert value.item() == pytest.approx(expected, rel=1e-6) and torch.equal(value, -loss)
+    assert value.device == torch.device("cpu")
+    objective = SVIObjective(SimpleNamespace(model=closed_model, guide=closed_guide),
+                             ReparamELBO())
+    assert objective.needs_whole_batches() is False
+
+
+# --- SVIObjective: before any step; the data plate from the batch; the history's terms ----
+
+
+def test_a_fresh_objective_names_no_param_store_parameters_and_saves_none():
+    """Before :meth:`trainable_parameters` has found any, the objective trains no param-store
+    parameter: ``param_store_names()`` is empty and its state (a checkpoint saved before the
+    first step) holds an empty param store, which restores nothing."""
+    objective = SVIObjective(_program([]), ReparamELBO())
+    assert objective.param_store_names() == []
+    state = objective.state_dict()
+    assert state["_extra_state"] == {"param_store": {}}
+    objective.load_state_dict(state)
+
+
+def test_the_batchs_leading_size_picks_the_data_plate_of_the_objective():
+    """Two plates around the observed site, neither named "data": the objective hints the
+    batch's leading size, which picks the plate of 4 rows, not that of 3 columns; the value is
+    Pyro's Trace_ELBO on the same draws divided by the 4 datapoints."""
+    x = torch.randn(N, 3, generator=rng(16))
+
+    def model(x):
+        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(N, 3))
+        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    objective = SVIObjective(SimpleNamespace(model=model, guide=guide), ReparamELBO())
+    pyro.set_rng_seed(9)
+    value, _ = objective(x)
+    assert objective.num_data == N
+    pyro.set_rng_seed(9)
+    expected = -Trace_ELBO().loss(model, guide, x) / N
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta, step", [(0.5, 0), (LinearWarmup(4), 1)],
+                         ids=["constant", "warmup"])
+def test_the_historys_kl_is_the_kl_of_the_steps_draws_whatever_beta(beta, step):
+    """With beta != 1 the step's value is E[log p(x | z)] - beta KL: the history's training
+    KL is (reconstruction - value) / beta, the Monte Carlo KL log q(z | x) - log p(z) of the
+    step's draws per datapoint, recomputed here from the recorded draws with
+    torch.distributions (as its reconstruction, log p(x | z)); for a constant beta of 0.5 and
+    a warm-up at beta 0.25. The tolerance is float32 rounding of sums over 8 terms."""
+    draws = []
+    objective = SVIObjective(_program(draws), ReparamELBO(beta=beta))
+    objective.trusted = True
+    objective.set_step(step)
+    pyro.set_rng_seed(10)
+    value, _ = objective(X)
+    metrics = objective.metrics()
+    log_lik, log_prior, log_q, _ = (t.detach() for t in _densities(draws[-1]))
+    recon, kl = log_lik.mean().item(), (log_q - log_prior).mean().item()
+    b = metrics["beta"]
+    assert b == (0.5 if step == 0 else 0.25)
+    assert metrics["train_reconstruction"] == pytest.approx(recon, rel=1e-5, abs=1e-5)
+    assert metrics["train_kl"] == pytest.approx(kl, rel=1e-5, abs=1e-5)
+    assert value.item() == pytest.approx(recon - b * kl, rel=1e-5, abs=1e-5)
+
+
+def test_the_historys_terms_are_kept_in_double_precision():
+    """The epoch's terms are float64 sums (values, beta and counts filled in float64 on the
+    device): with beta = 0.1 (not a float32 number) the training KL is (reconstruction -
+    value) / 0.1 to double precision, not divided by float32's 0.1 (a relative error of
+    1.5e-8)."""
+    objective = SVIObjective(_program([]), ReparamELBO(beta=0.1))
+    objective.trusted = True
+    pyro.set_rng_seed(12)
+    value, _ = objective(X)
+    metrics = objective.metrics()
+    expected = (metrics["train_reconstruction"] - value.double().item()) / 0.1
+    assert metrics["train_kl"] == pytest.approx(expected, rel=1e-12, abs=0)

@@ -227,6 +227,8 @@ class NoLatents:
 
 
 def test_elbo_terms_of_a_model_without_latents_are_log_p_x_without_warnings(recwarn):
+    """No latent site: the ELBO and the reconstruction are log p(x), the KL is 0, and the
+    per-dimension summaries have no entries (latent_dim 0), without torch's warnings."""
     x = torch.randn(6, 3, generator=rng(4), dtype=torch.float64)
     terms = elbo_terms(NoLatents(), x, num_samples=2)
     exact = dist.Normal(0.0, 1.0).log_prob(x).sum(-1)
@@ -234,6 +236,7 @@ def test_elbo_terms_of_a_model_without_latents_are_log_p_x_without_warnings(recw
     torch.testing.assert_close(terms.reconstruction, exact)
     assert terms.kl.abs().max() == 0
     assert terms.posterior_mean_variance.shape == (0,) and terms.active_units == 0
+    assert terms.kl_per_dim.shape == (0,)  # no latent dims, as posterior_mean_variance
     assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
 
 
@@ -670,3 +673,112 @@ def test_observed_given_as_one_name():
     x = torch.randn(4, generator=rng(6), dtype=torch.float64)
     lw = log_weights(Named(), x, num_samples=2, observed="pixels")
     torch.testing.assert_close(lw, dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).expand(2, -1))
+
+
+# -- the probe of the layout and the first item of a DataLoader ------------------------------------
+
+
+class ConcatDecoder:
+    """A conditional VAE whose encoder reads ``cat([x, c], -1)`` and decoder ``cat([z, c], -1)``
+    (``c`` expanded to z's leading dims, as a decoder over particles does): z ~ N(0, 1),
+    x | z, c ~ N(z + c, S2), so the exact posterior and p(x | c) are those of
+    :class:`Conditional`; x, c and z are ``(N, 1)``."""
+
+    S2 = Conditional.S2
+
+    def model(self, x, c):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            h = torch.cat([z, c.expand(*z.shape[:-1], c.shape[-1])], -1)
+            pyro.sample("x", dist.Normal(h.sum(-1, keepdim=True), math.sqrt(self.S2))
+                        .to_event(1), obs=x)
+
+    def guide(self, x, c):
+        h = torch.cat([x, c], -1)  # the encoder reads (x, c) as one input
+        loc = (h[..., :1] - h[..., 1:]) / (1 + self.S2)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, math.sqrt(self.S2 / (1 + self.S2))).to_event(1))
+
+
+def test_the_layout_probe_gives_the_programs_one_datapoint_of_x_and_of_c():
+    """The layout is found on the first datapoint, x[:1] with c[:1]: an encoder and a
+    decoder that concatenate x or z with c (tensor operations that need c's rows to be theirs,
+    unlike a broadcast) run there, and every estimate is the exact log p(x | c) of the exact
+    posterior."""
+    from pvae.inference import iw_log_likelihood
+
+    x, c = (t.unsqueeze(-1) for t in conditional_data())
+    exact = Conditional().log_marginal(x, c).squeeze(-1)
+    torch.testing.assert_close(log_weights(ConcatDecoder(), x, c=c, num_samples=3),
+                               exact.expand(3, -1))
+    r = iw_log_likelihood(ConcatDecoder(), x, c=c, num_samples=3, batch_size=2)
+    torch.testing.assert_close(r.per_datapoint, exact)
+
+
+class DictBatch:
+    """Programs of one argument, a dict ``{"x": (N,)}`` (a DataLoader over a dataset of dicts):
+    z ~ N(0, 1), x | z ~ N(z, 1), the exact posterior N(x / 2, 1 / 2) as guide."""
+
+    def model(self, batch):
+        x = batch["x"]
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(self, batch):
+        x = batch["x"]
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+
+
+def test_a_data_loader_whose_items_are_no_tensors():
+    """A DataLoader's first argument need not be a tensor (here a dict of tensors, collated
+    from a dataset of dicts): its size is not read off it, and every estimate is
+    log p(x) = log N(x; 0, 2) (the guide is the exact posterior)."""
+    from torch.utils.data import DataLoader
+
+    from pvae.inference import iw_log_likelihood
+
+    x = torch.randn(5, generator=rng(10), dtype=torch.float64)
+    loader = DataLoader([{"x": v} for v in x], batch_size=2)
+    r = iw_log_likelihood(DictBatch(), loader, num_samples=3)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
+    torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-5)
+    terms = elbo_terms(DictBatch(), loader, num_samples=2)
+    # KL(N(x/2, 1/2) || N(0, 1)) in closed form
+    kl = 0.5 * (0.5 + x ** 2 / 4 - 1 - math.log(0.5))
+    torch.testing.assert_close(terms.kl.double(), kl, rtol=0, atol=1e-5)
+
+
+class Counting(Recorder):
+    """:class:`Recorder` counting the guide's runs (a run stops at a plate that Pyro refuses)."""
+
+    def __init__(self, subsample_size=None):
+        super().__init__(subsample_size)
+        self.calls = 0
+
+    def guide(self, x):
+        self.calls += 1
+        super().guide(x)
+
+
+def test_a_plate_that_subsamples_more_than_all_of_x_is_refused_without_a_retry():
+    """subsample_size=3 with 2 datapoints in all: no pass can hold it, the whole of x
+    included, so Pyro's refusal is raised once the probe (one datapoint) and the first pass
+    (all of x) have failed, without tracing all of x again; the guide runs as often as
+    :func:`~pvae.inference.traces.layout` runs it on those two inputs."""
+    from pvae.inference import iw_log_likelihood
+    from pvae.inference.traces import layout
+
+    x = torch.randn(2, generator=rng(11), dtype=torch.float64)
+    expected = 0
+    for args in ((x[:1],), (x,)):
+        program = Counting(3)
+        with pytest.raises(ValueError, match="subsample_size does not match len"):
+            layout(program.model, program.guide, args)
+        expected += program.calls
+    for evaluate in (iw_log_likelihood, elbo_terms, log_weights):
+        program = Counting(3)
+        with pytest.raises(ValueError, match="subsample_size does not match len"):
+            evaluate(program, x, num_samples=2)
+        assert program.calls == expected, (evaluate.__name__, program.calls, expected)

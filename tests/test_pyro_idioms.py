@@ -7,7 +7,8 @@ ELBO must be the closed form to rounding, and a history of identical rows must b
 idiom                           test                                             reference
 ==============================  ===============================================  ==========================
 ``.mask(m)``, ``pyro.markov``   test_masks_travel_to_the_autoguide               closed form; Trace_ELBO
-  (sequences)                   test_an_unmasked_guide_of_a_masked_model_is_...  refused, naming the site
+  (sequences); ``.mask(False)`` test_an_unmasked_guide_of_a_masked_model_is_...  refused, naming the site
+                                test_a_latent_site_masked_with_false_counts_...  closed form
 ``subsample_size``, model or    test_history_units_when_the_program_subsamples   closed form; Trace_ELBO
   guide; pvae batches with      test_units_against_trace_elbo                    Trace_ELBO, same draws
   ``subsample=idx``;            test_history_is_per_datapoint_whoever_subsamples closed form (ELBO, IWAE)
@@ -284,6 +285,32 @@ def test_history_units_when_the_program_subsamples(where, batch_size):
     history = fit(model, x, num_epochs=2, batch_size=batch_size, optim=Adam(1e-8), seed=0, progress=False)
     for value in history.column("train_elbo"):
         assert value == pytest.approx(exact, abs=1e-4), (value, exact)
+
+
+class SwitchedOff:
+    """A latent site switched off with ``.mask(False)`` in model and guide (Pyro's way to drop a
+    term), x ~ N(0, 1) observed: every ELBO term is exact, log p(x) with a KL of 0."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).mask(False))
+            pyro.sample("x", dist.Normal(torch.zeros_like(x), 1.0), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)).mask(False))
+
+
+def test_a_latent_site_masked_with_false_counts_nothing():
+    """Pyro's closed-form KL of a pair masked with False is the float 0.0 (no device to put a
+    tensor on): the ELBO terms take it as zeros of the site's shape."""
+    x = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    exact = dist.Normal(0.0, 1.0).log_prob(x)
+    terms = elbo_terms(SwitchedOff(), x, num_samples=3)
+    torch.testing.assert_close(terms.elbo, exact)
+    assert terms.analytic_kl and terms.kl.abs().max() == 0 and terms.kl_per_dim.tolist() == [0.0]
+    torch.testing.assert_close(iw_log_likelihood(SwitchedOff(), x, num_samples=3).per_datapoint,
+                               exact)
 
 
 def test_an_unmasked_guide_of_a_masked_model_is_refused():

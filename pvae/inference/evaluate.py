@@ -35,6 +35,7 @@ from pvae.inference.traces import (
     has_auxiliary,
     in_model_order,
     layout,
+    log_prob,
     own_rng,
     per_datapoint,
     reduce_site,
@@ -430,6 +431,8 @@ def _kl_per_dim(q_site, p_site, nesting, plate, closed_form: bool = True):
         if not closed_form:
             raise NotImplementedError
         per_dim = closed_form_kl(q, p)
+        if not isinstance(per_dim, torch.Tensor):  # Pyro's 0.0 for a pair masked with False
+            per_dim = torch.zeros_like(log_prob(q_site))
     except NotImplementedError:
         per_dim = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])
     return features(q_site, per_dim.expand(q_site["value"].shape), nesting, plate)
@@ -473,6 +476,8 @@ class _Terms:
             if analytic:
                 try:
                     site_kl = closed_form_kl(q_site["fn"], p_site["fn"])
+                    if not isinstance(site_kl, torch.Tensor):  # Pyro's 0.0 for mask=False
+                        site_kl = torch.zeros_like(log_prob(q_site))
                     kl.append(reduce_site(name, q_site, site_kl, k, n, nesting, plate))
                 except NotImplementedError:
                     analytic = False

@@ -612,6 +612,31 @@ def test_deterministic_sites_count_in_the_plate_nesting(recwarn):
     assert (below >= -4 * gap.elbo_refined_mcse).all() and (below < 0.1).all(), below
 
 
+class ProposedComponent(MixtureVAE):
+    """The mixture model, still ``@config_enumerate``, with a guide that samples the component
+    itself (a Categorical beside z): nothing is left to enumerate, so nothing is refused."""
+
+    def guide(self, x):
+        precision = 1 + self.w @ self.w
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("k", dist.Categorical(self.pi))
+            pyro.sample("z", dist.Normal(x @ self.w / precision, precision ** -0.5))
+
+
+def test_a_marked_site_that_the_guide_samples_is_not_refused():
+    """The refusal above is about sites left to enumeration: where the guide samples the marked
+    site, the score-function ELBO trains the model as Pyro's TraceGraph_ELBO would, and its
+    first value is a finite ELBO per datapoint."""
+    from pvae.inference import ScoreFunctionELBO, SVIObjective
+
+    w, _ = scaled_data()
+    model = ProposedComponent(w)
+    x = mixture_data(model, 20, seed=1)
+    pyro.set_rng_seed(0)
+    value, loss = SVIObjective(model, ScoreFunctionELBO())(x)
+    assert torch.isfinite(value) and torch.isfinite(loss)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches from the user's own DataLoader
 

@@ -652,20 +652,25 @@ def test_the_average_baseline_starts_at_zero_then_follows_the_elbo_per_datapoint
     assert not torch.allclose(none_2[2], avg_2[2], rtol=1e-3)
 
 
+def rows_and_cols_model(x):
+    """An (N, 3) grid of observations in two plates, neither named "data"."""
+    with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def rows_and_cols_guide(x):
+    loc = pyro.param("loc", torch.zeros(N, 3))
+    with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+
 def test_the_average_baseline_counts_the_datapoints_of_the_plate_with_the_batchs_size():
     """Two plates around the observed site, neither named "data": the batch's leading size
     picks the data plate (4 rows, not 3 columns)."""
     x = torch.randn(N, 3, generator=rng(16))
 
-    def model(x):
-        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(x):
-        loc = pyro.param("loc", torch.zeros(N, 3))
-        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
-            pyro.sample("z", dist.Normal(loc, 1.0))
+    model, guide = rows_and_cols_model, rows_and_cols_guide
 
     loss = ScoreFunctionELBO(baseline="average")
     elbo, _ = loss(model, guide, x)
@@ -767,15 +772,7 @@ def test_the_batchs_leading_size_picks_the_data_plate_of_the_objective():
     Pyro's Trace_ELBO on the same draws divided by the 4 datapoints."""
     x = torch.randn(N, 3, generator=rng(16))
 
-    def model(x):
-        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(x):
-        loc = pyro.param("loc", torch.zeros(N, 3))
-        with pyro.plate("rows", N, dim=-2), pyro.plate("cols", 3, dim=-1):
-            pyro.sample("z", dist.Normal(loc, 1.0))
+    model, guide = rows_and_cols_model, rows_and_cols_guide
 
     objective = SVIObjective(SimpleNamespace(model=model, guide=guide), ReparamELBO())
     pyro.set_rng_seed(9)

@@ -23,6 +23,8 @@ index argument beside x         test_the_encoder_reads_x_alone_by_default       
 many particles                  test_elbo_terms_chunks_particles                 chunks seen; closed form
 ``pyro.deterministic`` in a     test_deterministic_sites_count_in_the_plate_...  closed form, vectorized
   plate of its own
+``pyro.factor``, model or guide test_a_factor_counts_in_log_p_or_log_q          closed form; Trace_ELBO
+                                test_dreg_refuses_a_factor_in_the_guide          refused, naming the site
 global latents                  test_messages_name_the_site_and_say_what_to_do   the messages
 ==============================  ===============================================  ==========================
 
@@ -610,6 +612,84 @@ def test_deterministic_sites_count_in_the_plate_nesting(recwarn):
     # a bound: below log p(x) but for Monte Carlo error, and close (q* starts at the posterior)
     below = exact - gap.elbo_refined
     assert (below >= -4 * gap.elbo_refined_mcse).all() and (below < 0.1).all(), below
+
+
+# ---------------------------------------------------------------------------------------------
+# A pyro.factor in the model or the guide: a term of log p(x, z) or of log q, as Pyro's ELBOs
+# count it
+
+
+class Factored(Scaled):
+    """The linear-Gaussian model of :class:`Scaled` with its exact-posterior guide, and
+    ``pyro.factor("tilt", c_n)`` beside z in the data plate of the model or of the guide (with
+    ``has_rsample=True``, as Pyro asks of a guide's factor), c_n = -0.1 |x_n|^2: Pyro's
+    ``Trace_ELBO`` adds every sample site of the model trace and subtracts every one of the
+    guide trace, so every log weight is log p(x_n) + c_n, or log p(x_n) - c_n."""
+
+    def __init__(self, w, where):
+        super().__init__(w, "full")
+        self.where = where
+
+    def tilt(self, x):
+        return -0.1 * (x ** 2).sum(-1)
+
+    def model(self, x, idx=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+            if self.where == "model":
+                pyro.factor("tilt", self.tilt(x))
+
+    def guide(self, x, idx=None):
+        precision = 1 + self.w @ self.w
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ self.w / precision, precision ** -0.5))
+            if self.where == "guide":
+                pyro.factor("tilt", self.tilt(x), has_rsample=True)
+
+
+@pytest.mark.parametrize("where", ["model", "guide"])
+@pytest.mark.parametrize("estimate", ["iw", "elbo_terms", "reparam", "captured", "iwae",
+                                      "vimco", "score"])
+def test_a_factor_counts_in_log_p_or_log_q(where, estimate):
+    """Every estimate is log p(x_n) + c_n (a factor in the model) or log p(x_n) - c_n (in the
+    guide), the closed form, on every draw, as Pyro's Trace_ELBO gives it on the same program
+    (checked first). Before, IW, ``elbo_terms``, IWAE and VIMCO left a factor out wherever it
+    was, and so did the captured ELBO: |c_n| nats per datapoint off, with no error."""
+    w, x = scaled_data(n=30)
+    model = Factored(w, where)
+    exact = linear_gaussian_log_marginal(w, x) + (1 if where == "model" else -1) * model.tilt(x)
+    pyro.set_rng_seed(0)
+    loss = pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    assert -loss.loss(model.model, model.guide, x) == pytest.approx(exact.sum().item(), abs=1e-3)
+    if estimate == "iw":
+        per_datapoint = iw_log_likelihood(model, x, num_samples=8, seed=0).per_datapoint
+    elif estimate == "elbo_terms":
+        terms = elbo_terms(model, x, num_samples=20)
+        torch.testing.assert_close(terms.reconstruction - terms.kl, terms.elbo)
+        if where == "model":  # closed-form KL, Monte Carlo reconstruction: unbiased
+            diff = terms.elbo - exact
+            assert abs(diff.mean()) < 3 * diff.std() / len(diff) ** 0.5, diff
+            # (the test's power: leaving the factor out moves the mean by 10 standard errors)
+            assert abs(model.tilt(x).mean()) > 10 * diff.std() / len(diff) ** 0.5
+            return
+        per_datapoint = terms.elbo  # a Monte Carlo KL (log q is no closed form): exact
+    else:
+        make = LOSSES["reparam" if estimate == "captured" else estimate]
+        objective = make(num_particles=1 if estimate in ("reparam", "captured", "score") else 4)
+        if estimate == "captured":
+            objective.capturable_()
+        value, _ = objective(model.model, model.guide, x)
+        per_datapoint, exact = value.reshape(1), exact.sum().reshape(1)
+    torch.testing.assert_close(per_datapoint, exact, atol=1e-3, rtol=0)
+
+
+def test_dreg_refuses_a_factor_in_the_guide():
+    """DReG's stop-gradient is defined for densities of z; a guide's factor is refused by name."""
+    w, x = scaled_data(n=10)
+    model = Factored(w, "guide")
+    with pytest.raises(ValueError, match="gradient='dreg'.*'tilt'.*pyro.factor"):
+        LOSSES["iwae"](num_particles=2, gradient="dreg")(model.model, model.guide, x)
 
 
 class ProposedComponent(MixtureVAE):

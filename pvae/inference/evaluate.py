@@ -464,8 +464,10 @@ class _Terms:
         out = {"reconstruction": w["log_likelihood"]}
         # an autoguide's z is a Delta of an auxiliary draw (its entropy is at the auxiliary
         # site), and an enumerated model's p(z) is a sum over its discrete sites: neither has a
-        # closed form per site, nor a KL per dimension
-        plain = not has_auxiliary(guide_tr) and not found.enumerated
+        # closed form per site, nor a KL per dimension; nor has a guide with an observed site
+        # (a pyro.factor: a term of log q that belongs to no latent site)
+        plain = (not has_auxiliary(guide_tr) and not found.enumerated
+                 and not any(True for _ in sites(guide_tr, True)))
         same_order = plain and in_model_order(guide_tr, model_tr)
         self.per_dim = self.per_dim and plain
         kl, dims, means = [], [], []

@@ -56,6 +56,7 @@ from pvae.inference.traces import (
     data_layout,
     draws_subsample,
     forked_rng,
+    guide_sites,
     in_model_order,
     log_prob,
     max_plate_nesting,
@@ -230,8 +231,8 @@ class ReparamELBO(SVILoss):
             self._nesting = max_plate_nesting(model, guide, args, self.data_plate)
         guide_tr, model_tr = traces(model, guide, args, K if K > 1 else None, self._nesting or 0,
                                     block=False)
-        guide_sites = dict(sites(guide_tr, False, auxiliary=True))
-        for name, q_site in guide_sites.items():
+        q_sites = dict(guide_sites(guide_tr))
+        for name, q_site in q_sites.items():
             if not q_site["fn"].has_rsample:
                 raise ValueError(f"the captured reparameterized ELBO needs reparameterizable "
                                  f"guide sites; {name!r} is "
@@ -242,7 +243,7 @@ class ReparamELBO(SVILoss):
         # (Pyro's mean-field requirement): otherwise a parent's draw depends on its child's
         analytic = self.analytic_kl and in_model_order(guide_tr, model_tr)
         for name, site in sites(model_tr, None):
-            q_site = guide_sites.get(name)
+            q_site = q_sites.get(name)
             if analytic and q_site is not None:
                 try:  # as TraceMeanField_ELBO: torch's pairs only (no Normal -> MVN promotion)
                     kl = kl_divergence(q_site["fn"], site["fn"])
@@ -250,10 +251,10 @@ class ReparamELBO(SVILoss):
                     pass
                 else:
                     elbo = elbo - _scaled_sum(q_site, kl)
-                    guide_sites[name] = None  # its log q is inside the KL
+                    q_sites[name] = None  # its log q is inside the KL
                     continue
             elbo = elbo + _scaled_sum(site, site["fn"].log_prob(site["value"]))
-        for q_site in guide_sites.values():
+        for q_site in q_sites.values():
             if q_site is not None:
                 elbo = elbo - _scaled_sum(q_site, q_site["fn"].log_prob(q_site["value"]))
         return elbo / K
@@ -445,7 +446,7 @@ def _log_ratio(guide_tr, model_tr, K, nesting, plate) -> torch.Tensor:
     """log q(z | x) - log p(z), unscaled and detached, ``(K, N)``."""
     N = plate_extent(model_tr, plate)
     ratio = 0.0
-    for name, site in sites(guide_tr, False, auxiliary=True):
+    for name, site in guide_sites(guide_tr):
         ratio = ratio + reduce_site(name, site, log_prob(site), K, N, nesting, plate)
     for name, site in sites(model_tr, False):
         ratio = ratio - reduce_site(name, site, log_prob(site), K, N, nesting, plate)
@@ -467,9 +468,14 @@ def _iw_log_weight(guide_tr, model_tr, K, nesting, plate, dreg):
     for name, site in sites(model_tr, False):
         beta = site["scale"] / obs_scale
         log_w = log_w + beta * reduce_site(name, site, log_prob(site), K, N, nesting, plate)
-    for name, site in sites(guide_tr, False, auxiliary=True):
+    for name, site in guide_sites(guide_tr):
         fn = site["fn"]
         if dreg:
+            if site["is_observed"]:
+                raise ValueError(f"gradient='dreg' does not take guides with observed sites "
+                                 f"({name!r}: a pyro.factor in the guide, a term of log q with "
+                                 "no density over z to reparameterize); use "
+                                 "gradient='standard'")
             if site["infer"].get("is_auxiliary"):
                 raise ValueError(f"gradient='dreg' does not take guides with auxiliary sites "
                                  f"({name!r}: a Pyro autoguide's unconstrained draw); use "
@@ -523,7 +529,7 @@ class VIMCO(_ImportanceWeighted):
         nesting, plate, _ = self._layout
         k = K if len(parts) == 1 else 1
         log_q = torch.cat([sum((reduce_site(name, site, log_prob(site), k, N, nesting, plate)
-                                for name, site in sites(guide_tr, False, auxiliary=True)),
+                                for name, site in guide_sites(guide_tr)),
                                log_w.new_zeros(k, N)) for guide_tr, _ in parts])
         bound = logmeanexp(log_w, 0)  # (N,), differentiable through the densities' parameters
         w = log_w.detach()

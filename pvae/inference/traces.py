@@ -42,7 +42,7 @@ from torch.distributions import Independent
 
 __all__ = ["DESELECTED", "PARTICLE_PLATE", "AmbiguousPlateError", "Layout", "PlateSizeError",
            "Weights", "check_masks", "check_proposals", "data_layout", "draws_subsample",
-           "features", "find_data_plate", "layout", "log_prob", "max_plate_nesting",
+           "features", "find_data_plate", "guide_sites", "layout", "log_prob", "max_plate_nesting",
            "per_datapoint", "plate_extent", "reduce_site", "site_mask", "site_shaped", "sites",
            "subsample_indices", "traces", "vectorizes", "weights"]
 
@@ -79,7 +79,9 @@ def sites(trace, observed: bool | None, auxiliary: bool = False):
     """``(name, site)`` of the sample sites that carry a density: observed ones (``True``),
     latent ones (``False``) or both (``None``); subsample and deterministic sites are skipped,
     and so are observed sites left out of an estimate (``observed=``, :data:`DESELECTED`) and
-    auxiliary ones unless ``auxiliary``. A guide's log-density q(z | x) is the sum over its
+    auxiliary latent ones unless ``auxiliary``. A ``pyro.factor`` is an observed site (of
+    Pyro's ``Unit`` distribution, marked auxiliary): a term of log p(x, z) in a model, of log q
+    in a guide, as Pyro's ELBOs count it. A guide's log-density q(z | x) is the sum over its
     sites **with** the auxiliary ones: Pyro's autoguides draw an unconstrained value at an
     auxiliary site and return z through a ``Delta`` that carries only the Jacobian term
     (``AutoNormal``), as Pyro's ELBOs count it; pairing guide sites with the model's latent
@@ -89,10 +91,17 @@ def sites(trace, observed: bool | None, auxiliary: bool = False):
             continue
         infer = site["infer"]
         if infer.get("_deterministic") or infer.get(DESELECTED) or (
-                infer.get("is_auxiliary") and not auxiliary):
+                infer.get("is_auxiliary") and not site["is_observed"] and not auxiliary):
             continue
         if observed is None or bool(site["is_observed"]) == observed:
             yield name, site
+
+
+def guide_sites(guide_tr):
+    """``(name, site)`` of the sites of a guide's log-density log q: its latent and auxiliary
+    draws **and its observed sites** (a ``pyro.factor`` in the guide), as Pyro's ELBOs and
+    ``Importance`` count them (they subtract every sample site of the guide trace)."""
+    return sites(guide_tr, None, auxiliary=True)
 
 
 def in_model_order(guide_tr, model_tr) -> bool:
@@ -212,6 +221,9 @@ def _data_frame(name, site, plate: str):
     frame = _frame(site, plate)
     if frame is not None:
         return frame
+    if site["is_observed"]:
+        raise ValueError(f"observed site {name!r} is outside the data plate "
+                         f"pyro.plate({plate!r}, ...); leave it out with observed=[...]")
     if site["infer"].get("is_auxiliary"):
         raise ValueError(f"the guide's auxiliary site {name!r} is outside the data plate "
                          f"pyro.plate({plate!r}, ...) while the model's latent sites are inside "
@@ -220,9 +232,6 @@ def _data_frame(name, site, plate: str):
                          "Normal...) has no per-datapoint q(z_n | x_n), so per-datapoint "
                          "estimates cannot be computed; use AutoNormal (one Normal per site, "
                          "inside the model's plates) or an amortized guide (AutoAmortizedNormal)")
-    if site["is_observed"]:
-        raise ValueError(f"observed site {name!r} is outside the data plate "
-                         f"pyro.plate({plate!r}, ...); leave it out with observed=[...]")
     raise ValueError(_OUTSIDE_DATA.format(name=name, plate=plate))
 
 
@@ -615,7 +624,7 @@ def _reduce(guide_tr, model_tr, num_particles, layout: Layout) -> dict:
                          "pyro.sample('x', ..., obs=x)")
     shape = (num_particles, plate_extent(model_tr, plate))
     guide = [reduce_site(name, site, log_prob(site), *shape, nesting, plate)
-             for name, site in sites(guide_tr, False, auxiliary=True)]
+             for name, site in guide_sites(guide_tr)]
     if layout.enumerated:  # log p(x, z) and log p(z) with the discrete sites summed out
         log_prior = _summed_out(model_tr, False, *shape, nesting, plate)
         log_likelihood = _summed_out(model_tr, None, *shape, nesting, plate) - log_prior

@@ -677,6 +677,82 @@ def test_the_average_baseline_counts_the_datapoints_of_the_plate_with_the_batchs
     assert loss.average == pytest.approx(elbo.item() / N)
 
 
+def test_the_default_score_function_loss_trains_the_plain_one_particle_elbo():
+    """The documented defaults at work, not only as recorded (``config`` is read off the
+    constructor's signature): beta 1 and one particle, so that the bound objective's value is
+    Pyro's Trace_ELBO on the same draws per datapoint, the guide drawing one (N, D) sample."""
+    loss = ScoreFunctionELBO()
+    assert loss.beta == 1.0
+    draws = []
+    model, guide = _model(), _guide(draws)
+    objective = SVIObjective(SimpleNamespace(model=model, guide=guide), loss)
+    pyro.set_rng_seed(5)
+    value, _ = objective(X)
+    assert [d.shape for d in draws] == [(N, D)]
+    pyro.set_rng_seed(5)
+    expected = -Trace_ELBO().loss(model, guide, X) / N
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_average_baseline_removes_a_common_scale_of_the_observed_sites():
+    """Under ``poutine.scale(scale=0.3)`` the returned ELBO is 0.3 times Pyro's Trace_ELBO of the
+    unscaled programs on the same draws; the average is the unscaled ELBO per datapoint (the
+    returned ELBO over N * 0.3 datapoints), not the scaled one over N."""
+    s, draws = 0.3, []
+    model, guide = _model(), _guide(draws)
+    loss = ScoreFunctionELBO(baseline="average")
+    pyro.set_rng_seed(5)
+    elbo, _ = loss(_scaled(model, s), _scaled(guide, s), X)
+    pyro.set_rng_seed(5)
+    unscaled = -Trace_ELBO().loss(model, guide, X)
+    assert elbo.item() == pytest.approx(s * unscaled, rel=1e-6)
+    assert loss.average == pytest.approx(unscaled / N, rel=1e-6)
+
+
+def test_the_average_baseline_divides_by_the_datapoints_alone_where_observed_scales_differ():
+    """Two observed sites in the data plate, the first under ``poutine.scale(scale=3.0)``: no
+    single scale makes the (weighted) ELBO per datapoint, so the average is Pyro's Trace_ELBO
+    of these programs on the same draws divided by the N datapoints alone (not by 3 N, the
+    first site's scale)."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.8, -0.5]))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+            with poutine.scale(scale=3.0):
+                pyro.sample("x", dist.Normal(z * w, SIGMA_X).to_event(1), obs=x)
+            pyro.sample("x_sum", dist.Normal(z.sum(-1), 1.0), obs=x.sum(-1))
+
+    draws = []
+    guide = _guide(draws)
+    loss = ScoreFunctionELBO(baseline="average")
+    pyro.set_rng_seed(6)
+    elbo, _ = loss(model, guide, X)
+    pyro.set_rng_seed(6)
+    expected = -Trace_ELBO().loss(model, guide, X)
+    assert elbo.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.average == pytest.approx(expected / N, rel=1e-6)
+
+
+def test_the_average_baseline_counts_the_data_plate_it_is_told():
+    """Two plates of the batch's size around the observed site ("rows" and "feat_obs"): the
+    average needs the data plate named. ScoreFunctionELBO's constructor takes no
+    ``data_plate``; the attribute that SVILoss declares for it names the plate, and the
+    average is then Pyro's Trace_ELBO on the same draws over the N rows (unnamed, it is
+    refused, naming the argument)."""
+    guide = _nested_guide(False)
+    with pytest.raises(ValueError, match="data_plate="):
+        ScoreFunctionELBO(baseline="average")(_nested_model, guide, XN)
+    loss = ScoreFunctionELBO(baseline="average")
+    loss.data_plate = "rows"
+    pyro.set_rng_seed(8)
+    elbo, _ = loss(_nested_model, guide, XN)
+    pyro.set_rng_seed(8)
+    expected = -Trace_ELBO().loss(_nested_model, guide, XN)
+    assert elbo.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.average == pytest.approx(expected / N, rel=1e-5)
+
+
 def test_losses_refuse_a_negative_beta_and_bind_only_a_model():
     for loss in (ReparamELBO, ScoreFunctionELBO, IWAE, VIMCO):
         with pytest.raises(ValueError, match=r"^beta must be a finite number >= 0, got -0.5$"):

@@ -32,6 +32,7 @@ from pvae.inference.traces import (
     PlateSizeError,
     features,
     forked_rng,
+    guide_sites,
     has_auxiliary,
     in_model_order,
     layout,
@@ -467,7 +468,7 @@ class _Terms:
         # closed form per site, nor a KL per dimension; nor has a guide with an observed site
         # (a pyro.factor: a term of log q that belongs to no latent site)
         plain = (not has_auxiliary(guide_tr) and not found.enumerated
-                 and not any(True for _ in sites(guide_tr, True)))
+                 and not any(site["is_observed"] for _, site in guide_sites(guide_tr)))
         same_order = plain and in_model_order(guide_tr, model_tr)
         self.per_dim = self.per_dim and plain
         kl, dims, means = [], [], []

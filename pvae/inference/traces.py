@@ -99,9 +99,10 @@ def sites(trace, observed: bool | None, auxiliary: bool = False):
 
 def guide_sites(guide_tr):
     """``(name, site)`` of the sites of a guide's log-density log q: its latent and auxiliary
-    draws **and its observed sites** (a ``pyro.factor`` in the guide), as Pyro's ELBOs and
-    ``Importance`` count them (they subtract every sample site of the guide trace)."""
-    return sites(guide_tr, None, auxiliary=True)
+    draws **and its factors** (``pyro.factor``, an observed auxiliary site), as Pyro's ELBOs
+    count them; a guide's other observed sites (``obs=c``, given data) are no part of q."""
+    return ((name, site) for name, site in sites(guide_tr, None, auxiliary=True)
+            if not site["is_observed"] or site["infer"].get("is_auxiliary"))
 
 
 def in_model_order(guide_tr, model_tr) -> bool:

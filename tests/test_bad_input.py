@@ -92,8 +92,14 @@ def test_checkpoint_write_survives_ctrl_c_and_clears_stale_temp_files(tmp_path, 
         real_save(obj, f)
 
     monkeypatch.setattr(checkpoint.torch, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt), folder_lock(tmp_path):
-        checkpoint.save_checkpoint(tmp_path / "checkpoint.pt", {"model": {"w": torch.ones(3)}})
+    # Python's own Ctrl-C handler, whatever an earlier test in this worker process left
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), folder_lock(tmp_path):
+            checkpoint.save_checkpoint(tmp_path / "checkpoint.pt",
+                                       {"model": {"w": torch.ones(3)}})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     state = checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")
     assert torch.equal(state["model"]["w"], torch.ones(3))

@@ -694,6 +694,15 @@ def test_the_default_score_function_loss_trains_the_plain_one_particle_elbo():
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
+def _on_the_same_draws(seed, loss, model, guide, x, reference=None):
+    """The ELBO that ``loss`` returns for the programs, and Pyro's Trace_ELBO of ``reference``
+    (a (model, guide) pair; by default the same programs) on the same draws, both in nats."""
+    pyro.set_rng_seed(seed)
+    elbo, _ = loss(model, guide, x)
+    pyro.set_rng_seed(seed)
+    return elbo.item(), -Trace_ELBO().loss(*(reference or (model, guide)), x)
+
+
 def test_the_average_baseline_removes_a_common_scale_of_the_observed_sites():
     """Under ``poutine.scale(scale=0.3)`` the returned ELBO is 0.3 times Pyro's Trace_ELBO of the
     unscaled programs on the same draws; the average is the unscaled ELBO per datapoint (the
@@ -701,11 +710,9 @@ def test_the_average_baseline_removes_a_common_scale_of_the_observed_sites():
     s, draws = 0.3, []
     model, guide = _model(), _guide(draws)
     loss = ScoreFunctionELBO(baseline="average")
-    pyro.set_rng_seed(5)
-    elbo, _ = loss(_scaled(model, s), _scaled(guide, s), X)
-    pyro.set_rng_seed(5)
-    unscaled = -Trace_ELBO().loss(model, guide, X)
-    assert elbo.item() == pytest.approx(s * unscaled, rel=1e-6)
+    elbo, unscaled = _on_the_same_draws(5, loss, _scaled(model, s), _scaled(guide, s), X,
+                                        reference=(model, guide))
+    assert elbo == pytest.approx(s * unscaled, rel=1e-6)
     assert loss.average == pytest.approx(unscaled / N, rel=1e-6)
 
 
@@ -726,11 +733,8 @@ def test_the_average_baseline_divides_by_the_datapoints_alone_where_observed_sca
     draws = []
     guide = _guide(draws)
     loss = ScoreFunctionELBO(baseline="average")
-    pyro.set_rng_seed(6)
-    elbo, _ = loss(model, guide, X)
-    pyro.set_rng_seed(6)
-    expected = -Trace_ELBO().loss(model, guide, X)
-    assert elbo.item() == pytest.approx(expected, rel=1e-6)
+    elbo, expected = _on_the_same_draws(6, loss, model, guide, X)
+    assert elbo == pytest.approx(expected, rel=1e-6)
     assert loss.average == pytest.approx(expected / N, rel=1e-6)
 
 
@@ -745,11 +749,8 @@ def test_the_average_baseline_counts_the_data_plate_it_is_told():
         ScoreFunctionELBO(baseline="average")(_nested_model, guide, XN)
     loss = ScoreFunctionELBO(baseline="average")
     loss.data_plate = "rows"
-    pyro.set_rng_seed(8)
-    elbo, _ = loss(_nested_model, guide, XN)
-    pyro.set_rng_seed(8)
-    expected = -Trace_ELBO().loss(_nested_model, guide, XN)
-    assert elbo.item() == pytest.approx(expected, rel=1e-5)
+    elbo, expected = _on_the_same_draws(8, loss, _nested_model, guide, XN)
+    assert elbo == pytest.approx(expected, rel=1e-5)
     assert loss.average == pytest.approx(expected / N, rel=1e-5)
 
 

@@ -58,7 +58,7 @@ class RefinedGuide(nn.Module):
         super().__init__()
         check_choice("family", family, ("guide", "full"))
         guide_tr, _ = traces(model.model, model.guide, args)
-        self.sites = []  # (name, kind, event_dims, frames)
+        self.sites = []  # (name, key, kind, event_dims, frames)
         self.locs, self.scales = nn.ParameterDict(), nn.ParameterDict()
         for i, (name, site) in enumerate(sites(guide_tr, False)):
             fn, key = site["fn"], f"site{i}"
@@ -197,7 +197,8 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     Works for any model meeting the contract whose guide sites are ``Normal`` or
     ``MultivariateNormal`` (the family q* belongs to is the guide's). The model's parameters
     stay fixed. The datapoints are refined together (their ELBOs are independent, so the joint
-    optimum is the per-datapoint one).
+    optimum is the per-datapoint one). A model's enumerated discrete sites are summed out of
+    the bound that is refined (``TraceEnum_ELBO``), as they are of the ELBOs reported.
 
     :param torch.Tensor x: ``(N, D)`` datapoints (a hundred is typical).
     :param int num_steps: Adam steps of the refinement.
@@ -223,8 +224,11 @@ def inference_gap(model, x: torch.Tensor, *, c=None, num_steps: int = 500, lr: f
     nesting = layout.nesting
     refined = RefinedGuide(model, args, family)
     with fixed_parameters(model):
-        elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
-                                     max_plate_nesting=nesting)
+        # the bound that _elbo reports: with a model's enumerated discrete sites summed out
+        # (TraceEnum_ELBO), not drawn from their prior (Trace_ELBO would refine a looser bound)
+        bound = pyro.infer.TraceEnum_ELBO if layout.enumerated else pyro.infer.Trace_ELBO
+        elbo = bound(num_particles=num_particles, vectorize_particles=True,
+                     max_plate_nesting=nesting)
         optimizer = torch.optim.Adam(refined.parameters(), lr=lr)
         # the step size decays to 1% of lr: the iterates settle at the optimum instead of
         # jittering around it with the Monte Carlo noise of the gradient

@@ -240,6 +240,65 @@ def test_elbo_terms_of_a_model_without_latents_are_log_p_x_without_warnings(recw
     assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
 
 
+class Labels:
+    """y ~ Categorical(1/3, 1/3, 1/3), x | y ~ N(y, 1) per datapoint; the guide is the point
+    mass q(y | x) on round(x) (clamped to the classes), a Categorical, whose mean is NaN in
+    torch: E_q[y] is then the particles' average."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(torch.full(x.shape + (3,), 1 / 3, dtype=x.dtype)))
+            pyro.sample("x", dist.Normal(y.to(x.dtype), 1.0), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            label = x.round().clamp(0, 2).long()
+            pyro.sample("y", dist.Categorical(torch.nn.functional.one_hot(label, 3).to(x.dtype)))
+
+
+def test_elbo_terms_of_a_point_mass_discrete_guide_in_float64():
+    """A float64 model whose guide is a point-mass Categorical: E_q[y] is the label round(x)
+    (the average of particles that all equal it), so Cov_x(E_q[y]) is the labels' variance, in
+    float64 as the other terms; the KL is log 3 and the reconstruction log N(x; label, 1)."""
+    x = torch.tensor([0.1, 1.2, 2.3, 1.9, -0.4, 0.8], dtype=torch.float64)
+    labels = x.round().clamp(0, 2)
+    terms = elbo_terms(Labels(), x, num_samples=3)
+    torch.testing.assert_close(terms.posterior_mean_variance, labels.var().reshape(1))
+    torch.testing.assert_close(terms.kl, torch.full_like(x, math.log(3)))
+    torch.testing.assert_close(terms.reconstruction, dist.Normal(labels, 1.0).log_prob(x))
+    assert terms.analytic_kl
+
+
+class FlowGuide:
+    """z ~ N(0, 1), x | z ~ N(z, 1) with the exact posterior N(x / 2, 1 / 2) written as a flow,
+    N(0, 1) pushed through z = x / 2 + sqrt(1/2) eps: torch's TransformedDistribution, which
+    has no mean (E_q[z] is then the particles' average) and no closed-form KL."""
+
+    def model(self, x):
+        Recorder().model(x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            flow = dist.transforms.AffineTransform(x / 2, math.sqrt(0.5))
+            pyro.sample("z", dist.TransformedDistribution(dist.Normal(torch.zeros_like(x), 1.0),
+                                                           [flow]))
+
+
+def test_posterior_means_of_a_guide_without_a_mean_average_its_particles():
+    """E_q[z | x_n] of a guide without a mean is the average of K particles, x_n / 2 + e_n with
+    e_n ~ N(0, 1 / (2K)): Cov_x(E_q[z]) is Var(x / 2) up to 2 Cov(x / 2, e) (standard error
+    2 s sqrt(Var(x / 2) / (N - 1)), s = sqrt(1 / (2K))) and Var(e) (about s^2)."""
+    k = 2000
+    x = 2 * torch.randn(6, generator=rng(15), dtype=torch.float64)
+    terms = elbo_terms(FlowGuide(), x, num_samples=k)
+    var, s = (x / 2).var(), math.sqrt(0.5 / k)
+    # 5 standard errors of the covariance term, and 5 s^2 for Var(e) (mean s^2, chi-squared)
+    tolerance = 5 * 2 * s * math.sqrt(var / (len(x) - 1)) + 5 * s ** 2
+    torch.testing.assert_close(terms.posterior_mean_variance, var.reshape(1), rtol=0,
+                               atol=tolerance)
+    assert not terms.analytic_kl
+
+
 def test_inference_gap_summary_exact():
     ll = torch.tensor([-1.0, -2.0, -4.0], dtype=torch.float64)
     amortized = torch.tensor([-3.0, -2.5, -7.0], dtype=torch.float64)
@@ -501,10 +560,11 @@ def test_evaluation_refusals_name_what_is_wrong():
         iw_log_likelihood(model, x, num_samples=2, distributed=distributed)
 
 
-def test_evaluation_of_a_data_loader_is_that_of_its_tensor():
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_evaluation_of_a_data_loader_is_that_of_its_tensor(batch_size):
     """A DataLoader's items are the passes: with a seed, the same per-datapoint IW values as the
-    tensor cut into passes of the loader's batch size (observed="x" is every site here), and
-    the same closed-form KL and posterior means in elbo_terms."""
+    tensor cut into passes of the loader's batch size (observed="x" is every site here; items
+    of one row included), and the same closed-form KL and posterior means in elbo_terms."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from pvae.inference import elbo_terms, iw_log_likelihood
@@ -512,16 +572,36 @@ def test_evaluation_of_a_data_loader_is_that_of_its_tensor():
     model, x = ppca(), draw(5, 2)
     with torch.no_grad():
         model.b.add_(0.5)  # a guide that is not exact: the weights vary
-    loader = DataLoader(TensorDataset(x), batch_size=2)
+    loader = DataLoader(TensorDataset(x), batch_size=batch_size)
     a = iw_log_likelihood(model, loader, num_samples=6, seed=3)
-    b = iw_log_likelihood(model, x, num_samples=6, seed=3, batch_size=2, observed="x")
+    b = iw_log_likelihood(model, x, num_samples=6, seed=3, batch_size=batch_size, observed="x")
     torch.testing.assert_close(a.per_datapoint, b.per_datapoint)
     torch.testing.assert_close(a.ess, b.ess)
     a = elbo_terms(model, loader, num_samples=3)
-    b = elbo_terms(model, x, num_samples=3, batch_size=2)
+    b = elbo_terms(model, x, num_samples=3, batch_size=batch_size)
     for name in ("kl", "posterior_mean_variance"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name))
     assert a.analytic_kl and b.analytic_kl
+
+
+def test_evaluation_of_one_datapoint():
+    """x of one row: the IW estimate and the log weights are the exact log p(x) (the guide is
+    the exact posterior), and the ELBO terms are those of that row evaluated among others (the
+    closed-form KL), with no variance of the posterior means over one datapoint."""
+    from pvae.inference import elbo_terms, iw_log_likelihood
+
+    model, x = ppca(), draw(3, 4)
+    one = x[:1]
+    exact = model.log_marginal(one).detach()
+    close = dict(rtol=0, atol=1e-4)  # the guide's Cholesky floor (see the log_weights test)
+    torch.testing.assert_close(iw_log_likelihood(model, one, num_samples=3).per_datapoint,
+                               exact, **close)
+    torch.testing.assert_close(log_weights(model, one, num_samples=2).detach(),
+                               exact.expand(2, -1), **close)
+    terms = elbo_terms(model, one, num_samples=2)
+    torch.testing.assert_close(terms.kl, elbo_terms(model, x, num_samples=2).kl[:1])
+    torch.testing.assert_close(terms.posterior_mean_variance, torch.zeros(Q, dtype=x.dtype))
+    assert terms.active_units == 0
 
 
 def test_evaluation_of_a_data_loader_places_its_items_as_the_model():
@@ -558,29 +638,32 @@ def test_mean_stderr_of_one_value_is_nan_without_a_warning():
 
 
 class Recorder:
-    """z ~ N(0, 1), x | z ~ N(z, 1) with the exact posterior N(x / 2, 1 / 2) as guide, in a data
-    plate that may subsample itself; the guide records the particles of every trace."""
+    """z ~ N(0, I), x | z ~ N(z, I) per datapoint (x: ``(N,)`` or ``(N, D)``) with the exact
+    posterior N(x / 2, I / 2) as guide, in a data plate that may subsample itself; the guide
+    records the particles and the rows (particles x datapoints) of every trace."""
 
     def __init__(self, subsample_size=None):
-        self.subsample_size, self.particles = subsample_size, []
+        self.subsample_size, self.particles, self.rows = subsample_size, [], []
 
     def model(self, x):
         with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size) as idx:
-            z = pyro.sample("z", dist.Normal(torch.zeros_like(x[idx]), 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x[idx]), 1.0).to_event(x.dim() - 1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(x.dim() - 1), obs=x[idx])
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size) as idx:
-            z = pyro.sample("z", dist.Normal(x[idx] / 2, math.sqrt(0.5)))
-        self.particles.append(z.shape[0] if z.dim() > 1 else 1)
+            z = pyro.sample("z", dist.Normal(x[idx] / 2, math.sqrt(0.5)).to_event(x.dim() - 1))
+        self.particles.append(z.shape[0] if z.dim() > x.dim() else 1)
+        self.rows.append(z.numel() // x[0].numel())
 
 
-@pytest.mark.parametrize("subsample_size", [None, 3])
+@pytest.mark.parametrize("subsample_size", [None, 3, 1])
 @pytest.mark.parametrize("loader", [False, True])
 def test_evaluation_honours_chunk_size(subsample_size, loader):
     """chunk_size bounds the particles per trace (and so memory), for a tensor or a DataLoader,
-    and in a data plate that subsamples itself; with the exact posterior every estimate is
-    log p(x) = log N(x; 0, 2) whatever the chunks."""
+    and in a data plate that subsamples itself (of 3 datapoints, or of 1: on a first probe of
+    one datapoint that plate draws nothing); with the exact posterior every estimate is
+    log p(x) = log N(x; 0, 2) whatever the chunks, one per datapoint."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from pvae.inference import iw_log_likelihood
@@ -598,6 +681,38 @@ def test_evaluation_honours_chunk_size(subsample_size, loader):
             assert max(program.particles) <= chunk_size, program.particles
         else:
             assert max(program.particles) == 5, program.particles  # all in one trace: they fit
+
+
+@pytest.mark.parametrize("case", ["data loader", "self-subsampling plate"])
+def test_default_chunks_keep_a_trace_within_the_devices_rows(case, monkeypatch):
+    """Without chunk_size, a trace holds at most pass_rows(device, width) rows (particles x
+    datapoints), the budget that bounds memory: for a DataLoader, read off the width and the
+    number of its items' rows (300 here, more than a tensor's default pass of 250), and for a
+    data plate that subsamples itself, counted in the plate's subsample of 3 (not in the pass
+    of batch_size=1 datapoint that it outgrows). The budget per 784 pixels is shrunk from
+    thousands of rows so that small data show it; the estimates are still log N(x; 0, 2) per
+    entry (the guide is the exact posterior)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pvae.inference import iw_log_likelihood, sizes
+
+    if case == "data loader":
+        monkeypatch.setattr(sizes, "CPU_ROWS_AT_784", 11)
+        x = torch.randn(300, 8, generator=rng(12))
+        program, data, kwargs = Recorder(), DataLoader(TensorDataset(x), batch_size=300), {}
+        num_samples = 8
+    else:
+        monkeypatch.setattr(sizes, "CPU_ROWS_AT_784", 1)
+        x = torch.randn(6, generator=rng(12), dtype=torch.float64)
+        program, data, kwargs = Recorder(3), x, {"batch_size": 1}
+        num_samples = 300
+    budget = sizes.pass_rows(x.device, x[0].numel())
+    assert num_samples * len(x) > budget  # (not every particle fits in one trace)
+    r = iw_log_likelihood(program, data, num_samples=num_samples, **kwargs)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).reshape(len(x), -1).sum(-1)
+    torch.testing.assert_close(r.per_datapoint, exact.to(r.per_datapoint.dtype), rtol=1e-6,
+                               atol=1e-5)
+    assert max(program.rows) <= budget, (program.rows, budget)
 
 
 def test_data_plate_named_for_a_data_loader():
@@ -655,6 +770,38 @@ def test_a_self_subsampling_plate_gets_all_of_x_whatever_the_last_pass():
         torch.testing.assert_close(terms.kl, kl, rtol=0, atol=1e-9)
         recon = -0.5 * math.log(2 * math.pi) - 0.5 * (x ** 2 / 4 + 0.5)
         torch.testing.assert_close(terms.reconstruction, recon, rtol=0, atol=0.15)
+
+
+class SubsampledRows:
+    """x: (rows, cols), z and x per entry inside the plates "rows" (dim -2), which draws
+    subsamples of 3 rows, and "data" (dim -1, the columns): z ~ N(0, 1), x | z ~ N(z, 1), the
+    exact posterior N(x / 2, 1 / 2) as guide. The data plate is "data" unless ``data_plate``
+    names "rows"."""
+
+    def model(self, x):
+        with pyro.plate("rows", x.shape[0], subsample_size=3, dim=-2) as idx, \
+                pyro.plate("data", x.shape[1], dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x[idx]), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+    def guide(self, x):
+        with pyro.plate("rows", x.shape[0], subsample_size=3, dim=-2) as idx, \
+                pyro.plate("data", x.shape[1], dim=-1):
+            pyro.sample("z", dist.Normal(x[idx] / 2, math.sqrt(0.5)))
+
+
+def test_the_named_data_plate_holds_when_it_outgrows_the_passes():
+    """data_plate="rows" names a plate that subsamples 3 rows, more than passes of 2 hold: the
+    programs get all of x in one pass and the named plate stays the data plate (not "data",
+    which a search without the name would pick): one estimate per row, the sum over its
+    entries of log N(x; 0, 2)."""
+    from pvae.inference import iw_log_likelihood
+
+    x = torch.randn(6, 4, generator=rng(13), dtype=torch.float64)
+    r = iw_log_likelihood(SubsampledRows(), x, num_samples=3, batch_size=2, data_plate="rows")
+    # (atol: Normal(0.0, sqrt(2)) holds its Python floats in float32)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(-1)
+    torch.testing.assert_close(r.per_datapoint, exact, rtol=0, atol=1e-5)
 
 
 def test_observed_given_as_one_name():
@@ -750,6 +897,41 @@ def test_a_data_loader_whose_items_are_no_tensors():
     torch.testing.assert_close(terms.kl.double(), kl, rtol=0, atol=1e-5)
 
 
+class Batch:
+    """A batch with its own ``.to``, as HuggingFace's ``BatchEncoding``: it moves to the device
+    it is given and refuses anything that is not one."""
+
+    def __init__(self, rows):
+        self.x = torch.stack(rows) if isinstance(rows, list) else rows
+
+    def to(self, device):
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"Batch.to needs a device, got {device!r}")
+        return Batch(self.x.to(device))
+
+
+def test_a_data_loader_item_with_its_own_to_goes_to_the_models_device():
+    """An item that is an object with ``.to`` (here a :class:`Batch`) is placed with
+    ``.to(device)``, the model's device, as the tensors of an item are; every estimate is then
+    log p(x) = log N(x; 0, 2) (the guide is the exact posterior)."""
+    from torch.utils.data import DataLoader
+
+    from pvae.inference import iw_log_likelihood
+
+    class OfBatch:
+        def model(self, batch):
+            DictBatch().model({"x": batch.x})
+
+        def guide(self, batch):
+            DictBatch().guide({"x": batch.x})
+
+    x = torch.randn(5, generator=rng(14), dtype=torch.float64)
+    loader = DataLoader(list(x), batch_size=2, collate_fn=Batch)
+    r = iw_log_likelihood(OfBatch(), loader, num_samples=3)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
+    torch.testing.assert_close(r.per_datapoint.double(), exact, rtol=0, atol=1e-5)
+
+
 class Counting(Recorder):
     """:class:`Recorder` counting the guide's runs (a run stops at a plate that Pyro refuses)."""
 
@@ -762,17 +944,19 @@ class Counting(Recorder):
         super().guide(x)
 
 
-def test_a_plate_that_subsamples_more_than_all_of_x_is_refused_without_a_retry():
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_plate_that_subsamples_more_than_all_of_x_is_refused_without_a_retry(n):
     """subsample_size=3 with 2 datapoints in all: no pass can hold it, the whole of x
     included, so Pyro's refusal is raised once the probe (one datapoint) and the first pass
     (all of x) have failed, without tracing all of x again; the guide runs as often as
-    :func:`~pvae.inference.traces.layout` runs it on those two inputs."""
+    :func:`~pvae.inference.traces.layout` runs it on those two inputs. With one datapoint in
+    all, the probe is all of x: it is traced once."""
     from pvae.inference import iw_log_likelihood
     from pvae.inference.traces import layout
 
-    x = torch.randn(2, generator=rng(11), dtype=torch.float64)
+    x = torch.randn(n, generator=rng(11), dtype=torch.float64)
     expected = 0
-    for args in ((x[:1],), (x,)):
+    for args in ((x[:1],), (x,)) if n > 1 else ((x,),):
         program = Counting(3)
         with pytest.raises(ValueError, match="subsample_size does not match len"):
             layout(program.model, program.guide, args)

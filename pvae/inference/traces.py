@@ -392,7 +392,9 @@ def _drawn_subsample(guide_tr, model_tr, plate: str) -> int | None:
         site = tr.nodes.get(plate)
         if site is not None and site["type"] == "sample" and site_is_subsample(site):
             fn = site["fn"]
-            if fn.subsample_size is not None and fn.subsample_size < fn.size:
+            # subsample_size=1 on a plate of one datapoint (evaluation's first probe) draws
+            # nothing there, but one datapoint of any larger plate
+            if fn.subsample_size is not None and (fn.subsample_size < fn.size or fn.size == 1):
                 return int(fn.subsample_size)
             return None
     return None

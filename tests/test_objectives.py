@@ -468,6 +468,29 @@ def test_pyro_loss_reports_minus_the_loss_with_and_without_gradients(make):
     assert value_ng.device == X.device  # on the data's device (test_gpu: on CUDA)
 
 
+def test_pyro_loss_validates_a_float64_model_in_float64():
+    """Validation (no gradients) runs Pyro's ``loss``, a Python float: it comes back in the
+    data's dtype, as the training value does, not rounded to torch's default float32."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([D]).to_event(1))
+            pyro.sample("x", dist.Normal(z, SIGMA_X).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.5).to_event(1))
+
+    x, loss = X.double() + 1 / 3, PyroLoss(Trace_ELBO())
+    pyro.set_rng_seed(3)
+    value, _ = loss(model, guide, x)
+    with torch.no_grad():
+        pyro.set_rng_seed(3)
+        value_ng, _ = loss(model, guide, x)
+    assert value.dtype == value_ng.dtype == torch.float64
+    assert value_ng.item() == pytest.approx(value.item(), rel=1e-12, abs=0)
+
+
 # --- SVIObjective: param-store state, capturable beta, data-parallel statistics -----------
 
 

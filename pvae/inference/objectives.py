@@ -442,6 +442,13 @@ def _device(args) -> torch.device:
     return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
 
+def _dtype(args) -> torch.dtype:
+    """The dtype of the programs' first floating-point tensor argument (torch's default
+    without one)."""
+    return next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()),
+                torch.get_default_dtype())
+
+
 def _log_ratio(guide_tr, model_tr, K, nesting, plate) -> torch.Tensor:
     """log q(z | x) - log p(z), unscaled and detached, ``(K, N)``."""
     N = plate_extent(model_tr, plate)
@@ -610,7 +617,9 @@ class PyroLoss(SVILoss):
     def forward(self, model, guide, *args):
         if self._elbo is not None and not torch.is_grad_enabled():
             # validation: Pyro's differentiable_loss refuses a loss without gradient
-            loss = torch.tensor(self._elbo.loss(model, guide, *args), device=_device(args))
+            # (a Python float: in the data's dtype, so that a float64 model's is not rounded)
+            loss = torch.tensor(self._elbo.loss(model, guide, *args), device=_device(args),
+                                dtype=_dtype(args))
             return -loss, loss
         loss = self._loss(model, guide, *args)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):

@@ -6,16 +6,19 @@ import ast
 import inspect
 import json
 import math
+from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
 import pvae.inference
 from pvae.autoencoders import AutoencoderLoss, DeepAutoencoder
-from pvae.inference import IWAE, LOSSES, VIMCO, ReparamELBO, ScoreFunctionELBO
+from pvae.inference import IWAE, LOSSES, VIMCO, PyroLoss, ReparamELBO, ScoreFunctionELBO
+from pvae.inference.schedules import LinearWarmup
 from pvae.models import VAE
 from pvae.train import Adam, Callback, Objective, bind_objective, fit, load_checkpoint
 from pvae.train.fit import _MOVED
@@ -260,6 +263,17 @@ class LinearGaussian:
             pyro.sample("z", dist.Normal(x @ a, log_s.exp()))
 
 
+class MaskedLinearGaussian(LinearGaussian):
+    """LinearGaussian whose datapoints with x[0] <= 0 are missing: ``poutine.mask`` around the
+    observed site alone (their z keeps its prior and guide)."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            with poutine.mask(mask=x[:, 0] > 0):
+                pyro.sample("x", dist.Normal(z.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+
+
 def test_the_history_has_the_training_reconstruction_and_kl():
     """The history's training reconstruction E_q[log p(x | z)] and KL(q || p(z)), the
     parameters held fixed, against their closed forms within 4 standard errors (each from the
@@ -270,25 +284,32 @@ def test_the_history_has_the_training_reconstruction_and_kl():
         E_q[log p(x | z)] = -3/2 log(2 pi) - (|r|^2 + |w|^2 s^2) / 2,  variance s^2 (w.r)^2 +
         s^4 |w|^4 / 2;  KL = -log s + (s^2 + m^2) / 2 - 1/2,  variance m^2 s^2 + (s^2 - 1)^2 / 2.
 
-    (Their difference is the ELBO by construction: checking that alone cannot fail.)"""
+    (Their difference is the ELBO by construction: checking that alone cannot fail.) Where the
+    model masks the observed site of some datapoints (``poutine.mask``), their reconstruction
+    terms count 0, as in the ELBO the step trains, and the KL is unchanged."""
     x = torch.randn(512, 3, generator=rng(0), dtype=torch.float64)
     w = LinearGaussian.w
     m, s = (x @ torch.tensor([0.3, -0.2, 0.4], dtype=torch.float64)), math.exp(-0.4)
     r = x - m.unsqueeze(-1) * w
-    recon = (-1.5 * math.log(2 * math.pi) - (r.square().sum(-1) + w @ w * s**2) / 2).mean().item()
-    recon_var = (s**2 * (r @ w) ** 2 + s**4 * (w @ w) ** 2 / 2).mean().item()
+    recon_n = -1.5 * math.log(2 * math.pi) - (r.square().sum(-1) + w @ w * s**2) / 2
+    recon_var_n = s**2 * (r @ w) ** 2 + s**4 * (w @ w) ** 2 / 2
+    observed = (x[:, 0] > 0).double()  # MaskedLinearGaussian's mask
     kl = (-math.log(s) + (s ** 2 + m ** 2) / 2 - 0.5).mean().item()
     kl_var = (m ** 2 * s ** 2 + (s ** 2 - 1) ** 2 / 2).mean().item()
-    for loss, terms in ((ReparamELBO(num_particles=4), ("train_reconstruction", "train_kl")),
-                        (IWAE(5), ("train_kl",))):
+    both = ("train_reconstruction", "train_kl")
+    for program, loss, terms in ((LinearGaussian(), ReparamELBO(num_particles=4), both),
+                                 (LinearGaussian(), IWAE(5), ("train_kl",)),
+                                 (MaskedLinearGaussian(), ReparamELBO(num_particles=4), both)):
+        mask = observed if isinstance(program, MaskedLinearGaussian) else torch.ones_like(m)
+        recon, recon_var = (mask * recon_n).mean().item(), (mask * recon_var_n).mean().item()
         K = loss.num_particles
-        history = fit(LinearGaussian(), x, loss=loss, num_epochs=3, batch_size=128,
-                      optim=Adam(1e-12), progress=False)
+        history = fit(program, x, loss=loss, num_epochs=3, batch_size=128, optim=Adam(1e-12),
+                      progress=False)
         for row in history.rows:  # per epoch: every datapoint, K particles
             for name in terms:
                 exact, var = (recon, recon_var) if name == "train_reconstruction" else (kl, kl_var)
                 se = math.sqrt(var / (len(x) * K))
-                assert abs(row[name] - exact) < 4 * se, (loss, name, row[name], exact, se)
+                assert abs(row[name] - exact) < 4 * se, (program, loss, name, row[name], exact)
 
 
 def test_data_that_require_grad_are_constants_of_the_objective():
@@ -305,9 +326,10 @@ def test_data_that_require_grad_are_constants_of_the_objective():
 def test_an_eager_fit_in_a_process_group_keeps_its_statistics_to_itself(tmp_path, monkeypatch):
     """``step="eager"`` in a process group trains this process's model on its own data, as
     without a group: the score-function loss's average baseline follows this process's batches
-    only. Another process's sums are offered (``parallel.all_reduce_sum`` as if a second rank,
-    with a worse ELBO, had contributed) and must not be taken: the run, the baseline's average
-    and the history are those of the same fit without a group. Only a data-parallel fit
+    only, and the history's training reconstruction and KL this process's steps. Another
+    process's sums are offered (``parallel.all_reduce_sum`` as if a second rank, with a worse
+    ELBO, had contributed) and must not be taken: the run, the baseline's average and the
+    history are those of the same fit without a group. Only a data-parallel fit
     (``data_parallel_``) averages over the global batch."""
     import torch.distributed as tdist
 
@@ -318,7 +340,8 @@ def test_an_eager_fit_in_a_process_group_keeps_its_statistics_to_itself(tmp_path
         torch.manual_seed(0)
         history = fit(VAE(12, 2, (8,)), binary(), loss=loss, num_epochs=2, batch_size=32,
                       step="eager", progress=False, seed=0)
-        return loss.average, history.column("train_elbo")
+        return loss.average, [history.column(name) for name in
+                              ("train_elbo", "train_reconstruction", "train_kl")]
 
     alone = run()
     monkeypatch.setattr(parallel, "all_reduce_sum",
@@ -329,3 +352,193 @@ def test_an_eager_fit_in_a_process_group_keeps_its_statistics_to_itself(tmp_path
         assert run() == alone
     finally:
         tdist.destroy_process_group()
+
+
+# --- the objective a loss binds (SVIObjective), used directly ---------------------------
+
+
+def test_a_fresh_objective_stands_at_step_0():
+    """Before the loop's first ``set_step``, an objective is at step 0 of its beta schedule:
+    with a one-step warm-up its beta is 0 and it is not settled (early stopping waits), and it
+    has stood for no datapoints yet (``num_data`` is None); at step 1 beta is 1, settled."""
+    objective = bind_objective(LinearGaussian(), ReparamELBO(beta=LinearWarmup(1)))
+    assert objective.num_data is None
+    assert objective.metrics() == {"beta": 0.0} and not objective.settled()
+    objective.set_step(1)
+    assert objective.metrics() == {"beta": 1.0} and objective.settled()
+
+
+def test_the_value_is_linear_in_beta_whatever_beta():
+    """A step's value is E[log p(x | z)] - beta KL on its draws, for any constant beta (1 and
+    others alike, 2 included): on the same draws, value(beta) = value(0) - beta (value(0) -
+    value(1)), float64 rounding apart."""
+    x = torch.randn(16, 3, generator=rng(1), dtype=torch.float64)
+
+    def value(beta):
+        objective = bind_objective(LinearGaussian(), ReparamELBO(beta=beta))
+        pyro.set_rng_seed(3)
+        return objective(x)[0].item()
+
+    v0, v1 = value(0.0), value(1.0)
+    assert abs(v0 - v1) > 0.1  # a KL worth weighting
+    for beta in (0.5, 2.0, 3.0):
+        assert value(beta) == pytest.approx(v0 - beta * (v0 - v1), rel=1e-12, abs=1e-12), beta
+
+
+@pytest.mark.parametrize("loss", [ReparamELBO(2, beta=2.0), PyroLoss(Trace_ELBO(), beta=2.0),
+                                  PyroLoss(Trace_ELBO(), beta=LinearWarmup(3))],
+                         ids=["reparam", "pyro", "pyro-warmup"])
+def test_validation_reports_the_plain_elbo_whatever_the_training_beta(loss):
+    """The validation objective is the plain ELBO (beta 1), whatever beta the loss trains
+    with: a wrapped Pyro ELBO validates with itself, without the KL weight. Its value is
+    Pyro's Trace_ELBO on the same draws, per datapoint (to float32 rounding: without gradient
+    a Pyro ELBO's loss is a Python float, which the value holds in the default dtype)."""
+    x = torch.randn(16, 3, generator=rng(2), dtype=torch.float64)
+    program = LinearGaussian()
+    validation = bind_objective(program, loss).validation()
+    with torch.no_grad():
+        pyro.set_rng_seed(4)
+        value, _ = validation(x)
+    pyro.set_rng_seed(4)
+    expected = -Trace_ELBO().loss(program.model, program.guide, x) / len(x)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_objective_steps_programs_that_take_no_arguments():
+    """Programs that hold their data and take no argument (as in Pyro's tutorials): the
+    objective is called with no batch and reports Pyro's Trace_ELBO on the same draws per
+    datapoint of the data plate."""
+    x = torch.randn(16, 3, generator=rng(5), dtype=torch.float64)
+    lg = LinearGaussian()
+    program = SimpleNamespace(model=lambda: lg.model(x), guide=lambda: lg.guide(x))
+    objective = bind_objective(program, ReparamELBO())
+    pyro.set_rng_seed(6)
+    value, surrogate = objective()
+    assert objective.num_data == len(x)
+    pyro.set_rng_seed(6)
+    expected = -Trace_ELBO().loss(program.model, program.guide) / len(x)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+    assert surrogate.item() == pytest.approx(-expected, rel=1e-9)
+
+
+def test_a_model_scale_of_2_is_divided_out_of_the_value():
+    """A program that scales its terms by 2, with ``poutine.scale(scale=2.0)`` or as the
+    mini-batch scale of a plate of 2n datapoints subsampled to n, reports the unscaled ELBO
+    per datapoint: Pyro's Trace_ELBO of the unscaled program on the same draws, divided by
+    the n datapoints."""
+    x = torch.randn(16, 3, generator=rng(7), dtype=torch.float64)
+    lg = LinearGaussian()
+
+    def subsampled(program):  # LinearGaussian's program in a plate of 2n subsampled to n
+        def run(x):
+            n = x.shape[0]
+            with pyro.plate("data", 2 * n, subsample=torch.arange(n)):
+                a = pyro.param("lg_a", torch.tensor([0.3, -0.2, 0.4], dtype=torch.float64))
+                log_s = pyro.param("lg_log_s", torch.tensor(-0.4, dtype=torch.float64))
+                if program == "guide":
+                    pyro.sample("z", dist.Normal(x @ a, log_s.exp()))
+                else:
+                    z = pyro.sample("z", dist.Normal(x.new_zeros(n), 1.0))
+                    pyro.sample("x", dist.Normal(z.unsqueeze(-1) * lg.w, 1.0).to_event(1), obs=x)
+        return run
+
+    pyro.set_rng_seed(8)
+    expected = -Trace_ELBO().loss(lg.model, lg.guide, x) / len(x)
+    for program in (SimpleNamespace(model=poutine.scale(lg.model, scale=2.0),
+                                    guide=poutine.scale(lg.guide, scale=2.0)),
+                    SimpleNamespace(model=subsampled("model"), guide=subsampled("guide"))):
+        objective = bind_objective(program, ReparamELBO())
+        pyro.set_rng_seed(8)
+        value, _ = objective(x)
+        assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_an_epochs_terms_are_the_datapoint_weighted_means_of_its_steps():
+    """``metrics()`` reports the epoch's training reconstruction and KL as the means of its
+    steps' terms weighted by their datapoints, summed in float64 (here to 1e-12 of the steps'
+    own terms, each step rerun alone on its draws); the KL only over the steps with beta > 0
+    (a step at beta 0 tells nothing of the KL: alone, its KL is NaN; a warm-up epoch's KL is
+    its later steps'); with no step since the last call, both are NaN."""
+    x = binary(120)
+    sizes = [40, 56, 1, 17, 6]  # beta 0, 1/3, 2/3, 1, 1
+    batches = [x[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    objective = bind_objective(VAE(12, 2, (8,)), ReparamELBO(beta=LinearWarmup(3)))
+    objective.trusted = True  # as fit sets it: the history's terms are recorded
+
+    def run(steps):
+        for step in steps:
+            objective.set_step(step)
+            pyro.set_rng_seed(step)
+            objective(batches[step])
+        return objective.metrics()
+
+    alone = [run([step]) for step in range(len(batches))]
+    epoch = run(range(len(batches)))
+    assert math.isnan(alone[0]["train_kl"]) and math.isfinite(epoch["train_kl"])
+    assert epoch["beta"] == 1.0
+    recon = sum(a["train_reconstruction"] * n for a, n in zip(alone, sizes)) / sum(sizes)
+    kl = sum(a["train_kl"] * n for a, n in zip(alone[1:], sizes[1:])) / sum(sizes[1:])
+    assert epoch["train_reconstruction"] == pytest.approx(recon, rel=1e-12, abs=0)
+    assert epoch["train_kl"] == pytest.approx(kl, rel=1e-12, abs=0)
+    again = objective.metrics()
+    assert math.isnan(again["train_reconstruction"]) and math.isnan(again["train_kl"])
+
+
+def test_a_batch_the_programs_fail_on_needs_no_whole_batches():
+    """``needs_whole_batches`` answers False where tracing the guide fails (here a batch of
+    the wrong width for the encoder): the probe's own run then reports the error."""
+    objective = bind_objective(VAE(12, 2, (8,)), ReparamELBO())
+    assert objective.needs_whole_batches(torch.zeros(16, 5)) is False
+    with pytest.raises(ValueError, match="x must have shape"):
+        objective.trainable_parameters(torch.zeros(16, 5))
+
+
+def test_the_param_store_names_are_those_the_programs_train_beside_the_model():
+    """``param_store_names()`` (the param-store entries saved in the objective's state) are
+    the ``pyro.param`` sites the programs use: not an entry left in the store by other code,
+    nor the model's own ``nn.Module`` parameters that ``pyro.module`` puts in the store too
+    (the model's ``state_dict`` saves those)."""
+    pyro.param("left_by_another_model", torch.zeros(2))
+    x = binary(16)
+    vae = bind_objective(VAE(12, 2, (8,)), ReparamELBO())
+    vae.trainable_parameters(x)
+    assert any("$$$" in name for name in pyro.get_param_store().keys())  # pyro.module's
+    assert vae.param_store_names() == []
+    assert vae.state_dict()["_extra_state"] == {"param_store": {}}
+    linear = bind_objective(LinearGaussian(), ReparamELBO())
+    linear.trainable_parameters(x.double()[:, :3])
+    assert sorted(linear.param_store_names()) == ["lg_a", "lg_log_s"]
+
+
+class BottomUp:
+    """z1 ~ N(0, 1), z2 | z1 ~ N(z1, 1), x | z2 ~ N(w z2, I); the guide draws z2 first, then
+    z1 | z2 (the parent after its child: not in the model's order)."""
+
+    w = torch.tensor([1.0, -0.5, 0.8], dtype=torch.float64)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
+            pyro.sample("x", dist.Normal(z2.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        a = pyro.param("bu_a", torch.tensor([0.3, -0.2, 0.4], dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(x @ a, 0.7))
+            pyro.sample("z1", dist.Normal(0.5 * z2, 0.8))
+
+
+def test_analytic_kl_of_a_bottom_up_guide_is_pyros_trace_elbo_on_the_same_draws():
+    """With ``analytic_kl`` and a guide that is not in the model's order, ReparamELBO falls
+    back to Pyro's Trace_ELBO (one particle): from the first call on, its value is
+    Trace_ELBO's on the same seed (the order check draws nothing from the training stream)."""
+    x = torch.randn(16, 3, generator=rng(9), dtype=torch.float64)
+    program = BottomUp()
+    objective = bind_objective(program, ReparamELBO(analytic_kl=True))
+    for seed in (10, 11):
+        pyro.set_rng_seed(seed)
+        value, _ = objective(x)
+        pyro.set_rng_seed(seed)
+        expected = -Trace_ELBO().loss(program.model, program.guide, x) / len(x)
+        assert value.item() == pytest.approx(expected, rel=1e-9), seed

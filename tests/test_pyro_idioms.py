@@ -17,6 +17,7 @@ idiom                           test                                            
                                 test_autoguide_leaves_enumerated_sites_to_the... closed form
                                 test_losses_that_do_not_sum_enumerated_sites_... refused, naming the site
 ``Delta`` guide (``AutoDelta``) test_a_delta_guide_is_refused                    refused, naming the site
+a guide site the model lacks    test_a_guide_site_that_the_model_lacks_is_re...  refused, naming the site
 integer (count) data            test_integer_data_give_floating_point_results    closed form (NegBinomial)
 index argument beside x         test_the_encoder_reads_x_alone_by_default        renumbering invariance
 ``DataLoader`` + collate_fn     test_dataloader_batches_with_a_collate_fn        closed form
@@ -206,6 +207,30 @@ def test_a_delta_guide_is_refused():
     with pytest.raises(ValueError, match="'z'.*Delta.*no density"):
         elbo_terms(model, x)
 
+
+
+def test_a_guide_site_that_the_model_lacks_is_refused():
+    """A latent site in the guide alone (Pyro warns "Found vars in guide but not model") adds
+    log q(u) to log q with nothing in log p to match it: the "KL" came out negative and the IW
+    estimate off by E[-log q(u)]. Evaluation and pvae's own losses refuse it, naming the site."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=g)
+    model = LinearGaussian(torch.randn(3, generator=g))
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("u", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+
+    model.guide = guide
+    message = "guide's latent site 'u' is not in the model"
+    with pytest.raises(ValueError, match=message):
+        iw_log_likelihood(model, x, num_samples=10)
+    with pytest.raises(ValueError, match=message):
+        elbo_terms(model, x)
+    for loss in (LOSSES["iwae"](3), LOSSES["vimco"](3)):
+        with pytest.raises(ValueError, match=message):
+            loss(model.model, guide, x)
 
 # ---------------------------------------------------------------------------------------------
 # AutoAmortizedNormal encodes x alone unless told otherwise

@@ -426,9 +426,10 @@ def innermost(fn):
 def check_proposals(guide_tr, model_tr) -> None:
     """Refuse guide sites that are no proposal: a ``Delta`` (a point mass has no density, so no
     importance weight and no KL exist), unless it is how a Pyro autoguide returns the value of
-    an auxiliary draw (whose density is at the auxiliary site); and a site whose distribution
-    is discrete where the model's is continuous, or the other way round (its ``log_prob`` is
-    then no density over the latent's support).
+    an auxiliary draw (whose density is at the auxiliary site); a latent site that the model
+    does not have (its density would enter log q with nothing in log p to match it); and a site
+    whose distribution is discrete where the model's is continuous, or the other way round (its
+    ``log_prob`` is then no density over the latent's support).
 
     :raises ValueError: naming the site and what to use instead.
     """
@@ -443,7 +444,11 @@ def check_proposals(guide_tr, model_tr) -> None:
                 "(AutoNormal, AutoAmortizedNormal, a Normal around the point estimate)")
         p_site = model_tr.nodes.get(name)
         if p_site is None or p_site["type"] != "sample":
-            continue
+            raise ValueError(
+                f"the guide's latent site {name!r} is not in the model: log q would count a "
+                "draw that p(x, z) never scores (Pyro warns 'Found vars in guide but not "
+                "model'), and the weights and the ELBO would be wrong (not even a bound); "
+                f"sample {name!r} in the model too, or leave it out of the guide")
         p_discrete, q_discrete = p_site["fn"].support.is_discrete, q_site["fn"].support.is_discrete
         if p_discrete != q_discrete:
             kind = {True: "discrete", False: "continuous"}

@@ -474,8 +474,7 @@ class _Terms:
         kl, dims, means = [], [], []
         analytic = same_order
         for name, q_site in sites(guide_tr, False):
-            p_site = model_tr.nodes[name] if name in model_tr.nodes else None
-            analytic = analytic and p_site is not None
+            p_site = model_tr.nodes[name]  # (a guide site the model lacks was refused)
             if analytic:
                 try:
                     site_kl = closed_form_kl(q_site["fn"], p_site["fn"])
@@ -484,7 +483,7 @@ class _Terms:
                     kl.append(reduce_site(name, q_site, site_kl, k, n, nesting, plate))
                 except NotImplementedError:
                     analytic = False
-            if self.per_dim and p_site is not None:
+            if self.per_dim:
                 d = _kl_per_dim(q_site, p_site, nesting, plate, same_order)
                 if d is None:
                     self.per_dim = False

@@ -491,6 +491,30 @@ def test_pyro_loss_validates_a_float64_model_in_float64():
     assert value_ng.item() == pytest.approx(value.item(), rel=1e-12, abs=0)
 
 
+def test_pyro_loss_validates_count_data_in_a_floating_point_dtype():
+    """Integer (count) data, as Pyro's Poisson examples pass them: the validation value of
+    Pyro's ``loss`` is a float in torch's default dtype (the data's int64 would truncate
+    it), Trace_ELBO's value on the same draws."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Poisson(rate), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("rate", dist.Gamma(2.0 + x, 2.0))
+
+    x, loss = torch.tensor([0, 3, 1, 7]), PyroLoss(Trace_ELBO())
+    with torch.no_grad():
+        pyro.set_rng_seed(4)
+        value, _ = loss(model, guide, x)
+    pyro.set_rng_seed(4)
+    expected = -Trace_ELBO().loss(model, guide, x)
+    assert value.dtype == torch.get_default_dtype()
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
 # --- SVIObjective: param-store state, capturable beta, data-parallel statistics -----------
 
 

@@ -750,6 +750,20 @@ def _on_the_same_draws(seed, loss, model, guide, x, reference=None):
     return elbo.item(), -Trace_ELBO().loss(*(reference or (model, guide)), x)
 
 
+def test_score_function_particles_are_drawn_in_one_vectorized_trace():
+    """num_particles=2 draws both particles in one trace, as Pyro's
+    ``Trace_ELBO(num_particles=2, vectorize_particles=True)`` does: a (2, N, D) sample, and the
+    same ELBO on the same draws."""
+    draws = []
+    model, guide = _model(), _guide(draws)
+    pyro.set_rng_seed(7)
+    elbo, _ = ScoreFunctionELBO(num_particles=2)(model, guide, X)
+    assert draws[-1].shape == (2, N, D)  # (after Pyro's trace that finds the plate nesting)
+    pyro.set_rng_seed(7)
+    expected = -Trace_ELBO(num_particles=2, vectorize_particles=True).loss(model, guide, X)
+    assert elbo.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_the_average_baseline_removes_a_common_scale_of_the_observed_sites():
     """Under ``poutine.scale(scale=0.3)`` the returned ELBO is 0.3 times Pyro's Trace_ELBO of the
     unscaled programs on the same draws; the average is the unscaled ELBO per datapoint (the

@@ -395,7 +395,8 @@ def test_losses_record_their_settings_with_the_documented_defaults():
                                     "analytic_kl": False, "beta": 1.0, "data_plate": None}
     assert ReparamELBO().num_particles == 1 and ReparamELBO().analytic_kl is False
     assert ScoreFunctionELBO().config == {"name": "score", "num_particles": 1,
-                                          "baseline": None, "baseline_beta": 0.9, "beta": 1.0}
+                                          "baseline": None, "baseline_beta": 0.9, "beta": 1.0,
+                                          "data_plate": None}
     assert VIMCO().config == {"name": "vimco", "num_particles": 5, "beta": 1.0,
                               "data_plate": None}
     assert VIMCO().num_particles == 5 and VIMCO().beta == 1.0
@@ -801,15 +802,14 @@ def test_the_average_baseline_divides_by_the_datapoints_alone_where_observed_sca
 
 def test_the_average_baseline_counts_the_data_plate_it_is_told():
     """Two plates of the batch's size around the observed site ("rows" and "feat_obs"): the
-    average needs the data plate named. ScoreFunctionELBO's constructor takes no
-    ``data_plate``; the attribute that SVILoss declares for it names the plate, and the
-    average is then Pyro's Trace_ELBO on the same draws over the N rows (unnamed, it is
-    refused, naming the argument)."""
+    average needs the data plate named, ``data_plate="rows"`` as for the other losses (and in
+    the loss's config); the average is then Pyro's Trace_ELBO on the same draws over the N
+    rows (unnamed, it is refused, naming the argument)."""
     guide = _nested_guide(False)
     with pytest.raises(ValueError, match="data_plate="):
         ScoreFunctionELBO(baseline="average")(_nested_model, guide, XN)
-    loss = ScoreFunctionELBO(baseline="average")
-    loss.data_plate = "rows"
+    loss = ScoreFunctionELBO(baseline="average", data_plate="rows")
+    assert loss.config["data_plate"] == "rows"
     elbo, expected = _on_the_same_draws(8, loss, _nested_model, guide, XN)
     assert elbo == pytest.approx(expected, rel=1e-5)
     assert loss.average == pytest.approx(expected / N, rel=1e-5)

@@ -289,13 +289,16 @@ class ScoreFunctionELBO(SVILoss):
     :param baseline: ``None``, ``"average"`` or ``"neural"`` (Mnih & Gregor 2014).
     :param float baseline_beta: decay of the ``"average"`` baseline.
     :param beta: the KL weight.
+    :param data_plate: the data plate's name where several plates have the batch's size (the
+        ``"average"`` baseline counts its datapoints).
     """
 
     name = "score"
 
     def __init__(self, num_particles: int = 1, baseline: str | None = None,
-                 baseline_beta: float = 0.9, beta=1.0):
+                 baseline_beta: float = 0.9, beta=1.0, data_plate: str | None = None):
         super().__init__(beta)
+        self.data_plate = data_plate
         if baseline not in BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose one of {list(BASELINES)}")
         num_particles = check_count("num_particles", num_particles)
